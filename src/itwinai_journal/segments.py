@@ -1,0 +1,347 @@
+"""Segment files of one rank: JSONL encoding/decoding, sealing to Parquet, the hash-chained index.
+
+Shared by the writer (which appends and seals), the reader and the verifier, so that all three
+read the bytes the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .blobs import file_sha256
+from .fsutil import fsync_dir
+from .schema import ARROW_SCHEMA
+
+SEGMENT_RE = re.compile(r"^(\d{6,})\.(jsonl|parquet)$")
+INDEX_NAME = "index.jsonl"
+
+#: A row as the writer and the JSONL reader hold it, in `COLUMNS` order.
+Row = tuple
+
+
+class JournalCorruption(Exception):
+    """A segment or index cannot be read as the format says; names the file and the reason."""
+
+
+#: JSON tokens (those Python's json reads) for the floats JSON itself cannot express.
+SPECIAL_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def format_float(v: float) -> str:
+    """Exact JSON text of a float (repr round-trips)."""
+    r = repr(v)
+    return SPECIAL_FLOATS[r] if r[-1] in "nf" else r
+
+
+def encode_row(row: Row) -> str:
+    """One JSONL line for a row; null fields are omitted to keep lines short."""
+    seq, t, kind, name, step, batch_idx, value, text, blob, meta = row
+    parts = [f'{{"seq":{seq},"time":{format_float(t)},"kind":"{kind}","name":{json.dumps(name)}']
+    if step is not None:
+        parts.append(f',"step":{step}')
+    if batch_idx is not None:
+        parts.append(f',"batch_idx":{batch_idx}')
+    if value is not None:
+        parts.append(f',"value":{format_float(value)}')
+    if text is not None:
+        parts.append(f',"text":{json.dumps(text)}')
+    if blob is not None:
+        parts.append(f',"blob":"{blob}"')
+    if meta is not None:
+        parts.append(f',"meta":{json.dumps(meta)}')
+    parts.append("}\n")
+    return "".join(parts)
+
+
+@dataclass
+class JsonlRead:
+    rows: list[Row]
+    torn_tail: bool  # the last line was incomplete (a crash mid-append); it is ignored
+
+
+def read_jsonl(path: Path, strict: bool = True) -> JsonlRead:
+    """Rows of an active segment. A torn last line is ignored; a bad line before it is
+    corruption (raised when `strict`, skipped otherwise)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    torn = lines[-1] != b""  # no newline after the last line: torn mid-write
+    complete = lines[:-1]
+    rows: list[Row] = []
+    get = dict.get
+    for i, line in enumerate(complete):
+        try:
+            d = json.loads(line)
+            rows.append(
+                (d["seq"], d["time"], d["kind"], d["name"], get(d, "step"), get(d, "batch_idx"),
+                 get(d, "value"), get(d, "text"), get(d, "blob"), get(d, "meta"))
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            if i == len(complete) - 1 and not torn:
+                # A final line that does not parse is also a torn write (e.g. zero-filled page).
+                torn = True
+                break
+            if strict:
+                raise JournalCorruption(f"{path}: line {i + 1} is not a valid record ({e})") from e
+    return JsonlRead(rows, torn)
+
+
+def rows_to_table(rows: list[Row]) -> pa.Table:
+    if not rows:
+        return ARROW_SCHEMA.empty_table()
+    cols = list(zip(*rows))
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(cols, ARROW_SCHEMA)], schema=ARROW_SCHEMA
+    )
+
+
+def queued_to_table(first_seq: int, queued: list[tuple]) -> pa.Table:
+    """Table of a writer's kept rows (see RankWriter.flush): 6-tuple plain metrics and 9-tuples,
+    seq implicit from `first_seq`. A segment of plain metrics is transposed by zip alone."""
+    n = len(queued)
+    seqs = range(first_seq, first_seq + n)
+    if all(len(r) == 6 for r in queued):
+        if not n:
+            return ARROW_SCHEMA.empty_table()
+        t, name, step, batch_idx, value, _ = zip(*queued)
+        nulls = pa.nulls(n, pa.string())
+        arrays = [pa.array(seqs, pa.int64()), pa.array(t, pa.float64()),
+                  pa.array(["metric"] * n, pa.string()), pa.array(name, pa.string()),
+                  pa.array(step, pa.int64()), pa.array(batch_idx, pa.int64()),
+                  pa.array(value, pa.float64()), nulls, nulls, nulls]
+        return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
+    rows = [
+        (s, r[0], "metric", r[1], r[2], r[3], r[4], None, None, None) if len(r) == 6 else (s, *r)
+        for s, r in zip(seqs, queued)
+    ]
+    return rows_to_table(rows)
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise JournalCorruption(f"{path}: unreadable Parquet segment ({e})") from e
+
+
+def segment_files(seg_dir: Path) -> dict[int, dict[str, Path]]:
+    """{segment number: {'jsonl'|'parquet': path}} for the files present now."""
+    found: dict[int, dict[str, Path]] = {}
+    try:
+        names = os.listdir(seg_dir)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        m = SEGMENT_RE.match(name)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = seg_dir / name
+    return dict(sorted(found.items()))
+
+
+def segment_name(number: int, ext: str) -> str:
+    return f"{number:06d}.{ext}"
+
+
+def read_segment(seg_dir: Path, number: int) -> tuple[pa.Table, bool]:
+    """The records of segment `number`, preferring the sealed file. Tolerates the segment being
+    sealed while we look (the JSONL vanishes, the Parquet appears). Returns (table, torn_tail)."""
+    parquet = seg_dir / segment_name(number, "parquet")
+    jsonl = seg_dir / segment_name(number, "jsonl")
+    for _ in range(3):
+        if parquet.exists():
+            try:
+                return read_parquet(parquet), False
+            except FileNotFoundError:
+                pass
+        try:
+            got = read_jsonl(jsonl)
+            return rows_to_table(got.rows), got.torn_tail
+        except FileNotFoundError:
+            continue
+    raise JournalCorruption(f"{seg_dir}: segment {number} vanished while being read")
+
+
+def iter_tables(seg_dir: Path, after_seq: int = 0, index: list[dict] | None = None
+                ) -> Iterator[pa.Table]:
+    """Record tables of a rank in seq order, one segment at a time, skipping segments whose
+    records are all at or below `after_seq` (known from the index without opening them)."""
+    done_through = {e["segment"]: e["last_seq"] for e in (index or [])}
+    for number in segment_files(seg_dir):
+        if done_through.get(number, after_seq + 1) <= after_seq:
+            continue
+        table, _ = read_segment(seg_dir, number)
+        if after_seq > 0 and table.num_rows:
+            import pyarrow.compute as pc
+
+            table = table.filter(pc.greater(table["seq"], after_seq))
+        if table.num_rows:
+            yield table
+
+
+# --- sealing and the index ----------------------------------------------------------------
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+def read_index(rank_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Index entries and a list of problems found while reading them (chain breaks, bad lines)."""
+    path = rank_dir / INDEX_NAME
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return entries, problems
+    prev = ""
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        problems.append(f"{path}: torn last line (ignored)")
+    for i, line in enumerate(lines[:-1]):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            problems.append(f"{path}: line {i + 1} is not JSON")
+            continue
+        if entry.get("prev") != prev:
+            problems.append(f"{path}: hash chain broken at line {i + 1} (segment "
+                            f"{entry.get('segment')}): 'prev' does not match the line before")
+        prev = line_hash(line)
+        entries.append(entry)
+    return entries, problems
+
+
+def append_index(rank_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one entry chained to the previous line; fsynced (sealing is rare, this is cheap)."""
+    path = rank_dir / INDEX_NAME
+    prev = ""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        complete = [ln for ln in lines[:-1] if ln]
+        if complete:
+            prev = line_hash(complete[-1])
+        if lines[-1]:
+            # A torn last line from a crash: cut it so the new entry starts on its own line.
+            with open(path, "r+b") as f:
+                f.truncate(sum(len(ln) + 1 for ln in lines[:-1]))
+    except FileNotFoundError:
+        pass
+    entry = {**entry, "prev": prev}
+    line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
+    with open(path, "ab") as f:
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def seal(rank_dir: Path, number: int, table: pa.Table) -> dict[str, Any]:
+    """Write `table` as segment `number`'s Parquet file atomically, index it, drop its JSONL."""
+    seg_dir = rank_dir / "segments"
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=max(table.num_rows, 1))
+    data = buf.getvalue()
+    final = seg_dir / segment_name(number, "parquet")
+    tmp = seg_dir / f".{final.name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(seg_dir)
+    entry = index_entry(number, table, hashlib.sha256(data).hexdigest())
+    append_index(rank_dir, entry)
+    try:
+        os.unlink(seg_dir / segment_name(number, "jsonl"))
+    except FileNotFoundError:
+        pass
+    return entry
+
+
+def index_entry(number: int, table: pa.Table, sha: str) -> dict[str, Any]:
+    seqs = table["seq"]
+    n = table.num_rows
+    return {
+        "segment": number,
+        "file": segment_name(number, "parquet"),
+        "first_seq": seqs[0].as_py() if n else None,
+        "last_seq": seqs[n - 1].as_py() if n else None,
+        "count": n,
+        "sha256": sha,
+    }
+
+
+def recover(rank_dir: Path) -> tuple[int, int]:
+    """Bring a rank left by an earlier session (maybe killed) to a clean state: index any sealed
+    segment the index misses, remove JSONL already sealed, seal a leftover active segment.
+    Returns (last seq, last segment number). Must only run while holding the rank's lock."""
+    seg_dir = rank_dir / "segments"
+    entries, _ = read_index(rank_dir)
+    indexed = {e["segment"] for e in entries}
+    last_seq = max((e["last_seq"] or 0 for e in entries), default=0)
+    last_number = max(indexed, default=0)
+    for tmp in seg_dir.glob(".*.tmp") if seg_dir.exists() else ():
+        tmp.unlink()
+    for number, files in segment_files(seg_dir).items():
+        if "parquet" in files:
+            if number not in indexed:
+                table = read_parquet(files["parquet"])
+                append_index(rank_dir, index_entry(number, table, file_sha256(files["parquet"])))
+                if table.num_rows:
+                    last_seq = max(last_seq, table["seq"][table.num_rows - 1].as_py())
+            if "jsonl" in files:
+                files["jsonl"].unlink()
+        else:
+            got = read_jsonl(files["jsonl"], strict=False)
+            table = rows_to_table(got.rows)
+            seal(rank_dir, number, table)
+            if table.num_rows:
+                last_seq = max(last_seq, table["seq"][table.num_rows - 1].as_py())
+        last_number = max(last_number, number)
+    return last_seq, last_number
+
+
+def seq_problems(seqs: pa.ChunkedArray | pa.Array, start_after: int, where: str
+                 ) -> tuple[list[str], int]:
+    """Gaps or regressions in a seq column (seq is contiguous per rank by construction);
+    returns (problems, last seq seen). Vectorised: the common, clean case costs one pass."""
+    n = len(seqs)
+    if n == 0:
+        return [], start_after
+    import pyarrow.compute as pc
+
+    first, last = seqs[0].as_py(), seqs[n - 1].as_py()
+    if first == start_after + 1 and last - first + 1 == n and (
+        n == 1 or pc.all(pc.equal(pc.pairwise_diff(_contiguous(seqs)), 1)).as_py()
+    ):
+        return [], last
+    problems: list[str] = []
+    prev = start_after
+    for s in seqs.to_pylist():
+        if s <= prev:
+            problems.append(f"{where}: seq regression {prev} -> {s}")
+        elif s != prev + 1:
+            problems.append(f"{where}: seq gap {prev} -> {s}")
+        prev = s
+        if len(problems) > 5:
+            problems.append(f"{where}: more seq problems not listed")
+            break
+    return problems, last
+
+
+def _contiguous(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr

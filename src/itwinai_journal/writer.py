@@ -1,0 +1,391 @@
+"""The per-rank journal writer: an in-memory queue drained in batches by a background flusher.
+
+`log()` only appends a tuple to a deque. The flusher thread assigns seq numbers, encodes JSONL and
+appends it to the active segment every tick (so a record older than `flush_interval` is in the OS
+page cache and survives SIGKILL), and seals the segment to Parquet once it is large. SIGTERM,
+normal exit and uncaught exceptions flush everything and record how the session ended.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from . import manifest as mf
+from . import segments
+from .blobs import BlobStore
+from .fsutil import read_json, write_atomic, write_json_atomic
+from .schema import FORMAT_VERSION
+
+DEFAULT_FLUSH_INTERVAL = 1.0
+#: A segment is sealed to Parquet after this many records or JSONL bytes. Sealed segments are
+#: what readers and `verify` trust, and the writer keeps the active segment's rows in memory
+#: until then, so this also bounds the writer's memory.
+SEAL_RECORDS = 100_000
+SEAL_BYTES = 64 << 20
+
+
+class JournalWriteError(OSError):
+    """Raised by a strict writer when records cannot be written."""
+
+
+class RankWriter:
+    """Appends records of one rank of one run. One instance per rank directory per process,
+    shared by every logger of that run (see `open_writer`)."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, run_info: dict[str, Any],
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, strict: bool = False,
+                 seal_records: int = SEAL_RECORDS, seal_bytes: int = SEAL_BYTES):
+        self.run_dir = run_dir
+        self.rank = rank
+        self.rank_dir = run_dir / f"rank-{rank:05d}"
+        self.seg_dir = self.rank_dir / "segments"
+        self.flush_interval = flush_interval
+        self.strict = strict
+        self.seal_records = seal_records
+        self.seal_bytes = seal_bytes
+        self.blobs = BlobStore(self.rank_dir / "blobs")
+        #: Records waiting for the flusher. Metric records are 6-tuples
+        #: (time, name, step, batch_idx, value, route); others are 10-tuples
+        #: (time, kind, name, step, batch_idx, value, text, blob, meta, route). `route` is a
+        #: comma-joined string of destinations (a string keeps the tuple untracked by the GC).
+        self.pending: collections.deque = collections.deque()
+        self.append = self.pending.append
+        self.destinations: dict[str, dict[str, Any]] = {}
+        self._route_meta: dict[str, list[str] | None] = {}
+        self._flush_lock = threading.Lock()
+        self._closed = False
+        self._dropped = 0
+        self._warned = False
+        self._status: str | None = None
+        self._pending_error: Exception | None = None
+
+        self.seg_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = filelock.FileLock(str(self.rank_dir / ".writer.lock"))
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise RuntimeError(
+                f"{self.rank_dir} is being written by another process: two processes logging as "
+                f"rank {rank} of run {run_info['run_id']}? Give each process its own rank."
+            ) from None
+        _write_run_json(run_dir, run_info)
+        self._seq, self._segment = segments.recover(self.rank_dir)
+        self._segment += 1
+        self._rows: list[tuple] = []
+        self._bytes = 0
+        self._file = open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab")
+
+        mpath = mf.manifest_path(self.rank_dir)
+        self.manifest = read_json(mpath) if mpath.exists() else mf.new_manifest(rank, world_size)
+        self.manifest["world_size"] = world_size
+        self.manifest["sessions"].append(mf.new_session())
+        self.manifest["sessions"][-1]["first_seq"] = self._seq + 1
+        self._dropped_before = self.manifest.get("dropped_records", 0)
+        self.destinations = self.manifest.setdefault("destinations", {})
+        self._write_manifest()
+
+        self._names: dict[str, str] = {}
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="itwinai-journal-flusher",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- destinations and routing -----------------------------------------------------------
+
+    def declare(self, target: str, options: dict[str, Any]) -> None:
+        """Record a logger's destination (its constructor arguments) in the manifest."""
+        if self.destinations.get(target) != options:
+            self.destinations[target] = options
+            self._route_meta.clear()
+            self._write_manifest()
+
+    def _targets(self, route: str | None) -> list[str] | None:
+        """Destinations a record is restricted to, or None when it goes to all of them.
+        `route` is a comma-joined set of destination names, or None for all."""
+        if route is None:
+            return None
+        try:
+            return self._route_meta[route]
+        except KeyError:
+            wanted = set(route.split(","))
+            found = None if wanted >= set(self.destinations) else sorted(wanted)
+            self._route_meta[route] = found
+            return found
+
+    # -- flushing -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        tick = min(self.flush_interval / 2, 0.1)
+        while not self._closed:
+            self._wake.wait(tick)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - the flusher must never die silently
+                self._fail(e, 0)
+
+    def flush(self) -> None:
+        """Write every pending record to the active segment with one append.
+
+        Kept in `_rows` for sealing: plain metric records as they were queued (6-tuples), all
+        others normalised to 9-tuples (time, kind, name, step, batch_idx, value, text, blob,
+        meta-JSON). seq is implicit: consecutive from the segment's first seq."""
+        with self._flush_lock:
+            pending = self.pending
+            n = len(pending)
+            if not n or self._file is None:
+                return
+            popleft = pending.popleft
+            batch = [popleft() for _ in range(n)]
+            seq = self._seq
+            keep = []
+            lines = []
+            names = self._names
+            targets = self._targets
+            for rec in batch:
+                seq += 1
+                if len(rec) == 6 and targets(rec[5]) is None:
+                    t, name, step, batch_idx, value, _ = rec
+                    enc = names.get(name)
+                    if enc is None:
+                        enc = names[name] = json.dumps(name)
+                    v = repr(value)
+                    if v[-1] in "nf":  # nan, inf, -inf
+                        v = segments.SPECIAL_FLOATS[v]
+                    lines.append(
+                        f'{{"seq":{seq},"time":{t!r},"kind":"metric","name":{enc}'
+                        + ("" if step is None else f',"step":{step}')
+                        + ("" if batch_idx is None else f',"batch_idx":{batch_idx}')
+                        + f',"value":{v}}}\n'
+                    )
+                    keep.append(rec)
+                    continue
+                if len(rec) == 6:
+                    t, name, step, batch_idx, value, route = rec
+                    kind, text, blob, meta = "metric", None, None, None
+                else:
+                    t, kind, name, step, batch_idx, value, text, blob, meta, route = rec
+                restricted = targets(route)
+                if restricted is not None:
+                    meta = {**(meta or {}), "targets": restricted}
+                meta_s = None if meta is None else json.dumps(meta, default=repr)
+                row = (t, kind, name, step, batch_idx, value, text, blob, meta_s)
+                lines.append(segments.encode_row((seq, *row)))
+                keep.append(row)
+            data = "".join(lines).encode()
+            try:
+                self._file.write(data)
+                self._file.flush()
+            except OSError as e:
+                self._recover_partial_write()
+                self._fail(e, n)
+                return
+            self._seq = seq
+            self._rows.extend(keep)
+            self._bytes += len(data)
+            if len(self._rows) >= self.seal_records or self._bytes >= self.seal_bytes:
+                self._seal_active(reopen=True)
+
+    def _recover_partial_write(self) -> None:
+        """After a failed append, cut the segment back to its last complete record so that the
+        next append does not follow a torn line."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        path = self.seg_dir / segments.segment_name(self._segment, "jsonl")
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(self._bytes)
+        except OSError:
+            pass
+        self._file = open(path, "ab")
+
+    def _fail(self, error: Exception, lost: int) -> None:
+        self._dropped += lost
+        if self.strict:
+            self._pending_error = error
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"itwinai-journal: cannot write to {self.rank_dir} ({error}); training goes on, "
+                f"records that cannot be written are dropped and counted in the manifest",
+                RuntimeWarning, stacklevel=2,
+            )
+
+    def check_healthy(self) -> None:
+        """For strict writers: raise the write error the flusher met, in the caller's thread."""
+        err = self._pending_error
+        if err is not None:
+            raise JournalWriteError(f"journal write failed in {self.rank_dir}: {err}") from err
+
+    def _seal_active(self, reopen: bool) -> None:
+        self._file.close()
+        if self._rows or not reopen:
+            first = self._seq - len(self._rows) + 1
+            table = segments.queued_to_table(first, self._rows)
+            segments.seal(self.rank_dir, self._segment, table)
+        self._rows = []
+        self._bytes = 0
+        if reopen:
+            self._segment += 1
+            self._file = open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab")
+        else:
+            self._file = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _write_manifest(self) -> None:
+        self.manifest["dropped_records"] = self._dropped_before + self._dropped
+        try:
+            write_json_atomic(mf.manifest_path(self.rank_dir), self.manifest, fsync=False)
+        except OSError as e:
+            self._fail(e, 0)
+
+    def close(self, status: str = "finished") -> None:
+        """Flush, seal the active segment and record the session's end. Idempotent."""
+        with _registry_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            self.flush()
+            with self._flush_lock:
+                if self._file is not None:
+                    empty = not self._rows and self._bytes == 0
+                    self._seal_active(reopen=False)
+                    if empty:
+                        _unlink_quiet(self.seg_dir / segments.segment_name(self._segment, "jsonl"))
+        except OSError as e:
+            self._fail(e, len(self.pending))
+        session = self.manifest["sessions"][-1]
+        session["end"] = time.time()
+        session["status"] = status
+        session["last_seq"] = self._seq
+        self._write_manifest()
+        self._lock.release()
+        _forget(self)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_run_json(run_dir: Path, run_info: dict[str, Any]) -> None:
+    """run.json is written once, by whichever rank comes first: link(2) refuses to overwrite."""
+    path = run_dir / "run.json"
+    if path.exists():
+        return
+    info = {"format_version": FORMAT_VERSION, "created": time.time(), **run_info}
+    tmp = run_dir / f".run.json.{os.getpid()}.tmp"
+    write_atomic(tmp, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+# -- the process-wide registry and exit handling -------------------------------------------
+
+_registry_lock = threading.RLock()
+_writers: dict[Path, tuple[RankWriter, int]] = {}
+_hooks_installed = False
+
+
+def open_writer(run_dir: Path, rank: int, world_size: int, run_info: dict[str, Any],
+                **options: Any) -> RankWriter:
+    """The writer of (run_dir, rank) for this process, created on first use and shared by every
+    logger of that run, so a record logged through several loggers is written once."""
+    key = (run_dir / f"rank-{rank:05d}").resolve()
+    with _registry_lock:
+        _install_exit_hooks()
+        if key in _writers:
+            writer, refs = _writers[key]
+            _writers[key] = (writer, refs + 1)
+            return writer
+        writer = RankWriter(run_dir, rank, world_size, run_info, **options)
+        _writers[key] = (writer, 1)
+        return writer
+
+
+def release_writer(writer: RankWriter, status: str = "finished") -> None:
+    """Drop one logger's hold on `writer`; the last one closes it with `status`."""
+    with _registry_lock:
+        key = writer.rank_dir.resolve()
+        entry = _writers.get(key)
+        if entry is None:
+            return
+        if entry[1] > 1:
+            _writers[key] = (writer, entry[1] - 1)
+            if status != "finished":
+                writer._status = status
+            return
+    writer.close(writer._status or status)
+
+
+def _forget(writer: RankWriter) -> None:
+    with _registry_lock:
+        key = writer.rank_dir.resolve()
+        if key in _writers and _writers[key][0] is writer:
+            del _writers[key]
+
+
+def close_all(status: str) -> None:
+    with _registry_lock:
+        writers = [w for w, _ in _writers.values()]
+    for w in writers:
+        w.close(w._status or status)
+
+
+def _install_exit_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(close_all, "finished")
+
+    previous_excepthook = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        close_all("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        previous_excepthook(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still covers us
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        close_all("interrupted")
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
