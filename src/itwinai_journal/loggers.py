@@ -218,7 +218,9 @@ class Logger(LogMixin, metaclass=ABCMeta):
         return {}
 
     def _resolve_run_id(self) -> str:
-        run_id = self._run_id or names.run_id_from_environment()
+        run_id = self._run_id
+        if run_id is None:
+            run_id = names.run_id_from_environment()
         if run_id is None:
             run_id = names.broadcast_run_id(names.new_run_id())
         return names.check_path_component(str(run_id), "run id")

@@ -101,6 +101,8 @@ class RankWriter:
         self._thread = threading.Thread(target=self._run, name="itwinai-journal-flusher",
                                         daemon=True)
         self._thread.start()
+        threading.Thread(target=_warm_up_pyarrow, name="itwinai-journal-warmup",
+                         daemon=True).start()
 
     # -- destinations and routing -----------------------------------------------------------
 
@@ -265,14 +267,20 @@ class RankWriter:
             self._thread.join(timeout=5)
         try:
             self.flush()
+        except OSError as e:
+            self._fail(e, len(self.pending))
+        try:
             with self._flush_lock:
                 if self._file is not None:
                     empty = not self._rows and self._bytes == 0
                     self._seal_active(reopen=False)
                     if empty:
                         _unlink_quiet(self.seg_dir / segments.segment_name(self._segment, "jsonl"))
-        except OSError as e:
-            self._fail(e, len(self.pending))
+        except Exception as e:  # noqa: BLE001
+            # The records are in the JSONL segment already; the next session or a reader
+            # picks them up there. Sealing is an optimisation, not a durability step.
+            warnings.warn(f"itwinai-journal: could not seal {self.seg_dir} at close ({e}); "
+                          "records stay in the active segment", RuntimeWarning, stacklevel=2)
         session = self.manifest["sessions"][-1]
         session["end"] = time.time()
         session["status"] = status
@@ -284,6 +292,14 @@ class RankWriter:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+
+def _warm_up_pyarrow() -> None:
+    """pyarrow imports pandas (when installed) on its first array conversion. Do that early and
+    off the flusher's path, not in a seal at interpreter exit when imports are refused."""
+    import pyarrow as pa
+
+    pa.array([0.0])
 
 
 def _unlink_quiet(path: Path) -> None:
