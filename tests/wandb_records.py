@@ -28,13 +28,14 @@ drops it by default, like wandb-core's reader, which treats it as EOF.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from wandb.proto.wandb_internal_pb2 import Record
+from wandb.proto.wandb_internal_pb2 import ConfigItem, HistoryItem, Record, SummaryItem
 
 __all__ = [
     "WandbLogError",
@@ -56,8 +57,10 @@ BLOCK_LEN = 32 * 1024
 CHUNK_HEADER_LEN = 7
 CHUNK_FULL, CHUNK_FIRST, CHUNK_MIDDLE, CHUNK_LAST = 1, 2, 3, 4
 
-_CHUNK_HEADER = struct.Struct("<IHB")
-_FILE_HEADER = struct.Struct("<4sHB")
+_CHUNK_HEADER = struct.Struct("<IHB")  # checksum, length, type
+_FILE_HEADER = struct.Struct("<4sHB")  # ident, magic, version
+
+_Item = HistoryItem | ConfigItem | SummaryItem
 
 
 class WandbLogError(ValueError):
@@ -105,7 +108,9 @@ def iter_payloads(data: bytes, *, path: str = "<bytes>", strict: bool = False) -
         if checksum == 0 and length == 0 and ctype == 0:
             if strict:
                 raise WandbLogError(f"{path}: zeroed chunk header at offset {pos}")
-            break  # preallocated / zero-filled tail: nothing more was written
+            # wandb-core never writes a zero header (it pads < 7 bytes only), so
+            # this is a zero-filled tail, e.g. after a crash; treat it as EOF.
+            break
         start = pos + CHUNK_HEADER_LEN
         end = start + length
         if length > block_left - CHUNK_HEADER_LEN:
@@ -135,9 +140,10 @@ def iter_payloads(data: bytes, *, path: str = "<bytes>", strict: bool = False) -
         else:
             raise WandbLogError(f"{path}: unknown chunk type {ctype} at offset {chunk_at}")
 
-    torn = pos < size or pending is not None
-    if strict and torn:
-        raise WandbLogError(f"{path}: truncated record at offset {pos} (file size {size})")
+    if strict and pending is not None:
+        raise WandbLogError(f"{path}: multi-chunk record missing its LAST chunk (file size {size})")
+    if strict and pos < size:
+        raise WandbLogError(f"{path}: truncated chunk at offset {pos} (file size {size})")
 
 
 def read_records(path: str | Path, *, strict: bool = False) -> list[Record]:
@@ -160,7 +166,7 @@ def read_records(path: str | Path, *, strict: bool = False) -> list[Record]:
     return records
 
 
-def _item_path(item: Any) -> tuple[str, ...]:
+def _item_path(item: _Item) -> tuple[str, ...]:
     """Key path of a history/config/summary item.
 
     wandb-core flattens nested dicts (e.g. a ``wandb.Image``) into one item per
@@ -190,7 +196,7 @@ def _pop_path(target: dict[str, Any], path: tuple[str, ...]) -> None:
     target.pop(path[-1], None)
 
 
-def _history_value(item: Any) -> Any:
+def _history_value(item: HistoryItem) -> Any:
     """Decode a ``HistoryItem`` written in either the JSON or the typed encoding."""
     kind = item.WhichOneof("value")
     if kind is None:
@@ -224,7 +230,10 @@ def history_rows(records: Iterable[Record]) -> list[dict[str, Any]]:
     return rows
 
 
-def _apply_updates(target: dict[str, Any], update: Iterable[Any], remove: Iterable[Any]) -> None:
+def _apply_updates(
+    target: dict[str, Any], update: Iterable[_Item], remove: Iterable[_Item]
+) -> None:
+    """Apply config/summary ``update`` items (JSON values), then ``remove`` items."""
     for item in update:
         _set_path(target, _item_path(item), json.loads(item.value_json))
     for item in remove:
@@ -249,7 +258,7 @@ def config(records: Iterable[Record]) -> dict[str, Any]:
 
 
 def summary(records: Iterable[Record]) -> dict[str, Any]:
-    """Merge the explicit summary: the ``RunRecord`` summary, then every summary record.
+    """Merge the run summary: the ``RunRecord`` summary, then every summary record.
 
     wandb-core itself writes a summary record with the latest value of every
     logged key after each history step, so this is the run summary as a sync
@@ -266,10 +275,27 @@ def summary(records: Iterable[Record]) -> dict[str, Any]:
     return merged
 
 
-def find_run_files(wandb_dir: str | Path) -> list[Path]:
+def find_run_files(wandb_dir: str | Path, *, run_id: str | None = None) -> list[Path]:
     """Return every ``*.wandb`` file below ``wandb_dir``, sorted by path.
 
-    Offline run directories are named ``offline-run-<YYYYmmdd_HHMMSS>-<id>``,
-    so path order is start-time order for runs with the same parent.
+    Symlinked directories are not followed, so the ``latest-run`` symlink that
+    wandb keeps in its directory does not produce duplicates. Offline run
+    directories are named ``offline-run-<YYYYmmdd_HHMMSS>-<id>`` (with ``-1``,
+    ``-2``... appended on a same-second collision) and hold ``run-<id>.wandb``,
+    so for one parent directory path order is start order.
+
+    Args:
+        wandb_dir: Directory to search (e.g. the ``dir`` given to ``wandb.init``).
+        run_id: If given, only return transaction logs of that run id.
     """
-    return sorted(p for p in Path(wandb_dir).rglob("*.wandb") if p.is_file())
+    found = []
+    for root, _dirs, files in os.walk(wandb_dir):  # followlinks=False
+        for name in files:
+            if not name.endswith(".wandb"):
+                continue
+            if run_id is not None and name != f"run-{run_id}.wandb":
+                continue
+            path = Path(root, name)
+            if path.is_file():
+                found.append(path)
+    return sorted(found)

@@ -1,2 +1,280 @@
-def main():
-    pass
+"""`itwinai-sync`: replay journals into trackers, and look at them without one.
+
+    itwinai-sync SAVEDIR --to mlflow        (same as `itwinai-sync sync SAVEDIR --to mlflow`)
+    itwinai-sync ls SAVEDIR [--json]
+    itwinai-sync show SAVEDIR RUN
+    itwinai-sync verify SAVEDIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+import pyarrow.compute as pc
+
+from itwinai_journal import Journal, __version__, verify
+from itwinai_journal.segments import JournalCorruption
+
+from .engine import RunResult, SyncEngine, SyncRequest, total_pending
+from .exporter import ExportError, exporter_names, load_exporter
+from .ledger import ledger_entries
+
+
+class DefaultToSync(click.Group):
+    """`itwinai-sync SAVEDIR ...` means `itwinai-sync sync SAVEDIR ...`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h",
+                                                                     "--version"):
+            args = ["sync", *args]
+        return super().parse_args(ctx, args)
+
+
+def _fail(message: str, verbose: bool, code: int = 1) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    sys.exit(code)
+
+
+@click.group(cls=DefaultToSync, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="itwinai-sync")
+def main() -> None:
+    """Replay itwinai-journal runs into MLflow, Weights & Biases, TensorBoard or Prov4ML, and
+    inspect journals without any tracker.
+
+    Journals are written by the itwinai_journal loggers on compute nodes without network.
+    Run `itwinai-sync SAVEDIR --to TARGET` wherever the tracker is reachable; running it again,
+    or after killing it, never duplicates a data point.
+    """
+
+
+def _target_options(func: Any) -> Any:
+    """Every installed exporter's options on the sync command, without importing trackers."""
+    seen: set[str] = set()
+    for name in reversed(exporter_names()):
+        try:
+            options = load_exporter(name).cli_options()
+        except click.ClickException:
+            continue
+        for opt in reversed(options):
+            if opt.name not in seen:
+                seen.add(opt.name or "")
+                func = _attach(func, opt)
+    return func
+
+
+def _attach(func: Any, opt: click.Option) -> Any:
+    params = getattr(func, "__click_params__", [])
+    params.append(opt)
+    func.__click_params__ = params
+    return func
+
+
+@main.command()
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--to", "targets", multiple=True, metavar="TARGET",
+              help=f"Target to sync to, repeatable ({', '.join(exporter_names())}). Default: "
+                   "the destinations each run's loggers declared.")
+@click.option("--run", "run_ids", multiple=True, metavar="ID",
+              help="Only this run (id or experiment/id), repeatable.")
+@click.option("--ranks", type=click.Choice(["all", "0"]), default="all", show_default=True,
+              help="Sync every rank, or only rank 0.")
+@click.option("--dry-run", is_flag=True, help="Print what would be exported, per run and kind.")
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Runs synced in parallel.")
+@click.option("--verbose", "-v", is_flag=True, help="Tracebacks for errors.")
+@_target_options
+def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], ranks: str,
+         dry_run: bool, workers: int, verbose: bool, **options: Any) -> None:
+    """Export runs under SAVEDIR to trackers, exactly once."""
+    request = SyncRequest(savedir=savedir, targets=list(targets) or None, options=options,
+                          run_ids=list(run_ids) or None, ranks=ranks, dry_run=dry_run,
+                          workers=workers)
+    started = time.monotonic()
+    try:
+        engine = SyncEngine(request)
+        plan = engine.plan()
+        if not plan:
+            click.echo(f"nothing to sync in {savedir}: no runs"
+                       + ("" if targets else " with declared destinations (use --to)"))
+            return
+        for _, target in plan:
+            engine.exporter(target)
+        show_bar = sys.stderr.isatty() and not dry_run
+        if show_bar:
+            with click.progressbar(length=max(1, total_pending(engine, plan)), label="syncing",
+                                   file=sys.stderr, show_pos=True) as bar:
+                engine.progress = bar.update
+                results = engine.run(plan)
+        else:
+            results = engine.run(plan)
+    except (ExportError, JournalCorruption, FileNotFoundError) as e:
+        _fail(str(e), verbose)
+    except click.ClickException:
+        raise
+    except Exception as e:  # noqa: BLE001
+        _fail(f"{type(e).__name__}: {e}", verbose)
+    _print_results(results, engine.notes.lines, time.monotonic() - started, verbose, dry_run)
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counter.items())) or "nothing"
+
+
+def _print_results(results: list[RunResult], notes: list[str], seconds: float, verbose: bool,
+                   dry_run: bool) -> None:
+    exported: Counter = Counter()
+    skipped: Counter = Counter()
+    for r in results:
+        label = f"{r.run} -> {r.target}"
+        if r.status == "failed":
+            click.secho(f"FAILED  {label}: {r.error}", fg="red")
+            if verbose and r.trace:
+                click.echo(r.trace)
+            continue
+        if r.status == "busy":
+            click.secho(f"busy    {label}: {r.error}", fg="yellow")
+            continue
+        verb = "would export" if dry_run else "exported"
+        line = f"{r.status:<8}{label} ({r.where}): {verb} {_counts(r.exported)}"
+        if r.skipped:
+            line += f"; not for this target: {_counts(r.skipped)}"
+        click.echo(line)
+        exported.update(r.exported)
+        skipped.update(r.skipped)
+    for note in notes:
+        click.secho(f"note: {note}", fg="cyan")
+    failed = sum(r.status == "failed" for r in results)
+    total = sum(exported.values())
+    rate = f", {total / seconds:,.0f} records/s" if seconds > 0 and total else ""
+    click.echo(
+        f"{len(results)} run/target pairs, {failed} failed; "
+        f"{'would export' if dry_run else 'exported'} {total} records ({_counts(exported)}); "
+        f"skipped {sum(skipped.values())}; {seconds:.1f} s{rate}"
+    )
+
+
+# -- inspection ---------------------------------------------------------------------------
+
+
+def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
+    synced: dict[str, dict[str, dict[int, int]]] = {}
+    for entry in ledger_entries(savedir):
+        cursors = {int(k): v for k, v in entry.get("cursors", {}).items()}
+        synced.setdefault(entry["run"], {})[entry["target_key"]] = cursors
+    rows = []
+    for run in Journal(savedir).runs():
+        records = {r.rank: r.last_seq for r in run.ranks}
+        rows.append({
+            "experiment": run.experiment,
+            "run_id": run.run_id,
+            "run_name": run.info.get("run_name"),
+            "status": run.status,
+            "ranks": len(run.ranks),
+            "records": sum(records.values()),
+            "destinations": sorted(run.destinations()),
+            "synced": {key: {"records": sum(min(c, records.get(rank, 0))
+                                            for rank, c in cursors.items()),
+                             "ranks": len(cursors)}
+                       for key, cursors in synced.get(run.key, {}).items()},
+            "path": str(run.path),
+        })
+    return rows
+
+
+@main.command("ls")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls_cmd(savedir: Path, as_json: bool) -> None:
+    """List experiments, runs, ranks, status, records and how far each target is synced.
+
+    Record counts come from manifests and indexes (no segment is read), so a run still being
+    written may show fewer records than it holds."""
+    rows = _ls_rows(savedir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(f"no runs in {savedir}")
+        return
+    experiment = None
+    for row in rows:
+        if row["experiment"] != experiment:
+            experiment = row["experiment"]
+            click.secho(experiment, bold=True)
+        name = f" ({row['run_name']})" if row["run_name"] else ""
+        click.echo(f"  {row['run_id']}{name}  {row['status']}  {row['ranks']} rank(s)  "
+                   f"{row['records']} records  -> {', '.join(row['destinations']) or '-'}")
+        for key, s in row["synced"].items():
+            click.echo(f"      synced to {key}: {s['records']}/{row['records']} records")
+
+
+@main.command("verify")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify_cmd(savedir: Path) -> None:
+    """Check hash chains, checksums and seq continuity. Exit 0 when no error is found (warnings
+    such as a torn tail left by a crash are printed), 1 otherwise."""
+    runs = Journal(savedir).runs()
+    problems = verify(savedir)
+    for p in problems:
+        click.secho(str(p), fg="red" if p.severity == "error" else "yellow")
+    errors = sum(p.severity == "error" for p in problems)
+    click.echo(f"{len(runs)} run(s), {sum(len(r.ranks) for r in runs)} rank(s) checked: "
+               f"{errors} error(s), {len(problems) - errors} warning(s)")
+    sys.exit(1 if errors else 0)
+
+
+@main.command("show")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_id")
+def show_cmd(savedir: Path, run_id: str) -> None:
+    """Manifest, kinds and counts, and the last value of each metric of one run."""
+    journal = Journal(savedir)
+    try:
+        run = journal.run(run_id)
+    except KeyError as e:
+        _fail(str(e.args[0]), False)
+    click.secho(f"{run.experiment} / {run.run_id}", bold=True)
+    for key in ("run_name", "description", "created"):
+        if run.info.get(key) is not None:
+            value = run.info[key]
+            if key == "created":
+                value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+            click.echo(f"  {key}: {value}")
+    click.echo(f"  status: {run.status}   path: {run.path}")
+    click.echo(f"  destinations: {json.dumps(run.destinations())}")
+    records = journal.records(experiment=run.experiment, run_id=run.run_id)
+    for rank in run.ranks:
+        m = rank.manifest
+        sessions = m.get("sessions", [])
+        click.secho(f"  rank {rank.rank} (world size {m.get('world_size')}, host "
+                    f"{m.get('host')}): {len(sessions)} session(s), last {rank.status}, "
+                    f"{m.get('dropped_records', 0)} dropped", bold=True)
+        if sessions:
+            click.echo(f"    argv: {' '.join(sessions[-1].get('argv', []))}")
+        mine = records.filter(pc.equal(records["rank"], rank.rank))
+        kinds = Counter(mine["kind"].to_pylist())
+        click.echo(f"    records: {_counts(kinds)}")
+        metrics = mine.filter(pc.equal(mine["kind"], "metric"))
+        last: dict[str, tuple[Any, Any]] = {}
+        for name, step, value in zip(metrics["name"].to_pylist(), metrics["step"].to_pylist(),
+                                     metrics["value"].to_pylist()):
+            last[name] = (step, value)
+        for name, (step, value) in sorted(last.items()):
+            click.echo(f"    {name} = {value:.6g}" + (f"  (step {step})" if step is not None
+                                                      else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

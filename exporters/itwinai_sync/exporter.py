@@ -1,0 +1,132 @@
+"""The exporter plugin interface.
+
+A target (MLflow, W&B, TensorBoard, Prov4ML) is one module with one `Exporter` subclass,
+registered under the entry-point group `itwinai_sync.exporters`. The sync engine does all the
+target-independent work (finding runs, streaming records in seq order, filtering by kind and
+route, batching, locks, the local ledger, progress, error isolation); an exporter only says how
+one rank of one run is written:
+
+    sink = exporter.open(run, rank, create=True)   # find or create the target run
+    sink.cursor()                                  # highest seq the target already holds
+    sink.export(batch, cursor)                     # write records, commit cursor with them
+    sink.close()
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+import click
+import pyarrow as pa
+
+from itwinai_journal import RankInfo, RunInfo
+from itwinai_journal.blobs import BlobStore
+
+ENTRY_POINT_GROUP = "itwinai_sync.exporters"
+
+
+class ExportError(Exception):
+    """A problem exporting one run, reported in one line and isolated to that run."""
+
+
+@dataclass
+class Notes:
+    """What an exporter wants the user to know (name mappings, dropped records, fallbacks),
+    collected per sync and printed in the summary, each distinct line once."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        if line not in self.lines:
+            self.lines.append(line)
+
+
+class RankSink(ABC):
+    """One rank of one journal run as it exists in a target."""
+
+    def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes):
+        self.run = run
+        self.rank = rank
+        self.notes = notes
+        self.blobs = BlobStore(rank.path / "blobs")
+
+    @abstractmethod
+    def cursor(self) -> int:
+        """The highest journal seq this target run holds (0 for none), read from the target."""
+
+    @abstractmethod
+    def export(self, batch: pa.Table, cursor: int) -> None:
+        """Write `batch` (records with seq above the previous cursor, in seq order; possibly
+        empty) and record `cursor` in the target in the same commit wherever the target allows,
+        so that a crash leaves either both or neither."""
+
+    def close(self) -> None:
+        """Release target resources for this rank."""
+
+
+class Exporter(ABC):
+    """A sync target type. One instance per sync invocation, shared by worker threads."""
+
+    #: The `--to` name, also the destination name loggers declare.
+    name: ClassVar[str]
+    #: Kinds this target shows; records of other kinds are skipped and counted.
+    kinds: ClassVar[frozenset[str]]
+    #: Largest number of records handed to `RankSink.export` at once.
+    batch_records: ClassVar[int] = 10_000
+    #: Whether several runs may be exported at once in threads of one process.
+    parallel_runs: ClassVar[bool] = True
+
+    def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
+        self.savedir = savedir
+        self.options = options
+        self.notes = notes
+
+    @classmethod
+    def cli_options(cls) -> list[click.Option]:
+        """Target options for the `sync` command (e.g. --tracking-uri)."""
+        return []
+
+    @abstractmethod
+    def target_key(self, run: RunInfo) -> str:
+        """Identifies the target instance this run goes to (type + URI/project/logdir); used
+        for locks and the ledger."""
+
+    @abstractmethod
+    def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
+        """The sink for one rank; None when `create` is False and the target has nothing."""
+
+    def describe(self, run: RunInfo) -> str:
+        """Where the run goes, for messages (defaults to the target key)."""
+        return self.target_key(run)
+
+    def close(self) -> None:
+        """Release resources held for the whole sync."""
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def exporter_names() -> list[str]:
+    return sorted(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_exporter(name: str) -> type[Exporter]:
+    """The exporter class registered as `name`. Exporter modules import their tracker library
+    lazily (in methods), so loading a class is cheap and `--help` works without the library."""
+    eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none installed"
+        raise click.UsageError(f"unknown target {name!r} (available: {known})")
+    try:
+        cls = eps[name].load()
+    except ImportError as e:
+        raise click.ClickException(
+            f"the {name} exporter needs its library: pip install 'itwinai-sync[{name}]' ({e})"
+        ) from e
+    return cls

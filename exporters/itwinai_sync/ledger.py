@@ -1,0 +1,71 @@
+"""The local sync ledger under `<savedir>/.sync/`: a mirror of each target's cursors (for speed
+and for `itwinai-sync ls`), and the per (target key, run) locks that let several sync processes
+share one savedir and one target, each taking the runs nobody else holds.
+
+The target's own committed cursor is the truth; the ledger is only ever a hint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from itwinai_journal import RunInfo
+from itwinai_journal.fsutil import read_json, write_json_atomic
+from itwinai_journal.names import experiment_dirname
+
+from .exporter import key_digest
+
+SYNC_DIR = ".sync"
+
+
+class Ledger:
+    def __init__(self, savedir: Path, target_key: str, target: str):
+        self.root = savedir / SYNC_DIR / key_digest(target_key)
+        self.target_key = target_key
+        self.target = target
+
+    def _base(self, run: RunInfo) -> Path:
+        return self.root / experiment_dirname(run.experiment) / run.run_id
+
+    def lock(self, run: RunInfo) -> filelock.FileLock:
+        path = self._base(run).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        target_file = self.root / "target.json"
+        if not target_file.exists():
+            write_json_atomic(target_file, {"key": self.target_key, "target": self.target},
+                              fsync=False)
+        return filelock.FileLock(str(path))
+
+    def cursors(self, run: RunInfo) -> dict[int, int]:
+        path = self._base(run).with_suffix(".json")
+        try:
+            data = read_json(path)
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {int(k): int(v) for k, v in data.get("cursors", {}).items()}
+
+    def record(self, run: RunInfo, rank: int, cursor: int) -> None:
+        cursors = self.cursors(run)
+        cursors[rank] = cursor
+        write_json_atomic(self._base(run).with_suffix(".json"), {
+            "target": self.target, "target_key": self.target_key, "run": run.key,
+            "cursors": {str(k): v for k, v in sorted(cursors.items())}, "updated": time.time(),
+        }, fsync=False)
+
+
+def ledger_entries(savedir: Path) -> list[dict[str, Any]]:
+    """Every ledger file below savedir: target, target key, run key and cursors (for `ls`)."""
+    out = []
+    root = savedir / SYNC_DIR
+    if not root.exists():
+        return out
+    for path in root.glob("*/*/*.json"):
+        try:
+            out.append(read_json(path))
+        except (OSError, ValueError):
+            continue
+    return out
