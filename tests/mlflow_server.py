@@ -235,8 +235,16 @@ class MlflowServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> MlflowServer:
-        """Start the server and wait until it is healthy."""
-        self.start()
+        """Start the server and wait until it is healthy.
+
+        If start-up fails the server is stopped and an auto-created ``workdir`` removed (the
+        raised :class:`MlflowServerError` carries the tail of the server log).
+        """
+        try:
+            self.start()
+        except BaseException:
+            self._remove_owned_workdir()
+            raise
         return self
 
     def __exit__(
@@ -247,6 +255,10 @@ class MlflowServer:
     ) -> None:
         """Stop the server and remove an auto-created ``workdir``."""
         self.stop()
+        self._remove_owned_workdir()
+
+    def _remove_owned_workdir(self) -> None:
+        """Delete ``workdir`` if this object created it and ``keep_workdir`` is false."""
         if self._owns_workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -326,7 +338,7 @@ class MlflowServer:
             if code is not None:
                 raise MlflowServerError(
                     f"mlflow server exited with code {code} during start-up\n"
-                    f"--- {self.log_path} (tail) ---\n{self.log_tail()}"
+                    f"--- server log (tail) ---\n{self.log_tail()}"
                 )
             try:
                 with opener.open(f"{self.uri}/health", timeout=2) as resp:
@@ -339,7 +351,7 @@ class MlflowServer:
                 raise MlflowServerError(
                     f"mlflow server at {self.uri} not healthy after {self.startup_timeout:g} s"
                     f" (last error: {last_error})\n"
-                    f"--- {self.log_path} (tail) ---\n{self.log_tail()}"
+                    f"--- server log (tail) ---\n{self.log_tail()}"
                 )
             time.sleep(0.2)
 

@@ -574,14 +574,13 @@ def test_dataset_numpy(mlf):
     assert third["shape"] == [4, 3] and third["digest"] != first["digest"]
 
 
+@pytest.mark.filterwarnings("ignore")  # mlflow/pandas deprecation and schema hints
 def test_dataset_mlflow(mlf):
     import mlflow.data
     import pandas as pd
 
     df = pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dataset = mlflow.data.from_pandas(df, name="iris")
+    dataset = mlflow.data.from_pandas(df, name="iris")
     mlf.log(dataset, "iris_ds", kind="dataset")
     (record,) = read_back(mlf)
     desc = json.loads(record["text"])
