@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv if missing, installs the project with every extra the tests need (under
-# constraints.txt), lints, and runs the test suite. Extra arguments go to pytest.
+# Sets up .venv (scripts/setup.sh), lints, and runs the test suite. Arguments go to pytest
+# (e.g. `scripts/test.sh -k mlflow`, `scripts/test.sh --slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[all,test]'
+bash scripts/setup.sh
 .venv/bin/ruff check src exporters tests scripts
 .venv/bin/python -m pytest "$@"

@@ -109,11 +109,16 @@ def _mlflow_command() -> list[str]:
     return [sys.executable, "-m", "mlflow"]
 
 
-def _live_group_members(pgid: int) -> list[int]:
-    """Return the pids of non-zombie processes whose process group is ``pgid``.
+def _group_members(pgid: int, *, include_zombies: bool = False) -> list[int]:
+    """Return the pids of processes whose process group is ``pgid``.
 
-    Reads ``/proc`` so that zombies (e.g. orphans not yet reaped by a container's pid 1) do
-    not count as alive. Falls back to ``killpg(pgid, 0)`` where ``/proc`` is unavailable.
+    Reads ``/proc`` so that zombies (orphans already dead but not yet reaped by pid 1) can be
+    told apart from live processes. Falls back to ``killpg(pgid, 0)`` where ``/proc`` is
+    unavailable (then zombies cannot be distinguished).
+
+    Args:
+        pgid: Process group id.
+        include_zombies: Also report dead-but-unreaped processes.
     """
     proc = Path("/proc")
     if not (proc / "self" / "stat").exists():
@@ -134,7 +139,9 @@ def _live_group_members(pgid: int) -> list[int]:
             continue
         # Format: "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        if len(fields) < 3 or int(fields[2]) != pgid:
+            continue
+        if include_zombies or fields[0] not in ("Z", "X"):
             members.append(int(entry.name))
     return members
 
@@ -365,6 +372,9 @@ class MlflowServer:
             if not self._wait_group_gone(proc, pgid, self.stop_timeout):
                 self._signal_group(pgid, signal.SIGKILL)
                 self._wait_group_gone(proc, pgid, 10.0)
+            # Orphaned grandchildren are reaped by pid 1; give it a moment so that ``ps`` shows
+            # no ``<defunct>`` leftovers either (best effort: they are dead already).
+            self._wait_group_gone(proc, pgid, 2.0, include_zombies=True)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -381,12 +391,15 @@ class MlflowServer:
             pass
 
     @staticmethod
-    def _wait_group_gone(proc: subprocess.Popen[bytes], pgid: int, timeout: float) -> bool:
-        """Reap ``proc`` and wait until no live process is left in ``pgid``."""
+    def _wait_group_gone(
+        proc: subprocess.Popen[bytes], pgid: int, timeout: float, *, include_zombies: bool = False
+    ) -> bool:
+        """Reap ``proc`` and wait up to ``timeout`` s until no process is left in ``pgid``."""
         deadline = time.monotonic() + timeout
         while True:
             proc.poll()  # reap our direct child so it does not linger as a zombie
-            if proc.returncode is not None and not _live_group_members(pgid):
+            gone = not _group_members(pgid, include_zombies=include_zombies)
+            if proc.returncode is not None and gone:
                 return True
             if time.monotonic() >= deadline:
                 return False

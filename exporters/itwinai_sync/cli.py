@@ -96,6 +96,7 @@ def _attach(func: Any, opt: click.Option) -> Any:
 def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], ranks: str,
          dry_run: bool, workers: int, verbose: bool, **options: Any) -> None:
     """Export runs under SAVEDIR to trackers, exactly once."""
+    options["ranks"] = ranks
     request = SyncRequest(savedir=savedir, targets=list(targets) or None, options=options,
                           run_ids=list(run_ids) or None, ranks=ranks, dry_run=dry_run,
                           workers=workers)
@@ -147,7 +148,7 @@ def _print_results(results: list[RunResult], notes: list[str], seconds: float, v
             click.secho(f"busy    {label}: {r.error}", fg="yellow")
             continue
         verb = "would export" if dry_run else "exported"
-        line = f"{r.status:<8}{label} ({r.where}): {verb} {_counts(r.exported)}"
+        line = f"{r.status:<11}{label} ({r.where}): {verb} {_counts(r.exported)}"
         if r.skipped:
             line += f"; not for this target: {_counts(r.skipped)}"
         click.echo(line)
