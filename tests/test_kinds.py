@@ -523,8 +523,6 @@ def test_best_model_with_context(prov):
     assert len(Journal(Path(prov.savedir).parent).records()) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="bug: loggers._kwargs_meta stores context=None as the "
-                   "string 'None' (str(None)) instead of leaving the context out")
 def test_prov_context_none_is_not_the_string_none(prov):
     prov.log(0.5, "loss", context=None)
     (record,) = read_back(prov)

@@ -715,9 +715,6 @@ def test_secrets_are_redacted(tmp_path, monkeypatch):
     assert argv[0] == "train.py" and argv[2:4] == ["--lr", "0.1"] and argv[4] == "--password"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: manifest 'destinations' (Logger.destination() -> "
-                   "RankWriter.declare) are written without redaction, so a secret env value "
-                   "inside a constructor argument such as tracking_uri reaches manifest.json")
 def test_secret_env_value_in_tracking_uri_is_redacted(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_API_KEY", "supersecret123")
     logger = MLFlowLogger(savedir=tmp_path / "mllogs",

@@ -371,8 +371,8 @@ def _kwargs_meta(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`context` is a first-class meta field (Prov4ML); other kwargs are kept under 'kwargs'."""
     meta: dict[str, Any] = {}
     rest = dict(kwargs)
-    if "context" in rest:
-        context = rest.pop("context")
+    context = rest.pop("context", None)
+    if context is not None:
         meta["context"] = getattr(context, "name", None) or str(context)
     if rest:
         meta["kwargs"] = rest

@@ -22,10 +22,36 @@ REDACTED = "<redacted>"
 _VERSIONED = ("itwinai-sync", "torch", "numpy", "pyarrow")
 
 
+def _secret_values() -> set[str]:
+    return {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 4}
+
+
+def redact(obj: Any) -> Any:
+    """`obj` (JSON-like) with every secret environment value found in its strings replaced, and
+    the values of secret-looking keys hidden: what loggers declare (tracking URIs may embed
+    credentials) goes through here before it reaches the manifest."""
+    secrets = _secret_values()
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            for s in secrets:
+                if s in value:
+                    value = value.replace(s, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: (REDACTED if _SECRET_NAME.search(str(k)) and v is not None else walk(v))
+                    for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(obj)
+
+
 def redact_argv(argv: list[str]) -> list[str]:
     """Hide values of secret-looking options (`--api-key X`, `--token=X`) and any argument that
-    equals the value of a secret environment variable."""
-    secret_values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 4}
+    contains the value of a secret environment variable."""
+    secret_values = _secret_values()
     out: list[str] = []
     hide_next = False
     for arg in argv:

@@ -107,7 +107,9 @@ class RankWriter:
     # -- destinations and routing -----------------------------------------------------------
 
     def declare(self, target: str, options: dict[str, Any]) -> None:
-        """Record a logger's destination (its constructor arguments) in the manifest."""
+        """Record a logger's destination (its constructor arguments, secrets redacted) in the
+        manifest."""
+        options = mf.redact(options)
         if self.destinations.get(target) != options:
             self.destinations[target] = options
             self._route_meta.clear()
