@@ -331,7 +331,9 @@ CAPTURE: dict[str, Callable[..., Captured]] = {
     "model": capture_model,
     "best_model": capture_model,
     "dataset": capture_dataset,
-    "watch": not_yet("kind='watch' (W&B gradient/parameter histogram capture)"),
+    # Torch hooks writing gradient/parameter histograms; see watch.py (imported by name:
+    # watch.py imports this module lazily, and torch only when a module is watched).
+    "watch": __import__("watch", globals(), None, ("capture_watch",), 1).capture_watch,
     "flops_pb": not_yet("kind='flops_pb' (Prov4ML FLOPs per batch capture)"),
     "flops_pe": not_yet("kind='flops_pe' (Prov4ML FLOPs per epoch capture)"),
     "system": not_yet("kind='system' (Prov4ML system metrics capture)"),
