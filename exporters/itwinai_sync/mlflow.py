@@ -38,7 +38,10 @@ TAG_RANK = "itwinai.rank"
 TAG_CURSOR = "itwinai.cursor"
 TAG_ROLE = "itwinai.role"
 
-MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
+#: MLflow's per-request limits. The client splits a larger log_batch into several requests,
+#: which would separate the cursor tag from some of the records it covers, so each of our
+#: requests stays within all of them, the cursor tag included.
+MAX_ENTITIES, MAX_PARAMS = 1000, 100
 MAX_REQUEST_BYTES = 1_000_000
 MAX_KEY = 250
 MAX_PARAM_VALUE = 6000
@@ -290,7 +293,8 @@ class MlflowRankSink(RankSink):
                 metrics, params, size = [], {}, 0
                 self._side_effect(kind, {k: v[i] for k, v in cols.items()})
             last_seq = seq
-            if len(metrics) >= MAX_METRICS or len(params) >= MAX_PARAMS or size > 800_000:
+            if (len(metrics) + len(params) + 1 >= MAX_ENTITIES or len(params) + 1 >= MAX_PARAMS
+                    or size > MAX_REQUEST_BYTES * 0.8):
                 self._commit(metrics, params, last_seq)
                 metrics, params, size = [], {}, 0
         self._commit(metrics, params, cursor)

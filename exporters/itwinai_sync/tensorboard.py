@@ -1,0 +1,411 @@
+"""TensorBoard target: each rank of a journal run becomes one TensorBoard run (a directory).
+
+Layout: `<logdir>/<experiment-dir>/<run_id>/rank-<rank:05d>/`, `logdir` being `--logdir` or
+`<savedir>/tensorboard`, the experiment directory the journal's own (percent-encoded) name.
+
+Exactly once: every `export` writes one event file holding the records with seq in
+(previous cursor, cursor], named `events.out.tfevents.<first:012d>-<last:012d>.itwinai`. It is
+written under a temporary name without "tfevents" (so a live TensorBoard never reads a half
+file), fsynced, then renamed into place: a file is either complete or absent. The cursor is read
+back from the names, so a killed sync resumes exactly after the last complete file (leftover
+temporary files are deleted when the rank is opened for writing). TensorBoard selects files with
+"tfevents" in the name and reads them in name order, which the zero-padded first seq makes seq
+order. A batch in which nothing is for TensorBoard still gets a file, holding only the
+`file_version` event, so that the cursor advances. Every file starts with that event, as
+TensorBoard's own writer does; `brain.Event:2` also stops TensorBoard from discarding points
+whose step goes backwards (it then purges only on a SessionLog.START, which we never write).
+
+Kinds: metrics are scalars (`simple_value`, so float32 like `add_scalar`) with the record's
+step and its `time` as the event's wall time; images and matplotlib figures are image summaries
+of the journal's PNG bytes (size and colour type from the PNG header); plotly figures cannot be
+shown and are skipped with a note; text (inline or, when large, a blob) is a text-plugin string
+tensor; `histogram` records (the W&B-style `watch` capture) are HistogramProtos with the bin
+right edges as `bucket_limit` (an all-NaN tensor's histogram, without bins, is written empty).
+
+Records logged without a step: a watch histogram is written at step = the forward call it was
+taken at (its meta `call`, the model's iteration count); any other record at step = its
+journal seq. Both are deterministic, increasing in logging order and the same on every
+re-sync, whereas step 0 (what add_scalar writes for global_step=None) would pile all such points
+onto one x position.
+
+Hyperparameters: TensorBoard's HParams dashboard keeps only the first `session_start_info` it
+reads per run, so params are not appended per batch. They live in one file that sorts before all
+others, `events.out.tfevents.000000000000-hparams.itwinai`, holding every param of the rank
+exported so far (last value per name). A batch with params merges them into it and replaces it
+atomically *before* its own events file is renamed into place, so a crash in between only
+means the same values are merged again. A TensorBoard that is already running needs a reload
+to see params that arrive after it read that file.
+
+Speed: one reused Event per metric name, serialized per record; the TFRecord framing (length,
+masked CRC-32C of the length, data, masked CRC-32C of the data) is done for a whole batch, the
+CRCs vectorized with numpy over all records at once (TensorBoard's own CRC is pure Python).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import struct
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import click
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from itwinai_journal import RankInfo, RunInfo
+from itwinai_journal.fsutil import fsync_dir
+from itwinai_journal.names import experiment_dirname
+
+from .exporter import Exporter, ExportError, Notes, RankSink
+
+EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d{12})-(\d{12})\.itwinai$")
+HPARAMS_FILE = "events.out.tfevents.000000000000-hparams.itwinai"
+TMP_PREFIX = ".tmp-"
+FILE_VERSION = "brain.Event:2"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG colour type -> Summary.Image colorspace (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
+PNG_COLORSPACE = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+#: Records longer than this get their CRC from TensorBoard's (pure Python) helper: vectorizing
+#: pays off for many short records, not for the odd image.
+VECTOR_CRC_MAX = 4096
+_COLUMNS = ("seq", "time", "kind", "name", "step", "value", "text", "blob", "meta")
+
+
+def events_name(first: int, last: int) -> str:
+    return f"events.out.tfevents.{first:012d}-{last:012d}.itwinai"
+
+
+@functools.cache
+def _tb() -> SimpleNamespace:
+    """TensorBoard's protos and helpers, imported on first use: `--help` must not need them."""
+    import numpy as np
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.plugins.text import metadata as text_metadata
+
+    return SimpleNamespace(
+        np=np, Event=event_pb2.Event, Summary=summary_pb2.Summary,
+        HistogramProto=summary_pb2.HistogramProto, TensorProto=tensor_pb2.TensorProto,
+        TensorShapeProto=tensor_shape_pb2.TensorShapeProto,
+        crc32c=pywrap_tensorflow.crc32c, masked_crc32c=pywrap_tensorflow.masked_crc32c,
+        crc_table=np.array(pywrap_tensorflow.CRC_TABLE, dtype=np.uint32),
+        hparams=hparams_metadata, HParamsPluginData=plugin_data_pb2.HParamsPluginData,
+        text_metadata=text_metadata.create_summary_metadata("", ""),
+    )
+
+
+# -- TFRecord framing ------------------------------------------------------------------------
+
+
+def _crc32c_block(records: list[bytes], groups: list[tuple[int, list[int]]]) -> Any:
+    """CRC-32C of `records`, given as (length, indices) groups of lengths >= 4, computed one
+    byte position at a time for all records at once. Records are right-aligned in a zero-padded
+    matrix; the register starts at 0 and the usual initial value 0xFFFFFFFF is XORed into each
+    record's first 4 bytes instead (the same thing for a CRC), so leading zeros leave it at 0."""
+    tb = _tb()
+    np = tb.np
+    width = max(length for length, _ in groups)
+    order = [i for _, idx in groups for i in idx]
+    matrix = np.zeros((width, len(order)), np.uint8)  # one contiguous row per byte position
+    col = 0
+    for length, idx in groups:
+        data = b"".join([records[i] for i in idx])
+        block = matrix[width - length:, col:col + len(idx)]
+        block[:] = np.frombuffer(data, np.uint8).reshape(len(idx), length).T
+        block[:4] ^= 0xFF
+        col += len(idx)
+    crc = np.zeros(len(order), np.uint32)
+    table = tb.crc_table
+    for row in matrix:
+        crc = table[(crc ^ row) & 0xFF] ^ (crc >> 8)
+    return order, crc ^ np.uint32(0xFFFFFFFF)
+
+
+def masked_crc32c_many(records: list[bytes]) -> Any:
+    """TFRecord's masked CRC-32C of each record (a uint32 array), equal to TensorBoard's
+    `masked_crc32c`. Lengths are bucketed by powers of two so a long record does not widen the
+    matrix for all; very short and very long records use TensorBoard's helper."""
+    tb = _tb()
+    np = tb.np
+    crc = np.zeros(len(records), np.uint32)
+    by_length: dict[int, list[int]] = {}
+    for i, record in enumerate(records):
+        by_length.setdefault(len(record), []).append(i)
+    buckets: dict[int, list[tuple[int, list[int]]]] = {}
+    for length, idx in by_length.items():
+        if 4 <= length <= VECTOR_CRC_MAX:
+            buckets.setdefault(length.bit_length(), []).append((length, idx))
+        else:
+            for i in idx:
+                crc[i] = tb.crc32c(records[i])
+    for groups in buckets.values():
+        order, values = _crc32c_block(records, groups)
+        crc[order] = values
+    return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)
+
+
+_HEADERS: dict[int, bytes] = {}
+
+
+def _header(length: int) -> bytes:
+    header = _HEADERS.get(length)
+    if header is None:
+        packed = struct.pack("<Q", length)
+        header = _HEADERS[length] = packed + struct.pack("<I", _tb().masked_crc32c(packed))
+    return header
+
+
+def frame(records: list[bytes]) -> bytes:
+    """TFRecord framing of serialized events: length, masked CRC of the length, data, masked
+    CRC of the data. Headers depend on the length only and are cached."""
+    crcs = masked_crc32c_many(records).astype("<u4").tobytes()
+    parts: list[bytes | None] = [None] * (3 * len(records))
+    parts[0::3] = [_HEADERS.get(len(r)) or _header(len(r)) for r in records]
+    parts[1::3] = records
+    parts[2::3] = [crcs[i:i + 4] for i in range(0, len(crcs), 4)]
+    return b"".join(parts)  # type: ignore[arg-type]
+
+
+# -- the exporter ------------------------------------------------------------------------------
+
+
+class TensorBoardExporter(Exporter):
+    name = "tensorboard"
+    kinds = frozenset({"metric", "image", "figure", "text", "param", "histogram"})
+    batch_records = 50_000
+
+    def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
+        super().__init__(savedir, options, notes)
+        logdir = options.get("logdir") or savedir / "tensorboard"
+        self.logdir = Path(logdir).expanduser().resolve()
+
+    @classmethod
+    def cli_options(cls) -> list[click.Option]:
+        return [click.Option(
+            ["--logdir"], type=click.Path(file_okay=False, path_type=Path), default=None,
+            help="TensorBoard log directory (default: SAVEDIR/tensorboard).")]
+
+    def target_key(self, run: RunInfo) -> str:
+        return f"tensorboard:{self.logdir}"
+
+    def run_dir(self, run: RunInfo) -> Path:
+        return self.logdir / experiment_dirname(run.experiment) / run.run_id
+
+    def describe(self, run: RunInfo) -> str:
+        return str(self.run_dir(run))
+
+    def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
+        path = self.run_dir(run) / f"rank-{rank.rank:05d}"
+        if not create and not path.is_dir():
+            return None
+        return TensorBoardSink(run, rank, self.notes, path, create)
+
+
+class TensorBoardSink(RankSink):
+    def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes, path: Path, create: bool):
+        super().__init__(run, rank, notes)
+        self.path = path
+        if create:  # the engine holds the run's lock: temporary files are no one's any more
+            path.mkdir(parents=True, exist_ok=True)
+            for name in os.listdir(path):
+                if name.startswith(TMP_PREFIX):
+                    os.unlink(path / name)
+        self._cursor = self.cursor()
+        self._scalars: dict[str, tuple[Any, Any]] = {}
+
+    def cursor(self) -> int:
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return 0
+        return max((int(m.group(2)) for m in map(EVENTS_RE.match, names) if m), default=0)
+
+    def export(self, batch: pa.Table, cursor: int) -> None:
+        first = self._cursor + 1
+        if batch.num_rows:
+            seqs = pc.min_max(batch["seq"])
+            low, high = seqs["min"].as_py(), seqs["max"].as_py()
+            if low < first or high > cursor:
+                raise ExportError(f"{self.path}: records {low}..{high} are not within the "
+                                  f"range ({self._cursor}, {cursor}] being exported")
+        if cursor <= self._cursor:
+            if batch.num_rows or cursor < self._cursor:
+                raise ExportError(f"{self.path}: cursor {cursor} does not advance past "
+                                  f"{self._cursor}")
+            return
+        events, params = self._encode(batch)
+        start = batch["time"][0].as_py() if batch.num_rows else self._session_start()
+        body = frame([self._file_version(start), *events])
+        if params:
+            self._merge_hparams(params)
+        self._write(events_name(first, cursor), body)
+        self._cursor = cursor
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _encode(self, batch: pa.Table) -> tuple[list[bytes], dict[str, tuple[float, str]]]:
+        """Serialized events in seq order, and the batch's params (name -> (time, JSON))."""
+        out: list[bytes] = []
+        params: dict[str, tuple[float, str]] = {}
+        scalars = self._scalars
+        columns = [batch[c].to_pylist() for c in _COLUMNS]
+        for seq, t, kind, name, step, value, text, blob, meta in zip(*columns):
+            if kind == "param":
+                params[name] = (t, text)
+                continue
+            if step is None:
+                step = self._implicit_step(kind, seq, meta)
+            if kind == "metric":
+                proto = scalars.get(name)
+                if proto is None:
+                    proto = scalars[name] = self._scalar_proto(name)
+                event, slot = proto
+                event.wall_time = t
+                event.step = step
+                slot.simple_value = value
+                out.append(event.SerializeToString())
+            else:
+                value_pb = self._summary_value(kind, name, text, blob, meta)
+                if value_pb is not None:
+                    event = _tb().Event(wall_time=t, step=step)
+                    event.summary.value.append(value_pb)
+                    out.append(event.SerializeToString())
+        return out, params
+
+    def _implicit_step(self, kind: str, seq: int, meta: str | None) -> int:
+        """The step of a record logged without one (see the module docstring)."""
+        call = json.loads(meta).get("call") if kind == "histogram" and meta else None
+        if isinstance(call, int):
+            self.notes.add("tensorboard: watch histograms are written at step = the forward "
+                           "call they were taken at")
+            return call
+        self.notes.add("tensorboard: records logged without a step are written at step = "
+                       "their journal seq")
+        return seq
+
+    @staticmethod
+    def _scalar_proto(name: str) -> tuple[Any, Any]:
+        event = _tb().Event()
+        return event, event.summary.value.add(tag=name)
+
+    def _summary_value(self, kind: str, name: str, text: str | None, blob: str | None,
+                       meta: str | None) -> Any:
+        tb = _tb()
+        if kind == "text":
+            data = text.encode() if text is not None else self._blob(blob, name)
+            tensor = tb.TensorProto(dtype="DT_STRING", string_val=[data],
+                                    tensor_shape=tb.TensorShapeProto())
+            return tb.Summary.Value(tag=name, metadata=tb.text_metadata, tensor=tensor)
+        if kind == "histogram":
+            return self._histogram(name, text)
+        png = self._blob(blob, name)
+        if not png.startswith(PNG_SIGNATURE):
+            kind_of = (json.loads(meta) if meta else {}).get("figure") or "non-PNG"
+            self.notes.add(f"tensorboard: {kind} {name!r} is a {kind_of} {kind}, which "
+                           "TensorBoard cannot show; skipped")
+            return None
+        width, height = struct.unpack(">II", png[16:24])
+        image = tb.Summary.Image(height=height, width=width,
+                                 colorspace=PNG_COLORSPACE.get(png[25], 3),
+                                 encoded_image_string=png)
+        return tb.Summary.Value(tag=name, image=image)
+
+    def _histogram(self, name: str, text: str | None) -> Any:
+        """A HistogramProto from the watch capture's JSON. A histogram without finite values
+        (bins and counts null) is written empty, which TensorBoard shows as such."""
+        try:
+            h = json.loads(text or "")
+            bins, counts = h.get("bins") or [], h.get("counts") or []
+            if len(bins) != len(counts) + (1 if counts else 0):
+                raise ValueError(f"{len(bins)} bin edges for {len(counts)} counts")
+            histo = _tb().HistogramProto(
+                min=h.get("min") or 0.0, max=h.get("max") or 0.0, num=h.get("num") or 0,
+                sum=h.get("sum") or 0.0, sum_squares=h.get("sum_squares") or 0.0,
+                bucket_limit=bins[1:], bucket=counts)
+        except (ValueError, TypeError, AttributeError) as e:
+            self.notes.add(f"tensorboard: histogram {name!r} is malformed ({e}); skipped")
+            return None
+        return _tb().Summary.Value(tag=name, histo=histo)
+
+    def _blob(self, sha: str | None, name: str) -> bytes:
+        try:
+            return self.blobs.read(sha or "")
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise ExportError(f"{self.rank.path}: record {name!r} refers to blob {sha!r}, "
+                              "which is missing from the journal") from e
+
+    def _file_version(self, wall_time: float) -> bytes:
+        return _tb().Event(wall_time=wall_time, file_version=FILE_VERSION).SerializeToString()
+
+    def _session_start(self) -> float:
+        sessions = self.rank.manifest.get("sessions") or [{}]
+        return float(sessions[0].get("start") or time.time())
+
+    # -- hyperparameters ----------------------------------------------------------------------
+
+    def _merge_hparams(self, params: dict[str, tuple[float, str]]) -> None:
+        """Merge `params` into the rank's hparams file (see the module docstring)."""
+        tb = _tb()
+        data = self._read_hparams()
+        info = data.session_start_info
+        if not info.start_time_secs:
+            info.start_time_secs = min(self._session_start(), *(t for t, _ in params.values()))
+        for name, (_, text) in params.items():
+            value = json.loads(text) if text is not None else None
+            slot = info.hparams[name]
+            if isinstance(value, bool):
+                slot.bool_value = value
+            elif isinstance(value, (int, float)):
+                slot.number_value = value
+            elif isinstance(value, str):
+                slot.string_value = value
+            else:  # lists, dicts, null: their JSON text, as TensorBoard shows only scalars
+                slot.string_value = text or "null"
+        event = tb.Event(wall_time=info.start_time_secs, step=0)
+        event.summary.value.add(tag=tb.hparams.SESSION_START_INFO_TAG,
+                                metadata=tb.hparams.create_summary_metadata(data),
+                                tensor=tb.hparams.NULL_TENSOR)
+        self._write(HPARAMS_FILE, frame([self._file_version(info.start_time_secs),
+                                         event.SerializeToString()]))
+
+    def _read_hparams(self) -> Any:
+        tb = _tb()
+        data = tb.HParamsPluginData()
+        path = self.path / HPARAMS_FILE
+        if not path.exists():
+            return data
+        from tensorboard.backend.event_processing.event_file_loader import (
+            LegacyEventFileLoader,
+        )
+
+        for event in LegacyEventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == tb.hparams.SESSION_START_INFO_TAG:
+                    data.ParseFromString(value.metadata.plugin_data.content)
+        return data
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _write(self, name: str, body: bytes) -> None:
+        """Write `body` as `name` in the rank directory: temporary file, fsync, rename."""
+        tmp = self.path / f"{TMP_PREFIX}{name.replace('tfevents', 'part')}.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        fsync_dir(self.path)

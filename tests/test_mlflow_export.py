@@ -1,0 +1,367 @@
+"""End to end: journals replayed into MLflow, against the embedded sqlite store and against a
+real `mlflow server` over HTTP, with exact values, steps and timestamps, and exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import child_env
+from itwinai_sync.cli import main
+from itwinai_sync.mlflow import mlflow_key
+from mlflow_server import MlflowServer, hermetic_mlflow_env
+
+from itwinai_journal import Journal
+from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, TensorBoardLogger
+
+os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
+mlflow = pytest.importorskip("mlflow")
+MlflowClient = mlflow.MlflowClient
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as srv:
+        yield srv
+
+
+def sync(savedir: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow", *args],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def write_journal(savedir: Path, n: int = 300, run_id: str = "r1", ranks=(0,), close=True,
+                  **kwargs) -> list[MLFlowLogger]:
+    loggers = []
+    for rank in ranks:
+        lg = MLFlowLogger(savedir=savedir, experiment_name="exp", run_name="my run",
+                          run_description="testing", log_freq="batch", log_on_workers=-1,
+                          run_id=run_id, **kwargs)
+        lg.create_logger_context(rank=rank)
+        lg.save_hyperparameters({"lr": 0.001, "layers": [8, 4], "opt": "adam"})
+        for i in range(n):
+            lg.log(1.0 / (i + 1) + rank, "loss", step=i, batch_idx=i)
+            if i % 10 == 0:
+                lg.log(float(i), "val/acc", step=i)
+        if close:
+            lg.destroy_logger_context()
+        loggers.append(lg)
+    return loggers
+
+
+def runs_by_role(client, experiment="exp"):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    out: dict = {}
+    for r in runs:
+        out.setdefault((r.data.tags.get("itwinai.role"), r.data.tags.get("itwinai.rank")),
+                       []).append(r)
+    return out
+
+
+def assert_histories_equal_journal(client, savedir, run_id="r1", experiment="exp"):
+    """Every metric of every rank in MLflow exactly as in the journal: values, steps, ms
+    timestamps, in order, and nothing more."""
+    journal = Journal(savedir).metrics(run_id=run_id).to_pylist()
+    children = {int(r.data.tags["itwinai.rank"]): r
+                for (role, _), rs in runs_by_role(client, experiment).items() if role == "child"
+                for r in rs if r.data.tags["itwinai.run"] == f"{experiment}/{run_id}"}
+    expected: dict = {}
+    for m in journal:
+        expected.setdefault((m["rank"], m["name"]), []).append(
+            (m["step"] or 0, int(round(m["time"] * 1000)), m["value"]))
+    seen = set()
+    for (rank, name), points in expected.items():
+        history = client.get_metric_history(children[rank].info.run_id, mlflow_key(name))
+        got = sorted((h.step, h.timestamp, h.value) for h in history)
+        assert got == sorted(points), f"rank {rank} {name}"
+        seen.add((rank, mlflow_key(name)))
+    for rank, child in children.items():
+        keys = {(rank, k) for k in child.data.metrics}
+        assert keys <= seen
+
+
+def test_every_kind_arrives_in_the_embedded_store(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    savedir = tmp_path / "mllogs"
+    lg = MLFlowLogger(savedir=savedir, experiment_name="exp", run_name="kinds",
+                      run_description="all kinds", run_id="r1")
+    lg.create_logger_context()
+    lg.save_hyperparameters({"lr": 0.5, "batch": 32})
+    lg.log(0.25, "loss", step=7)
+    lg.log("some notes", "notes/readme.txt", kind="text")
+    lg.log({"a": 1, "b": [1, 2]}, "config", kind="dict")
+    fig = plt.figure(figsize=(2, 2))
+    plt.plot([1, 2, 3])
+    lg.log(fig, "plots/curve.png", kind="figure")
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    lg.log(pixels, "img/grid", kind="image")
+    src = tmp_path / "ckpt.bin"
+    src.write_bytes(b"checkpoint" * 10)
+    lg.log(str(src), "checkpoints", kind="artifact")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("A")
+    (tree / "sub" / "b.txt").write_text("B")
+    lg.log(str(tree), "dirs", kind="artifact")
+    lg.log(torch.arange(4), "tensors/t", kind="torch")
+    model = torch.nn.Linear(3, 2)
+    lg.log(model, "model", kind="model")
+    lg.log(pd.DataFrame({"x": [1, 2], "y": [0.5, 1.5]}), "train_df", kind="dataset")
+    lg.destroy_logger_context()
+
+    out = sync(savedir)
+    assert "exported" in out and "FAILED" not in out
+    client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    roles = runs_by_role(client)
+    (parent,) = roles[("parent", None)]
+    (child,) = roles[("child", "0")]
+    assert parent.info.run_name == "kinds"
+    assert parent.data.tags["mlflow.note.content"] == "all kinds"
+    assert parent.data.tags["itwinai.host"]
+    assert child.info.run_name == "worker_0"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["itwinai.main"] == "true"
+    assert child.data.params == {"lr": "0.5", "batch": "32"}
+    rec = Journal(savedir).metrics().to_pylist()[0]
+    (point,) = client.get_metric_history(child.info.run_id, "loss")
+    assert (point.value, point.step, point.timestamp) == (0.25, 7, int(round(rec["time"] * 1000)))
+
+    rid = child.info.run_id
+    dl = Path(client.download_artifacts(rid, "", str(tmp_path / "dl")))
+    assert (dl / "notes" / "readme.txt").read_text() == "some notes"
+    assert json.loads((dl / "config.json").read_text()) == {"a": 1, "b": [1, 2]}
+    with Image.open(dl / "plots" / "curve.png") as im:
+        assert im.size == (200, 200)
+    with Image.open(dl / "img" / "grid.png") as im:
+        assert np.array_equal(np.asarray(im), pixels)
+    assert (dl / "checkpoints" / "ckpt.bin").read_bytes() == b"checkpoint" * 10
+    assert (dl / "dirs" / "tree" / "a.txt").read_text() == "A"
+    assert (dl / "dirs" / "tree" / "sub" / "b.txt").read_text() == "B"
+    assert torch.equal(torch.load(dl / "tensors" / "t" / "object.pt"), torch.arange(4))
+    models = client.search_logged_models([child.info.experiment_id])
+    assert [(m.name, str(m.status), m.source_run_id) for m in models] == [("model", "READY", rid)]
+    mlflow.set_tracking_uri(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert torch.equal(loaded.weight, model.weight)
+    (inp,) = client.get_run(rid).inputs.dataset_inputs
+    assert inp.dataset.name == "train_df"
+    assert json.loads(inp.dataset.schema) == {"x": "int64", "y": "float64"}
+
+    # a second sync exports nothing and changes nothing
+    before = _snapshot(client, savedir)
+    out = sync(savedir)
+    assert "up-to-date" in out and "exported 0 records" in out
+    assert _snapshot(client, savedir) == before
+
+
+def _snapshot(client, savedir):
+    roles = runs_by_role(client)
+    snap = {}
+    for key, runs in roles.items():
+        for r in runs:
+            rid = r.info.run_id
+            hist = {k: sorted((h.step, h.timestamp, h.value)
+                              for h in client.get_metric_history(rid, k)) for k in r.data.metrics}
+            arts = sorted(a.path for a in client.list_artifacts(rid))
+            snap[(key, rid)] = (hist, dict(r.data.params), arts,
+                                len(client.get_run(rid).inputs.dataset_inputs))
+    models = client.search_logged_models([client.get_experiment_by_name("exp").experiment_id])
+    return snap, len(models)
+
+
+def test_server_over_http_two_ranks_resync_changes_nothing(tmp_path, server):
+    savedir = tmp_path / "mllogs"
+    write_journal(savedir, n=500, ranks=(0, 1), run_id="http")
+    out = sync(savedir, "--tracking-uri", server.uri)
+    assert "exported 1106 records" in out  # 2 x (3 params + 500 loss + 50 val/acc)
+    client = MlflowClient(server.uri)
+    roles = runs_by_role(client)
+    mine = {k: [r for r in v if r.data.tags["itwinai.run"] == "exp/http"]
+            for k, v in roles.items()}
+    assert len(mine[("parent", None)]) == 1
+    assert len(mine[("child", "0")]) == 1 and len(mine[("child", "1")]) == 1
+    assert_histories_equal_journal(client, savedir, run_id="http")
+    before = _snapshot(client, savedir)
+    sync(savedir, "--tracking-uri", server.uri)
+    assert _snapshot(client, savedir) == before
+
+
+def test_a_run_still_being_written_is_synced_in_parts(tmp_path, server):
+    savedir = tmp_path / "mllogs"
+    (lg,) = write_journal(savedir, n=100, run_id="live", close=False)
+    lg._writer.flush()
+    uri = ["--tracking-uri", server.uri]
+    sync(savedir, *uri)
+    client = MlflowClient(server.uri)
+    (child,) = [r for r in runs_by_role(client)[("child", "0")]
+                if r.data.tags["itwinai.run"] == "exp/live"]
+    assert len(client.get_metric_history(child.info.run_id, "loss")) == 100
+    for i in range(100, 250):
+        lg.log(float(i), "loss", step=i, batch_idx=i)
+    lg.destroy_logger_context()
+    out = sync(savedir, *uri)
+    assert "exported 150 records (150 metric)" in out
+    history = client.get_metric_history(child.info.run_id, "loss")
+    assert sorted(h.step for h in history) == list(range(250))
+    assert_histories_equal_journal(client, savedir, run_id="live")
+
+
+def _sync_process(savedir: Path, uri: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "itwinai_sync.cli", str(savedir), "--to", "mlflow",
+         "--tracking-uri", uri],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=hermetic_mlflow_env(child_env()), start_new_session=True)
+
+
+def _cursor(client, run_key: str) -> int:
+    exp = client.get_experiment_by_name("exp")
+    if exp is None:
+        return 0
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("itwinai.run") == run_key and r.data.tags.get("itwinai.rank")]
+    return int(runs[0].data.tags.get("itwinai.cursor", 0)) if runs else 0
+
+
+def test_sigkill_mid_sync_then_rerun_is_exact(tmp_path, server):
+    savedir = tmp_path / "mllogs"
+    write_journal(savedir, n=24_000, run_id="killed")  # 24 000 + 2 400 points, 3 params
+    total = Journal(savedir).runs()[0].records
+    client = MlflowClient(server.uri)
+    cursors = []
+    for delay in (4.0, 6.0, 8.0):
+        proc = _sync_process(savedir, server.uri)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        cursors.append(_cursor(client, "exp/killed"))
+    assert any(0 < c < total for c in cursors), cursors  # killed mid-way at least once
+    proc = _sync_process(savedir, server.uri)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert _cursor(client, "exp/killed") == total
+    assert_histories_equal_journal(client, savedir, run_id="killed")
+
+
+def test_two_syncs_at_once_leave_no_duplicates(tmp_path, server):
+    savedir = tmp_path / "mllogs"
+    write_journal(savedir, n=3000, run_id="twin")
+    procs = [_sync_process(savedir, server.uri) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert any("busy" in o or "synced" in o for o, _ in outs)
+    client = MlflowClient(server.uri)
+    assert len([r for r in runs_by_role(client)[("parent", None)]
+                if r.data.tags["itwinai.run"] == "exp/twin"]) == 1
+    assert_histories_equal_journal(client, savedir, run_id="twin")
+
+
+def test_dry_run_run_filter_and_ranks_0(tmp_path):
+    savedir = tmp_path / "mllogs"
+    write_journal(savedir, n=20, run_id="a", ranks=(0, 1))
+    write_journal(savedir, n=10, run_id="b")
+    out = sync(savedir, "--dry-run")
+    assert "would export" in out and "exp/a" in out and "exp/b" in out
+    assert not (savedir / "mlflow.db").exists() or not runs_by_role(
+        MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db"))
+    out = sync(savedir, "--run", "b", "--ranks", "0")
+    assert "exp/b" in out and "exp/a" not in out
+    client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    roles = runs_by_role(client)
+    assert set(roles) == {("flat", "0")}
+    (flat,) = roles[("flat", "0")]
+    assert flat.info.run_name == "my run"
+    assert len(client.get_metric_history(flat.info.run_id, "loss")) == 10
+
+
+def test_a_broken_run_is_reported_and_the_others_synced(tmp_path):
+    savedir = tmp_path / "mllogs"
+    write_journal(savedir, n=50, run_id="good")
+    write_journal(savedir, n=50, run_id="bad")
+    seg = next((savedir / "exp" / "bad" / "rank-00000" / "segments").glob("*.parquet"))
+    seg.write_bytes(b"PAR1 this is not parquet")
+    result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow"])
+    assert result.exit_code == 1
+    assert "FAILED" in result.output and "exp/bad" in result.output
+    assert "Traceback" not in result.output
+    client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    good = [r for r in runs_by_role(client)[("child", "0")]
+            if r.data.tags["itwinai.run"] == "exp/good"]
+    assert len(client.get_metric_history(good[0].info.run_id, "loss")) == 50
+
+
+def test_rejected_names_are_mapped_and_reported(tmp_path):
+    savedir = tmp_path / "mllogs"
+    lg = MLFlowLogger(savedir=savedir, experiment_name="exp", run_id="r1")
+    lg.create_logger_context()
+    long_name = "x" * 300
+    lg.log(1.0, "acc@top1", step=0)
+    lg.log(2.0, long_name, step=0)
+    lg.log(3.0, "../escape", step=0)
+    lg.destroy_logger_context()
+    out = sync(savedir)
+    assert "'acc@top1' is stored as 'acc_top1'" in out
+    client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    (child,) = runs_by_role(client)[("child", "0")]
+    keys = set(child.data.metrics)
+    assert keys == {"acc_top1", mlflow_key(long_name), "__/escape"}
+    assert len(mlflow_key(long_name)) <= 250
+    assert mlflow_key(long_name) != mlflow_key("x" * 299)
+
+
+def test_collection_routes_records_only_to_loggers_that_accepted_them(tmp_path):
+    savedir = tmp_path / "mllogs"
+    coll = LoggersCollection([
+        MLFlowLogger(savedir=savedir, experiment_name="exp", log_freq=2, run_id="r1"),
+        TensorBoardLogger(savedir=savedir, log_freq="batch"),
+    ])
+    coll.create_logger_context()
+    for i in range(10):
+        coll.log(float(i), "loss", step=i, batch_idx=i)
+    coll.destroy_logger_context()
+    out = sync(savedir)
+    assert "not for this target: 5 metric" in out
+    client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    (child,) = runs_by_role(client)[("child", "0")]
+    steps = sorted(h.step for h in client.get_metric_history(child.info.run_id, "loss"))
+    assert steps == [0, 2, 4, 6, 8]
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    from itwinai_sync.exporter import Notes
+    from itwinai_sync.mlflow import MlflowExporter
+
+    from itwinai_journal import Journal as J
+
+    savedir = tmp_path / "mllogs"
+    write_journal(savedir, n=1, run_id="declared", tracking_uri="sqlite:///declared.db")
+    write_journal(savedir, n=1, run_id="plain")
+    runs = {r.run_id: r for r in J(savedir).runs()}
+    default = f"sqlite:///{savedir.resolve()}/mlflow.db"
+    exp = MlflowExporter(savedir, {}, Notes())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert exp.tracking_uri(runs["plain"]) == default
+    assert exp.tracking_uri(runs["declared"]) == "sqlite:///declared.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert exp.tracking_uri(runs["plain"]) == "sqlite:///env.db"
+    assert exp.tracking_uri(runs["declared"]) == "sqlite:///declared.db"
+    cli = MlflowExporter(savedir, {"tracking_uri": "sqlite:///cli.db"}, Notes())
+    assert cli.tracking_uri(runs["declared"]) == "sqlite:///cli.db"

@@ -1,0 +1,337 @@
+"""`itwinai-sync --to wandb`, offline: real loggers write journals in tmp_path, the CLI exports
+them, and the `.wandb` transaction logs W&B wrote are decoded with W&B's own protobuf
+definitions (tests/wandb_records.py) to check exactly what `wandb sync` would upload.
+
+Never online: WANDB_MODE=offline and every W&B directory points into tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import wandb_records as wr
+from click.testing import CliRunner
+from conftest import spawn
+from itwinai_sync.cli import main
+from itwinai_sync.wandb import committed_state, wandb_run_id
+
+from itwinai_journal import Journal
+from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
+
+_RUN_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
+            "WORLD_SIZE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline and silent, its directories in tmp_path; no run identity from outside."""
+    for var in _RUN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        path = tmp_path / "wandb-env" / var.lower()
+        path.mkdir(parents=True)
+        monkeypatch.setenv(var, str(path))
+
+
+def sync(savedir: Path, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(main, [str(savedir), "--to", "wandb", *args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result.output
+
+
+def wandb_files(savedir: Path, wb_id: str) -> list[Path]:
+    return wr.find_run_files(savedir / "wandb", run_id=wb_id)
+
+
+def history(files: list[Path]) -> list[dict]:
+    return [row for f in files for row in wr.history_rows(wr.read_records(f))]
+
+
+def points(rows: list[dict], *skip: str) -> Counter:
+    """(step, key) occurrences of user values in history rows."""
+    return Counter((row["_step"], k) for row in rows for k in row
+                   if not k.startswith("_") and k not in skip)
+
+
+def journal(savedir: Path) -> list[dict]:
+    return Journal(savedir).records().to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_export_history_config_media_artifacts(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    savedir = tmp_path / "mllogs"
+    mlf = MLFlowLogger(savedir=savedir, experiment_name="mlexp", log_freq="batch")
+    wbl = WandBLogger(savedir=savedir, project_name="wbproj", log_freq="batch")
+    loggers = LoggersCollection([mlf, wbl])
+    loggers.create_logger_context()
+    loggers.save_hyperparameters({"lr": 0.01, "layers": [64, 32], "optim": "adam"})
+    for step in range(5):
+        loggers.log(1.0 / (step + 1), "loss", step=step)
+        loggers.log(0.1 * step, "acc", step=step)
+    loggers.log(np.full((8, 6, 3), 200, dtype=np.uint8), "sample", kind="image", step=4)
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    loggers.log(fig, "curve", kind="figure", step=4)
+    plt.close(fig)
+    loggers.log(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), "interactive", kind="figure",
+                step=4)
+    loggers.log("epoch <5> done", "status", kind="text", step=4)
+    loggers.log({"a": 1, "b": {"c": [1, 2]}}, "report", kind="dict", step=4)
+    loggers.log(torch.nn.Linear(2, 2).state_dict(), "weights", kind="torch")
+    run_id = loggers.run_id
+    loggers.destroy_logger_context()
+
+    out = sync(savedir)
+    assert "exported" in out
+    wb_id = wandb_run_id("mlexp", run_id, 0)
+    files = wandb_files(savedir, wb_id)
+    assert len(files) == 1 and files[0].parent.parent == savedir / "wandb"
+    records = wr.read_records(files[0])
+    run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run_rec.project, run_rec.run_group, run_rec.display_name) == (
+        "wbproj", run_id, f"{run_id}-rank0")
+
+    recs = journal(savedir)
+    rows = history(files)
+    assert [r["_step"] for r in rows] == [0, 1, 2, 3, 4]
+    for row in rows:
+        step = row["_step"]
+        assert row["loss"] == 1.0 / (step + 1) and row["acc"] == 0.1 * step
+        times = [r["time"] for r in recs if r["step"] == step]
+        assert row["_timestamp"] == max(times)
+    last = rows[-1]
+    assert last["sample"]["_type"] == "image-file"
+    assert (last["sample"]["width"], last["sample"]["height"]) == (6, 8)
+    assert last["curve"]["_type"] == "image-file"
+    assert last["interactive"]["_type"] == "plotly-file"
+    assert last["status"]["_type"] == "html-file"
+    assert last["report"]["_type"] == "table-file"
+    run_dir = files[0].parent / "files"
+    html = (run_dir / last["status"]["path"]).read_text()
+    assert "epoch &lt;5&gt; done" in html
+
+    config = wr.config(records)
+    assert {k: config[k] for k in ("lr", "layers", "optim")} == {
+        "lr": 0.01, "layers": [64, 32], "optim": "adam"}
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    torch_art = next(a for a in artifacts if a.name == "weights")
+    assert torch_art.type == "torch"
+    (entry,) = torch_art.manifest.contents
+    weights = next(r for r in recs if r["name"] == "weights")
+    assert Path(entry.local_path).name == weights["blob"]  # the blob itself, not a copy
+    assert wr.summary(records)["_itwinai_seq"] == max(r["seq"] for r in recs)
+
+    # Nothing new: no new W&B run directory, nothing exported.
+    assert "up-to-date" in sync(savedir)
+    assert wandb_files(savedir, wb_id) == files
+
+
+def _log_steps(savedir: Path, run_id: str, steps: range) -> None:
+    logger = WandBLogger(savedir=savedir, project_name="resync", run_id=run_id)
+    logger.create_logger_context()
+    for step in steps:
+        logger.log(float(step), "loss", step=step)
+        logger.log(step * 2.0, "lr", step=step)
+    logger.destroy_logger_context()
+
+
+def test_resync_appends_only_new_records_to_the_same_run(tmp_path):
+    savedir = tmp_path / "mllogs"
+    _log_steps(savedir, "job1", range(0, 10))
+    sync(savedir)
+    _log_steps(savedir, "job1", range(10, 25))  # the job resumed: a new session, seq goes on
+    sync(savedir)
+    sync(savedir)
+
+    wb_id = wandb_run_id("resync", "job1", 0)
+    files = wandb_files(savedir, wb_id)
+    assert len(files) == 2  # W&B offline writes one directory per process; same run id
+    rows = history(files)
+    counts = points(rows)
+    assert sum(counts.values()) == len(journal(savedir)) == 50
+    assert set(counts.values()) == {1}
+    assert [r["_step"] for r in rows] == list(range(25))
+    assert [r["_step"] for r in history(files[1:])] == list(range(10, 25))
+    assert all(r["loss"] == r["_step"] and r["lr"] == 2 * r["_step"] for r in rows)
+    assert committed_state(savedir / "wandb", wb_id, "resync") == (50, 24)
+
+
+def _log_with_regressions(savedir: Path) -> str:
+    logger = WandBLogger(savedir=savedir, project_name="reg", run_id="job")
+    logger.create_logger_context()
+    for step in range(6):
+        logger.log(float(step), "loss", step=step)
+    logger.log(99.0, "loss", step=5)  # twice at the step being written
+    logger.log(33.0, "loss", step=3)  # below the last step
+    logger.log(6.0, "loss", step=6)
+    logger.destroy_logger_context()
+    return "job"
+
+
+def test_step_regression_is_dropped_and_reported(tmp_path):
+    savedir = tmp_path / "mllogs"
+    _log_with_regressions(savedir)
+    out = sync(savedir)
+    assert "2 record(s) of reg/job rank 0 dropped" in out
+    rows = history(wandb_files(savedir, wandb_run_id("reg", "job", 0)))
+    assert [(r["_step"], r["loss"]) for r in rows] == [(s, float(s)) for s in range(7)]
+    # The drops are committed: a second sync neither repeats nor re-reports them.
+    assert "dropped" not in sync(savedir)
+
+
+def test_step_regression_fails_when_asked(tmp_path):
+    savedir = tmp_path / "mllogs"
+    _log_with_regressions(savedir)
+    out = sync(savedir, "--on-step-regression", "fail", code=1)
+    assert "FAILED" in out and "step regression" in out
+    assert "'loss' at step 5 (seq 7)" in out and "reg/job rank 0" in out
+    # Everything before the regression is written and committed, nothing after it.
+    rows = history(wandb_files(savedir, wandb_run_id("reg", "job", 0)))
+    assert [r["_step"] for r in rows] == list(range(6))
+
+
+def test_watch_records_histograms_and_they_reach_wandb(tmp_path):
+    savedir = tmp_path / "mllogs"
+    logger = WandBLogger(savedir=savedir, project_name="watch", run_id="w", log_freq="batch")
+    logger.create_logger_context()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    logger.log(model, "model", kind="watch", log="all", log_freq=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        logger.log(loss.item(), "loss", step=step)
+    logger.destroy_logger_context()
+
+    recs = journal(savedir)
+    (topo,) = [r for r in recs if r["kind"] == "watch"]
+    modules = json.loads(topo["text"])["modules"]
+    assert modules[0]["class"] == "Linear"
+    assert modules[0]["parameters"] == {"weight": [3, 4], "bias": [3]}
+    hists = [r for r in recs if r["kind"] == "histogram"]
+    numel = {"weight": 12, "bias": 3}
+    by_name: dict[str, list[dict]] = {}
+    for r in hists:
+        by_name.setdefault(r["name"], []).append(r)
+        h = json.loads(r["text"])
+        assert len(h["bins"]) == 65 and len(h["counts"]) == 64
+        assert sum(h["counts"]) == h["num"] == numel[r["name"].split("/")[1]]
+        assert h["min"] >= h["bins"][0] and h["max"] <= h["bins"][-1]
+        assert r["step"] is None and r["batch_idx"] is None and r["value"] is None
+        assert json.loads(r["meta"])["source"] == "watch"
+    assert sorted(by_name) == ["gradients/bias", "gradients/weight", "parameters/bias",
+                               "parameters/weight"]
+    for name, found in by_name.items():
+        assert [json.loads(r["meta"])["call"] for r in found] == [1, 2, 3], name
+    # The gradient histogram is the gradient backward left in .grad (the last one here).
+    last_grad = json.loads(by_name["gradients/bias"][-1]["text"])
+    assert last_grad["sum"] == pytest.approx(float(model.bias.grad.sum()), rel=1e-5)
+
+    print(sync(savedir))
+    files = wandb_files(savedir, wandb_run_id("watch", "w", 0))
+    rows = history(files)
+    assert [r["_step"] for r in rows] == [0, 1, 2]
+    for name, found in by_name.items():
+        got = [r[name] for r in rows if name in r]
+        assert [g["_type"] for g in got] == ["histogram"] * 3
+        want = [json.loads(r["text"]) for r in found]
+        assert [g["values"] for g in got] == [w["counts"] for w in want]
+        for g, w in zip(got, want):
+            assert g["bins"] == pytest.approx(w["bins"])
+    summary = wr.summary(wr.read_records(files[0]))
+    assert summary["graph_model"]["_type"] == "graph-file"
+
+
+def test_watch_hooks_stop_with_the_logger(tmp_path):
+    logger = WandBLogger(savedir=tmp_path / "mllogs", project_name="w", run_id="x")
+    logger.create_logger_context()
+    model = torch.nn.Linear(2, 1)
+    logger.log(model, "model", kind="watch", log="parameters", log_freq=2)
+    for _ in range(4):
+        model(torch.zeros(1, 2))
+    logger.destroy_logger_context()
+    model(torch.zeros(1, 2))  # after close: no record, and the hooks are removed
+    assert not model._forward_hooks
+    recs = journal(tmp_path / "mllogs")
+    assert [json.loads(r["meta"])["call"] for r in recs if r["kind"] == "histogram"] == [
+        2, 2, 4, 4]
+
+
+def test_watch_rejects_what_wandb_watch_rejects(tmp_path):
+    logger = WandBLogger(savedir=tmp_path / "mllogs", project_name="w", run_id="x")
+    logger.create_logger_context()
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="log must be one of"):
+        logger.log(model, "model", kind="watch", log="weights")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        logger.log(model, "model", kind="watch", every=3)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        logger.log([1, 2], "model", kind="watch")
+    logger.destroy_logger_context()
+    assert journal(tmp_path / "mllogs") == []
+
+
+def test_killed_export_resumes_exactly_once(tmp_path):
+    savedir = tmp_path / "mllogs"
+    steps, names = 4000, ("loss", "acc")
+    logger = WandBLogger(savedir=savedir, project_name="kill", run_id="k")
+    logger.create_logger_context()
+    for step in range(steps):
+        for i, name in enumerate(names):
+            logger.log(step + i / 10, name, step=step)
+    logger.destroy_logger_context()
+    wb_id = wandb_run_id("kill", "k", 0)
+
+    # wandb-core flushes its transaction log every 15 s by default; 0.2 s here so that the
+    # kill lands after some rows are on disk and before all of them are.
+    env = {k: os.environ[k] for k in os.environ if k.startswith("WANDB_") or k == "NETRC"}
+    proc = spawn(f"""
+        from itwinai_sync.cli import main
+        main([{str(savedir)!r}, "--to", "wandb"])
+    """, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL="0.2", **env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            cursor, _ = committed_state(savedir / "wandb", wb_id, "kill")
+            if cursor > steps // 4:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the export ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group: the child and its wandb-core
+        proc.wait()
+    killed_at, _ = committed_state(savedir / "wandb", wb_id, "kill")
+    assert 0 < killed_at < steps * len(names)
+
+    out = sync(savedir)
+    assert "exported" in out
+    files = wandb_files(savedir, wb_id)
+    assert len(files) == 2
+    rows = history(files)
+    counts = points(rows)
+    assert len(counts) == steps * len(names) and set(counts.values()) == {1}
+    for row in rows:
+        assert row["loss"] == row["_step"] and row["acc"] == row["_step"] + 0.1
+    assert committed_state(savedir / "wandb", wb_id, "kill")[0] == steps * len(names)
