@@ -10,21 +10,33 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import pandas  # noqa: F401 - see below
+import plotly.graph_objects as go
 import pytest
 import torch
 import wandb_records as wr
 from click.testing import CliRunner
-from conftest import spawn
+from conftest import child_env
+from itwinai_sync import wandb as wandb_exporter
 from itwinai_sync.cli import main
 from itwinai_sync.wandb import committed_state, wandb_run_id
 
 from itwinai_journal import Journal
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
+
+# pandas is imported here, not first by plotly inside a test: the journal writer imports it
+# in a background thread (pyarrow warm-up) and plotly's lazy `sys.modules` lookup can then see
+# a partially initialised pandas (AttributeError: ... has no attribute 'Series').
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 _RUN_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
             "WORLD_SIZE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID")
@@ -72,12 +84,6 @@ def journal(savedir: Path) -> list[dict]:
 
 
 def test_export_history_config_media_artifacts(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
-
     savedir = tmp_path / "mllogs"
     mlf = MLFlowLogger(savedir=savedir, experiment_name="mlexp", log_freq="batch")
     wbl = WandBLogger(savedir=savedir, project_name="wbproj", log_freq="batch")
@@ -249,7 +255,7 @@ def test_watch_records_histograms_and_they_reach_wandb(tmp_path):
     last_grad = json.loads(by_name["gradients/bias"][-1]["text"])
     assert last_grad["sum"] == pytest.approx(float(model.bias.grad.sum()), rel=1e-5)
 
-    print(sync(savedir))
+    sync(savedir)
     files = wandb_files(savedir, wandb_run_id("watch", "w", 0))
     rows = history(files)
     assert [r["_step"] for r in rows] == [0, 1, 2]
@@ -293,7 +299,7 @@ def test_watch_rejects_what_wandb_watch_rejects(tmp_path):
     assert journal(tmp_path / "mllogs") == []
 
 
-def test_killed_export_resumes_exactly_once(tmp_path):
+def test_killed_export_resumes_exactly_once(tmp_path, monkeypatch):
     savedir = tmp_path / "mllogs"
     steps, names = 4000, ("loss", "acc")
     logger = WandBLogger(savedir=savedir, project_name="kill", run_id="k")
@@ -305,12 +311,14 @@ def test_killed_export_resumes_exactly_once(tmp_path):
     wb_id = wandb_run_id("kill", "k", 0)
 
     # wandb-core flushes its transaction log every 15 s by default; 0.2 s here so that the
-    # kill lands after some rows are on disk and before all of them are.
-    env = {k: os.environ[k] for k in os.environ if k.startswith("WANDB_") or k == "NETRC"}
-    proc = spawn(f"""
-        from itwinai_sync.cli import main
-        main([{str(savedir)!r}, "--to", "wandb"])
-    """, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL="0.2", **env)
+    # kill lands after some rows are on disk and before all of them are. WANDB_SERVICE (set by
+    # the exports this test process ran) is not passed on: the child must start its own
+    # wandb-core, in its own process group, so that the kill takes it down too.
+    env = {k: v for k, v in child_env().items() if k != "WANDB_SERVICE"}
+    env["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] = "0.2"
+    code = f"from itwinai_sync.cli import main; main([{str(savedir)!r}, '--to', 'wandb'])"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -325,8 +333,12 @@ def test_killed_export_resumes_exactly_once(tmp_path):
     killed_at, _ = committed_state(savedir / "wandb", wb_id, "kill")
     assert 0 < killed_at < steps * len(names)
 
+    # The killed export's wandb-core (its own session) lives on for ~2 s and flushes what it
+    # buffered: the re-sync must wait for that before reading the cursor. With the 0.2 s flush
+    # interval above, 3 s without a change is enough (the default waits 20 s).
+    monkeypatch.setattr(wandb_exporter, "QUIET_SECONDS", 3.0)
     out = sync(savedir)
-    assert "exported" in out
+    assert "exported" in out and "waited" in out
     files = wandb_files(savedir, wb_id)
     assert len(files) == 2
     rows = history(files)

@@ -21,7 +21,8 @@ import os
 import re
 import tempfile
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -51,13 +52,15 @@ _FLUENT_LOCK = threading.Lock()
 
 
 def mlflow_key(name: str) -> str:
-    """A name MLflow accepts, deterministically: disallowed characters become '_', '..' and a
-    leading '/' are removed (MLflow refuses path traversal), and names over 250 characters keep
-    240 and a digest of the full name so that distinct names stay distinct."""
+    """A name MLflow accepts, deterministically: characters outside [A-Za-z0-9_-. :/] become
+    '_'; empty, '.' and '..' path segments (MLflow refuses names that are not normalised
+    paths) are dropped or become '_'; names over 250 characters keep 240 and a digest of the
+    full name so that distinct names stay distinct."""
     key = _BAD_KEY_CHARS.sub("_", name)
-    key = key.replace("..", "__").lstrip("/") or "_"
+    parts = ["_" if p in (".", "..") else p for p in key.split("/") if p]
+    key = "/".join(parts) or "_"
     if len(key) > MAX_KEY:
-        key = key[:240] + "~" + hashlib.sha1(name.encode()).hexdigest()[:9]
+        key = key[:240].rstrip("/") + "-" + hashlib.sha1(name.encode()).hexdigest()[:9]
     return key
 
 
@@ -179,7 +182,8 @@ class MlflowExporter(Exporter):
                     parent = self._create(client, exp_id, run, None, parent=None)
                 if child is None:
                     child = self._create(client, exp_id, run, rank, parent=parent)
-        return MlflowRankSink(run, rank, self.notes, client, child, self.write_lock(uri))
+        parent = None if flat else parent
+        return MlflowRankSink(run, rank, self.notes, client, child, parent, self.write_lock(uri))
 
     def _create(self, client: Any, exp_id: str, run: RunInfo, rank: RankInfo | None,
                 parent: Any) -> Any:
@@ -243,9 +247,11 @@ def _manifest_tags(manifest: dict[str, Any]) -> dict[str, str]:
 
 class MlflowRankSink(RankSink):
     def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes, client: Any, target: Any,
-                 write_lock: Any):
+                 parent: Any, write_lock: Any):
         super().__init__(run, rank, notes)
         self.client = client
+        self.target = target
+        self.parent = parent
         self.run_id = target.info.run_id
         self.write_lock = write_lock
         self._cursor = int(target.data.tags.get(TAG_CURSOR, 0))
@@ -257,6 +263,15 @@ class MlflowRankSink(RankSink):
 
     def cursor(self) -> int:
         return self._cursor
+
+    def close(self) -> None:
+        """Mirror the journal's session status: a rank that ended is a terminated MLflow run
+        (finished, failed, or killed for an interrupted session), with its real end time."""
+        _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank.manifest))
+        if self.parent is not None:
+            ends = [_end_ms(r.manifest) for r in self.run.ranks]
+            _terminate(self.client, self.parent, self.run.status,
+                       None if None in ends else max(ends))
 
     def _key(self, name: str) -> str:
         key = self._keys.get(name)
@@ -408,16 +423,13 @@ class MlflowRankSink(RankSink):
             return
         # log_model works on the fluent API's active run and global tracking URI: hold them for
         # this call only, one thread at a time.
-        with _FLUENT_LOCK:
-            previous = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(self.client.tracking_uri)
-            try:
-                with mlflow.start_run(run_id=self.run_id):
-                    mlflow.pytorch.log_model(module, name=key, pip_requirements=[],
-                                             serialization_format="pickle",
-                                             tags={"itwinai.class": str(meta.get("class"))})
-            finally:
-                mlflow.set_tracking_uri(previous)
+        # log_model reads the global tracking URI and experiment: hold them for this call only,
+        # one thread at a time. (A fluent start_run would also change the run's status.)
+        with _FLUENT_LOCK, _fluent_target(self.client.tracking_uri,
+                                          self.target.info.experiment_id):
+            mlflow.pytorch.log_model(module, name=key, run_id=self.run_id, pip_requirements=[],
+                                     serialization_format="pickle",
+                                     tags={"itwinai.class": str(meta.get("class"))})
 
     def _log_dataset(self, name: str, text: str | None, meta: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -434,6 +446,47 @@ class MlflowRankSink(RankSink):
         context = meta.get("context") or "training"
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
                                                                             str(context))])])
+
+
+@contextmanager
+def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
+    """Point MLflow's fluent API at (uri, experiment) and put everything back afterwards,
+    including the environment variables MLflow sets as a side effect, so later exports in this
+    process resolve their destination as before."""
+    import mlflow
+    from mlflow.tracking import _tracking_service
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    saved_uri = _tracking_service.utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def _end_ms(manifest: dict[str, Any]) -> int | None:
+    sessions = manifest.get("sessions") or []
+    end = sessions[-1].get("end") if sessions else None
+    return int(end * 1000) if end else None
+
+
+def _terminate(client: Any, target: Any, status: str, end_ms: int | None) -> None:
+    wanted = _MLFLOW_STATUS.get(status)
+    if wanted is None or end_ms is None:
+        return  # still running: leave the MLflow run RUNNING
+    current = client.get_run(target.info.run_id).info
+    if current.status != wanted or current.end_time != end_ms:
+        client.set_terminated(target.info.run_id, status=wanted, end_time=end_ms)
 
 
 def _as_json(value: Any) -> str | None:

@@ -10,10 +10,11 @@ file), fsynced, then renamed into place: a file is either complete or absent. Th
 back from the names, so a killed sync resumes exactly after the last complete file (leftover
 temporary files are deleted when the rank is opened for writing). TensorBoard selects files with
 "tfevents" in the name and reads them in name order, which the zero-padded first seq makes seq
-order. A batch in which nothing is for TensorBoard still gets a file, holding only the
-`file_version` event, so that the cursor advances. Every file starts with that event, as
-TensorBoard's own writer does; `brain.Event:2` also stops TensorBoard from discarding points
-whose step goes backwards (it then purges only on a SessionLog.START, which we never write).
+order (12 digits: up to 10^12 records per rank). A batch in which nothing is for TensorBoard
+still gets a file, holding only the `file_version` event, so that the cursor advances. Every
+file starts with that event, as TensorBoard's own writer does; `brain.Event:2` also stops
+TensorBoard from discarding points whose step goes backwards (it then purges only on a
+SessionLog.START, which we never write).
 
 Kinds: metrics are scalars (`simple_value`, so float32 like `add_scalar`) with the record's
 step and its `time` as the event's wall time; images and matplotlib figures are image summaries

@@ -43,6 +43,7 @@ import netrc
 import os
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,10 +57,15 @@ from itwinai_journal import RankInfo, RunInfo
 
 from .exporter import Exporter, ExportError, Notes, RankSink
 
-#: History/summary key holding the highest journal seq a row covers (a leading '_' keeps it
-#: out of the W&B charts, like _step and _timestamp; wandb 0.31 accepts and stores it).
+#: History key holding the highest journal seq a row covers (a leading '_' keeps it out of the
+#: W&B charts, like _step and _timestamp; wandb 0.31 accepts and stores it).
 CURSOR_KEY = "_itwinai_seq"
-#: Keys W&B computes itself; a journal name that starts with '_' is renamed (see history_key).
+#: Summary key for the cursor over trailing records that are not history rows, written after
+#: them. Not CURSOR_KEY itself: wandb-core writes the summary it derives from a history row
+#: *before* that row in the transaction log, so a summary `_itwinai_seq` can be on disk while
+#: its row is not (a kill in between); explicit summary writes are in order.
+TAIL_KEY = "_itwinai_seq_tail"
+#: Kinds that become values of a history row.
 ROW_KINDS = frozenset({"metric", "histogram", "image", "figure", "text", "dict"})
 ARTIFACT_KINDS = frozenset({"torch", "artifact", "model", "best_model"})
 PLOTLY = "application/vnd.plotly.v1+json"
@@ -108,13 +114,16 @@ _BLOCK = 32 * 1024
 _HEADER = struct.Struct("<IHB")
 
 
-def iter_wandb_records(data: bytes) -> Iterator[bytes]:
-    """Payloads of the complete records of a `.wandb` file (empty if not a W&B log)."""
-    if len(data) < 7 or data[:4] != b":W&B":
+def iter_wandb_records(data: bytes, base: int = 0) -> Iterator[bytes]:
+    """Payloads of the complete records of a `.wandb` file (nothing if it is not a W&B log).
+    `data` holds the file from offset `base` on: 0, or a block boundary (then a record
+    continued from an earlier block is skipped)."""
+    if base == 0 and (len(data) < 7 or data[:4] != b":W&B"):
         return
-    pos, size, parts = 7, len(data), None
+    pos, size, parts = (7 if base == 0 else 0), len(data), None
+    skipping = base > 0
     while True:
-        left = _BLOCK - pos % _BLOCK
+        left = _BLOCK - (base + pos) % _BLOCK
         if left < 7:
             pos += left
             continue
@@ -127,6 +136,9 @@ def iter_wandb_records(data: bytes) -> Iterator[bytes]:
         if zlib.crc32(data[pos + 6:end]) != crc:
             return
         chunk, pos = data[pos + 7:end], end
+        if skipping and kind in (3, 4):
+            continue
+        skipping = False
         if kind == 1:
             yield chunk
         elif kind == 2:
@@ -138,6 +150,72 @@ def iter_wandb_records(data: bytes) -> Iterator[bytes]:
                 parts = None
         else:
             return
+
+
+def has_exit_record(path: Path) -> bool:
+    """Whether the run's exit record (written by `finish`, among the last records) is in the
+    file; only the last two blocks are read."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b":W&B":
+                return False
+            size = f.seek(0, os.SEEK_END)
+            base = max(0, size - 2 * _BLOCK)
+            base -= base % _BLOCK
+            f.seek(base)
+            data = f.read()
+    except OSError:
+        return False
+    for payload in iter_wandb_records(data, base):
+        if len(payload) < 4096:
+            rec = Record()
+            rec.ParseFromString(payload)
+            if rec.WhichOneof("record_type") == "exit":
+                return True
+    return False
+
+
+def wait_for_exit_record(path: Path, timeout: float = 60.0) -> bool:
+    """Whether wandb-core wrote the run's exit record to `path` within `timeout` seconds.
+
+    `Run.finish()` returns before wandb-core has flushed the transaction log (measured with
+    wandb 0.31: the file can still be at its 7-byte header right after finish). A sync that
+    read its cursor from a half-written file would export the tail twice, so close() waits."""
+    deadline = time.monotonic() + timeout
+    while not has_exit_record(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+#: How long the transaction log of a killed export must have been left unchanged before its
+#: cursor is trusted. wandb-core runs in its own session and outlives a SIGKILLed export by
+#: about 2 s (it watches the parent pid), flushing what it buffered as it exits: reading the
+#: cursor before that would export those rows a second time. Longer than the default flush
+#: interval (15 s), so even a wandb-core that kept running has flushed within it.
+QUIET_SECONDS = 20.0
+
+
+def settle_unfinished(root: Path, wb_id: str, timeout: float = 120.0) -> float:
+    """Wait until no earlier export may still be writing this run's newest transaction log:
+    nothing to wait for when it has its exit record (a finished export), else until it has
+    been unchanged for QUIET_SECONDS. Returns the seconds waited."""
+    files = list(root.glob(f"*-{wb_id}*/run-{wb_id}.wandb"))
+    if not files:
+        return 0.0
+    newest = max(files, key=lambda p: p.stat().st_mtime)
+    if has_exit_record(newest):
+        return 0.0
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        quiet = time.time() - newest.stat().st_mtime
+        if quiet >= QUIET_SECONDS:
+            break
+        time.sleep(min(QUIET_SECONDS - quiet, 1.0))
+    return time.monotonic() - started
 
 
 def _item_key(item: Any) -> str:
@@ -158,8 +236,9 @@ def _history_value(item: Any) -> Any:
 
 def committed_state(root: Path, wb_id: str, project: str) -> tuple[int, int]:
     """(cursor, last step) of W&B run `wb_id` of `project` from its transaction logs below
-    `root`: the highest `_itwinai_seq` and `_step` found in complete records, over every
-    offline (and online) run directory of that id. (0, -1) when there is none.
+    `root`: the highest `_itwinai_seq` and `_step` of history records and `_itwinai_seq_tail`
+    of summary records complete on disk, over every offline (and online) run directory of
+    that id. (0, -1) when there is none.
 
     Only records that carry the cursor key are decoded (plus each file's run record, for the
     project), which keeps re-reading a long run's logs cheap."""
@@ -192,7 +271,7 @@ def committed_state(root: Path, wb_id: str, project: str) -> tuple[int, int]:
                         last_step = max(last_step, rec.history.step.num)
             elif kind == "summary":
                 for item in rec.summary.update:
-                    if _item_key(item) == CURSOR_KEY:
+                    if _item_key(item) == TAIL_KEY:
                         cursor = max(cursor, int(json.loads(item.value_json)))
     return cursor, last_step
 
@@ -292,6 +371,10 @@ class WandbSink(RankSink):
         self.read_only = False
         self.project = exporter.project(run)
         self.wb_id = wandb_run_id(run.experiment, run.run_id, rank.rank)
+        waited = settle_unfinished(exporter.root, self.wb_id)
+        if waited >= 1:
+            notes.add(f"wandb: waited {waited:.0f} s for the W&B writer of an interrupted export "
+                      f"of {run.key} rank {rank.rank} to finish before reading its cursor")
         self.committed, self.last_step = committed_state(exporter.root, self.wb_id, self.project)
         self.wb: Any = None
         self.handled = self.committed  # every record up to here is written, dropped or skipped
@@ -335,7 +418,9 @@ class WandbSink(RankSink):
                               f"{e}") from e
         if self.exp.mode == "online":
             # A resumed online run knows what the server holds.
-            self.committed = max(self.committed, int(self.wb.summary.get(CURSOR_KEY) or 0))
+            summary = self.wb.summary
+            server = max(int(summary.get(CURSOR_KEY) or 0), int(summary.get(TAIL_KEY) or 0))
+            self.committed = max(self.committed, server)
             self.last_step = max(self.last_step, int(self.wb.summary.get("_step", -1)))
             self.handled = max(self.handled, self.committed)
         return self.wb
@@ -421,10 +506,10 @@ class WandbSink(RankSink):
 
     def _history_item(self, kind: str, name: str, value: float | None, text: str | None,
                       blob: str | None, meta: dict[str, Any]) -> Any:
-        import wandb
-
         if kind == "metric":
             return value
+        import wandb
+
         if kind == "histogram":
             h = json.loads(text or "{}")
             if not h.get("bins"):
@@ -503,9 +588,16 @@ class WandbSink(RankSink):
                 self._commit_tail()
         finally:
             if self.wb is not None:
-                self.wb.finish()
-                self.wb = None
+                self._finish()
             self._report()
+
+    def _finish(self) -> None:
+        wb, self.wb = self.wb, None
+        log_file = Path(wb.settings.sync_file)
+        wb.finish()
+        if not wait_for_exit_record(log_file):
+            raise ExportError(f"W&B did not finish writing {log_file} within 60 s; run the "
+                              "sync again to check what it holds")
 
     def _commit_tail(self) -> None:
         """Write what is left: the last row (held back while the rank is still being written,
@@ -519,8 +611,10 @@ class WandbSink(RankSink):
         else:
             self._flush_row()
             target = self.handled
-        if target > self.committed:
-            self._start().summary[CURSOR_KEY] = target
+        if target > self.committed and self.wb is not None:
+            # Only when something was written: a sync that merely skipped records (other
+            # kinds or destinations) reads them again next time rather than start a W&B run.
+            self.wb.summary[TAIL_KEY] = target
             self.committed = target
 
     def _report(self) -> None:

@@ -178,7 +178,7 @@ def iter_tables(seg_dir: Path, after_seq: int = 0, index: list[dict] | None = No
                 ) -> Iterator[pa.Table]:
     """Record tables of a rank in seq order, one segment at a time, skipping segments whose
     records are all at or below `after_seq` (known from the index without opening them)."""
-    done_through = {e["segment"]: e["last_seq"] for e in (index or [])}
+    done_through = {e["segment"]: e["last_seq"] or 0 for e in (index or [])}
     for number in segment_files(seg_dir):
         if done_through.get(number, after_seq + 1) <= after_seq:
             continue

@@ -100,9 +100,8 @@ class RankWriter:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="itwinai-journal-flusher",
                                         daemon=True)
+        _warm_up_pyarrow()
         self._thread.start()
-        threading.Thread(target=_warm_up_pyarrow, name="itwinai-journal-warmup",
-                         daemon=True).start()
 
     # -- destinations and routing -----------------------------------------------------------
 
@@ -237,7 +236,7 @@ class RankWriter:
 
     def _seal_active(self, reopen: bool) -> None:
         self._file.close()
-        if self._rows or not reopen:
+        if self._rows:
             first = self._seq - len(self._rows) + 1
             table = segments.queued_to_table(first, self._rows)
             segments.seal(self.rank_dir, self._segment, table)
@@ -297,8 +296,9 @@ class RankWriter:
 
 
 def _warm_up_pyarrow() -> None:
-    """pyarrow imports pandas (when installed) on its first array conversion. Do that early and
-    off the flusher's path, not in a seal at interpreter exit when imports are refused."""
+    """pyarrow imports pandas (when installed) on its first array conversion. Do it now, in the
+    caller's thread: later it would happen in the flusher thread, racing the user's own
+    imports of pandas, or in a seal at interpreter exit, when imports are refused."""
     import pyarrow as pa
 
     pa.array([0.0])
