@@ -602,16 +602,6 @@ def test_dataset_rejects_other_objects(mlf):
 # --------------------------------------------------------------------------------------------
 
 
-def test_wandb_watch_not_implemented(tmp_path):
-    logger = WandBLogger(savedir=tmp_path / "mllogs", project_name="w")
-    logger.create_logger_context()
-    logger.log(1.0, "before")
-    with pytest.raises(NotImplementedError):
-        logger.log(torch.nn.Linear(2, 2), "model", kind="watch")
-    records = read_back(logger)
-    assert [r["name"] for r in records] == ["before"]
-
-
 @pytest.mark.parametrize("kind", ["flops_pb", "flops_pe", "system", "carbon", "execution_time"])
 def test_prov4ml_measurements_not_implemented(prov, kind):
     with pytest.raises(NotImplementedError):
