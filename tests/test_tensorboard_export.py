@@ -24,8 +24,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import child_env
-from itwinai_sync.cli import main
-from itwinai_sync.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc32c_many
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
@@ -36,6 +34,8 @@ from itwinai_journal import Journal
 from itwinai_journal.blobs import BlobStore
 from itwinai_journal.loggers import MLFlowLogger, TensorBoardLogger, WandBLogger
 from itwinai_journal.names import experiment_dirname
+from itwinai_sync.cli import main
+from itwinai_sync.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc32c_many
 
 ALL = {kind: 0 for kind in event_accumulator.DEFAULT_SIZE_GUIDANCE}  # 0: keep every event
 

@@ -18,23 +18,19 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import pandas  # noqa: F401 - see below
 import plotly.graph_objects as go
 import pytest
 import torch
 import wandb_records as wr
 from click.testing import CliRunner
 from conftest import child_env
+
+from itwinai_journal import Journal
+from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
 from itwinai_sync import wandb as wandb_exporter
 from itwinai_sync.cli import main
 from itwinai_sync.wandb import committed_state, wandb_run_id
 
-from itwinai_journal import Journal
-from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
-
-# pandas is imported here, not first by plotly inside a test: the journal writer imports it
-# in a background thread (pyarrow warm-up) and plotly's lazy `sys.modules` lookup can then see
-# a partially initialised pandas (AttributeError: ... has no attribute 'Series').
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -151,6 +147,38 @@ def test_export_history_config_media_artifacts(tmp_path):
     assert wandb_files(savedir, wb_id) == files
 
 
+def test_one_wandb_run_per_rank_grouped_by_the_journal_run(tmp_path):
+    savedir = tmp_path / "mllogs"
+    for rank in (0, 1):
+        logger = WandBLogger(savedir=savedir, project_name="ddp", run_id="job7",
+                             log_on_workers=-1)
+        logger.create_logger_context(rank=rank)
+        logger.log(float(rank), "loss", step=0)
+        logger.destroy_logger_context()
+    sync(savedir, "--ranks", "0")
+    assert not wandb_files(savedir, wandb_run_id("ddp", "job7", 1))
+    sync(savedir)
+    for rank in (0, 1):
+        (path,) = wandb_files(savedir, wandb_run_id("ddp", "job7", rank))
+        records = wr.read_records(path)
+        run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert (run_rec.run_group, run_rec.display_name) == ("job7", f"job7-rank{rank}")
+        assert [r["loss"] for r in wr.history_rows(records)] == [float(rank)]
+
+
+def test_offline_unless_an_api_key_is_configured(tmp_path, monkeypatch):
+    from itwinai_sync.wandb import WandbExporter
+
+    monkeypatch.delenv("WANDB_MODE")
+    assert WandbExporter._mode(None) == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert WandbExporter._mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert WandbExporter._mode(None) == "offline"
+    assert WandbExporter._mode("online") == "online"
+
+
 def _log_steps(savedir: Path, run_id: str, steps: range) -> None:
     logger = WandBLogger(savedir=savedir, project_name="resync", run_id=run_id)
     logger.create_logger_context()
@@ -165,6 +193,7 @@ def test_resync_appends_only_new_records_to_the_same_run(tmp_path):
     _log_steps(savedir, "job1", range(0, 10))
     sync(savedir)
     _log_steps(savedir, "job1", range(10, 25))  # the job resumed: a new session, seq goes on
+    assert "would export 30 metric" in sync(savedir, "--dry-run")
     sync(savedir)
     sync(savedir)
 
@@ -179,6 +208,73 @@ def test_resync_appends_only_new_records_to_the_same_run(tmp_path):
     assert [r["_step"] for r in history(files[1:])] == list(range(10, 25))
     assert all(r["loss"] == r["_step"] and r["lr"] == 2 * r["_step"] for r in rows)
     assert committed_state(savedir / "wandb", wb_id, "resync") == (50, 24)
+
+
+def test_records_without_step_fill_the_row_then_open_the_next_step(tmp_path):
+    savedir = tmp_path / "mllogs"
+    logger = WandBLogger(savedir=savedir, project_name="nostep", run_id="n")
+    logger.create_logger_context()
+    for value in (1.0, 2.0):
+        logger.log(value, "a")
+        logger.log(-value, "b")
+    logger.log(5.0, "a", step=5)
+    logger.log(6.0, "b")  # joins step 5, 'b' is not in it yet
+    logger.destroy_logger_context()
+    sync(savedir)
+    rows = history(wandb_files(savedir, wandb_run_id("nostep", "n", 0)))
+    assert [(r["_step"], r.get("a"), r.get("b")) for r in rows] == [
+        (0, 1.0, -1.0), (1, 2.0, -2.0), (5, 5.0, 6.0)]
+
+
+def test_running_rank_keeps_its_last_step_until_it_is_complete(tmp_path):
+    """A live run synced mid-way: the last step may still grow (validation metrics come after
+    training ones), so it waits for the next sync instead of being written without them."""
+    savedir = tmp_path / "mllogs"
+    logger = WandBLogger(savedir=savedir, project_name="live", run_id="l",
+                         flush_interval=0.05)
+    logger.create_logger_context()
+    for step in range(3):
+        logger.log(float(step), "train_loss", step=step)
+        logger.log(float(step) / 2, "val_loss", step=step)
+    logger.log(3.0, "train_loss", step=3)
+    time.sleep(0.5)  # flushed to the journal, the session still open
+    assert "still running" in sync(savedir)
+    wb_id = wandb_run_id("live", "l", 0)
+    assert [r["_step"] for r in history(wandb_files(savedir, wb_id))] == [0, 1, 2]
+    logger.log(1.5, "val_loss", step=3)
+    logger.log(4.0, "train_loss", step=4)
+    logger.destroy_logger_context()
+    sync(savedir)
+    rows = history(wandb_files(savedir, wb_id))
+    assert [(r["_step"], r["train_loss"], r.get("val_loss")) for r in rows] == [
+        (0, 0.0, 0.0), (1, 1.0, 0.5), (2, 2.0, 1.0), (3, 3.0, 1.5), (4, 4.0, None)]
+
+
+def test_artifacts_models_and_datasets_of_an_mlflow_journal(tmp_path):
+    """`--to wandb` also takes journals written for MLflow: files, directories (rebuilt from
+    the tree listing), models and dataset descriptions."""
+    savedir = tmp_path / "mllogs"
+    src = tmp_path / "ckpt"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.bin").write_bytes(b"\0\1")
+    logger = MLFlowLogger(savedir=savedir, experiment_name="arts", run_id="a")
+    logger.create_logger_context()
+    logger.log(str(src), "checkpoints", kind="artifact")
+    logger.log(str(src / "a.txt"), "notes/a.txt", kind="artifact")
+    logger.log(torch.nn.Linear(2, 1), "net", kind="model", step=3)
+    logger.log(np.zeros((4, 2)), "train-set", kind="dataset")
+    logger.destroy_logger_context()
+    assert "'notes/a.txt' is stored as 'notes-a.txt'" in sync(savedir)
+    records = wr.read_records(wandb_files(savedir, wandb_run_id("arts", "a", 0))[0])
+    arts = {r.artifact.name: r.artifact for r in records
+            if r.WhichOneof("record_type") == "artifact"}
+    assert sorted(arts) == ["checkpoints", "net", "notes-a.txt"]
+    tree = {c.path: Path(c.local_path).read_bytes() for c in arts["checkpoints"].manifest.contents}
+    assert tree == {"a.txt": b"alpha", "sub/b.bin": b"\0\1"}
+    assert (arts["net"].type, sorted(arts["net"].aliases)) == ("model", ["latest", "step-3"])
+    assert [c.path for c in arts["net"].manifest.contents] == ["model.pt"]
+    assert wr.summary(records)["datasets/train-set"]["shape"] == [4, 2]
 
 
 def _log_with_regressions(savedir: Path) -> str:

@@ -11,11 +11,20 @@ Identity: W&B run id = sha1(experiment, journal run id, rank)[:16], name
 same W&B run (`resume="allow"`).
 
 Exactly once: every history row carries `_itwinai_seq`, the highest journal seq it covers, in
-the same record as its data; config, summary and artifact writes (idempotent) come before the
-row that covers them. The cursor is read back from the run's `.wandb` transaction logs under
-`<savedir>/wandb` (every file of that run id and project, only records actually on disk: a
-killed export loses its unflushed tail, which is then exported again), and in online mode also
-from the resumed run's summary.
+the same record as its data; config, summary and artifact writes (idempotent: same keys, same
+content digests) come before the row that covers them, and trailing ones are covered by the
+summary key `_itwinai_seq_tail` written after them. The cursor is read back from the run's
+`.wandb` transaction logs under `<savedir>/wandb` (every file of that run id and project; only
+records complete on disk count, so the unflushed tail a killed export loses is exported again),
+and in online mode also from the resumed run's summary. Two wandb-core behaviours matter
+(measured with wandb 0.31): `finish()` returns before the log is flushed, so close() waits for
+the exit record; and the wandb-core of a killed export outlives it by ~2 s and flushes then, so
+a log without exit record is trusted only once unchanged for QUIET_SECONDS.
+
+W&B keeps one run at a time per process here (`parallel_runs = False`), and artifact staging
+(tables) goes to `<savedir>/wandb/.data` unless WANDB_DATA_DIR is set. System metrics, console
+capture, git and requirements of the sync machine are not recorded: they would be mistaken for
+the training job's.
 
 Steps: W&B needs strictly increasing steps and one `log` call per step. Records of one step go
 into one row (`_timestamp` = the latest record time of that step). A record whose step is at or

@@ -351,6 +351,13 @@ class Logger(LogMixin, metaclass=ABCMeta):
     def _emit(self, item: Any, identifier: str, kind: str, step: int | None,
               batch_idx: int | None, kwargs: dict[str, Any], route: str) -> None:
         """Capture one object and queue its record (the non-hot path, every kind)."""
+        if kind == "metric" and not kwargs:
+            # Plain metrics from lists and collections: the same compact record as log().
+            if identifier not in self._names_ok:
+                self._names_ok.add(names.check_name(identifier, "metric name"))
+            value = item if type(item) is float else metric_value(item)
+            self._writer.append((_now(), identifier, step, batch_idx, value, route))
+            return
         names.check_name(identifier, f"{kind} identifier")
         if kind == "artifact":
             names.safe_relpath(identifier, "artifact identifier")
