@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -91,42 +92,106 @@ def _attach(func: Any, opt: click.Option) -> Any:
 @click.option("--dry-run", is_flag=True, help="Print what would be exported, per run and kind.")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Runs synced in parallel.")
+@click.option("--watch", is_flag=True,
+              help="Follow runs while they are written: sync again every --interval seconds "
+                   "until every run has finished. Ctrl-C stops after the batch in progress.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              metavar="S", help="Seconds between passes with --watch.")
 @click.option("--verbose", "-v", is_flag=True, help="Tracebacks for errors.")
 @_target_options
 def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], ranks: str,
-         dry_run: bool, workers: int, verbose: bool, **options: Any) -> None:
+         dry_run: bool, workers: int, watch: bool, interval: float, verbose: bool,
+         **options: Any) -> None:
     """Export runs under SAVEDIR to trackers, exactly once."""
     options["ranks"] = ranks
     request = SyncRequest(savedir=savedir, targets=list(targets) or None, options=options,
                           run_ids=list(run_ids) or None, ranks=ranks, dry_run=dry_run,
                           workers=workers)
     started = time.monotonic()
+    engine = SyncEngine(request)
     try:
-        engine = SyncEngine(request)
-        plan = engine.plan()
-        if not plan:
-            click.echo(f"nothing to sync in {savedir}: no runs"
-                       + ("" if targets else " with declared destinations (use --to)"))
-            return
-        for _, target in plan:
-            engine.exporter(target)
-        show_bar = sys.stderr.isatty() and not dry_run
-        if show_bar:
-            with click.progressbar(length=max(1, total_pending(engine, plan)), label="syncing",
-                                   file=sys.stderr, show_pos=True) as bar:
-                engine.progress = bar.update
-                results = engine.run(plan)
+        if watch:
+            results = _follow(engine, interval)
         else:
-            results = engine.run(plan)
+            plan = engine.plan()
+            if not plan:
+                click.echo(f"nothing to sync in {savedir}: no runs"
+                           + ("" if targets else " with declared destinations (use --to)"))
+                return
+            results = _one_pass(engine, plan, show_bar=sys.stderr.isatty() and not dry_run)
     except (ExportError, JournalCorruption, FileNotFoundError) as e:
         _fail(str(e), verbose)
     except click.ClickException:
         raise
     except Exception as e:  # noqa: BLE001
         _fail(f"{type(e).__name__}: {e}", verbose)
+    finally:
+        engine.close()
     _print_results(results, engine.notes.lines, time.monotonic() - started, verbose, dry_run)
     if any(r.status == "failed" for r in results):
         sys.exit(1)
+    if engine.stop.is_set():
+        sys.exit(130)
+
+
+def _one_pass(engine: SyncEngine, plan: list, show_bar: bool) -> list[RunResult]:
+    for _, target in plan:
+        engine.exporter(target)  # a missing tracker library is one error, before any work
+    if not show_bar:
+        return engine.run(plan)
+    with click.progressbar(length=max(1, total_pending(engine, plan)), label="syncing",
+                           file=sys.stderr, show_pos=True) as bar:
+        engine.progress = bar.update
+        return engine.run(plan)
+
+
+def _follow(engine: SyncEngine, interval: float) -> list[RunResult]:
+    """Sync passes until every run found had finished before a pass began (so that pass
+    exported its last records), or until Ctrl-C/SIGTERM, which stop after the batch in progress
+    with everything exported so far committed."""
+    merged: dict[tuple[str, str], RunResult] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if engine.stop.is_set():
+            raise KeyboardInterrupt
+        click.echo("stopping after the batch in progress (Ctrl-C again to abort)...", err=True)
+        engine.stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        passes = 0
+        while not engine.stop.is_set():
+            plan = engine.plan()
+            all_finished = bool(plan) and all(run.status != "running" for run, _ in plan)
+            passes += 1
+            for r in engine.run(plan):
+                _merge(merged, r)
+                if r.exported:
+                    click.echo(f"[pass {passes}] {r.run} -> {r.target}: exported "
+                               f"{_counts(r.exported)}")
+            if all_finished:
+                break
+            engine.stop.wait(interval)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return list(merged.values())
+
+
+def _merge(merged: dict[tuple[str, str], RunResult], r: RunResult) -> None:
+    key = (r.run, r.target)
+    if key not in merged:
+        merged[key] = r
+        return
+    m = merged[key]
+    m.exported.update(r.exported)
+    m.skipped.update(r.skipped)
+    m.cursors.update(r.cursors)
+    m.where = r.where or m.where
+    if r.status in ("failed", "busy"):
+        m.status, m.error, m.trace = r.status, r.error, r.trace
+    else:
+        m.status, m.error, m.trace = ("synced" if m.exported else r.status), None, None
 
 
 def _counts(counter: Counter) -> str:

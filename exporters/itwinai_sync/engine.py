@@ -67,6 +67,8 @@ class SyncEngine:
         self.notes = Notes()
         self._exporters: dict[str, Exporter] = {}
         self._lock = threading.Lock()
+        #: Set to stop after the batch in progress (Ctrl-C in --watch): what is committed stays.
+        self.stop = threading.Event()
 
     # -- planning -----------------------------------------------------------------------------
 
@@ -112,9 +114,12 @@ class SyncEngine:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
                 results.extend(pool.map(lambda rt: self.sync_run(*rt), parallel))
         results.extend(self.sync_run(r, t) for r, t in serial)
+        return results
+
+    def close(self) -> None:
         for exp in self._exporters.values():
             exp.close()
-        return results
+        self._exporters.clear()
 
     def sync_run(self, run: RunInfo, target: str) -> RunResult:
         exporter = self.exporter(target)
@@ -159,6 +164,8 @@ class SyncEngine:
             cursor = sink.cursor()
             for table in self._records(rank, cursor):
                 for start in range(0, table.num_rows, exporter.batch_records):
+                    if self.stop.is_set():
+                        return
                     chunk = table.slice(start, exporter.batch_records)
                     keep, skipped = select(chunk, exporter)
                     last = chunk["seq"][chunk.num_rows - 1].as_py()
