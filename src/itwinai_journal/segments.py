@@ -257,14 +257,24 @@ def seal(rank_dir: Path, number: int, table: pa.Table) -> dict[str, Any]:
     data = buf.getvalue()
     final = seg_dir / segment_name(number, "parquet")
     tmp = seg_dir / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(seg_dir)
     entry = index_entry(number, table, hashlib.sha256(data).hexdigest())
-    append_index(rank_dir, entry)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(seg_dir)
+        append_index(rank_dir, entry)
+    except OSError:
+        # Undo, so that the JSONL segment stays the one copy of these records (a Parquet file
+        # beside it would hide records appended to the JSONL later).
+        for path in (tmp, final):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        raise
     try:
         os.unlink(seg_dir / segment_name(number, "jsonl"))
     except FileNotFoundError:

@@ -70,6 +70,7 @@ class RankWriter:
         self._warned = False
         self._status: str | None = None
         self._pending_error: Exception | None = None
+        self._next_seal_try = 0.0
 
         self.seg_dir.mkdir(parents=True, exist_ok=True)
         self._lock = filelock.FileLock(str(self.rank_dir / ".writer.lock"))
@@ -235,11 +236,22 @@ class RankWriter:
             raise JournalWriteError(f"journal write failed in {self.rank_dir}: {err}") from err
 
     def _seal_active(self, reopen: bool) -> None:
-        self._file.close()
+        """Seal the active segment. If that fails (disk full), the records stay safe in the
+        JSONL segment, which keeps receiving appends; sealing is retried later."""
         if self._rows:
+            if time.monotonic() < self._next_seal_try and reopen:
+                return
             first = self._seq - len(self._rows) + 1
-            table = segments.queued_to_table(first, self._rows)
-            segments.seal(self.rank_dir, self._segment, table)
+            try:
+                segments.seal(self.rank_dir, self._segment,
+                              segments.queued_to_table(first, self._rows))
+            except OSError as e:
+                self._fail(e, 0)
+                self._next_seal_try = time.monotonic() + 5.0
+                if reopen:
+                    return
+                raise
+        self._file.close()
         self._rows = []
         self._bytes = 0
         if reopen:
