@@ -176,13 +176,131 @@ def bench_tensorboard_export(points: int, tmp: Path) -> dict[str, float]:
             "itwinai_sync_points_per_s": ours, "ratio": ours / replay}
 
 
+MEMORY_CHILD = """
+import sys
+from itwinai_journal.loggers import MLFlowLogger
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+lg = MLFlowLogger(savedir=sys.argv[1], experiment_name="bench", run_id="mem", log_freq="batch")
+lg.create_logger_context()
+for i in range(1000):
+    lg.log(0.5, "warmup", step=i)
+lg._writer.flush()
+base = rss()
+peak = base
+for i in range({points}):
+    lg.log(i * 1e-6, "loss", step=i)
+    if i % 100_000 == 0:
+        peak = max(peak, rss())
+peak = max(peak, rss())
+lg.destroy_logger_context()
+print(base, peak)
+"""
+
+
+def bench_memory_and_read(points: int, tmp: Path) -> dict[str, float]:
+    """RSS growth of a process logging `points` metrics, then Journal.metrics() read rate."""
+    import subprocess
+
+    from itwinai_journal import Journal
+
+    savedir = tmp / "memory"
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(points=points),
+                          str(savedir)], capture_output=True, text=True, check=True)
+    log_seconds = time.perf_counter() - t0
+    base, peak = map(int, out.stdout.split())
+    t0 = time.perf_counter()
+    table = Journal(savedir).metrics()
+    read_seconds = time.perf_counter() - t0
+    return {"points": points, "rss_growth_mb": (peak - base) / 2**20,
+            "log_process_seconds": log_seconds, "read_points": table.num_rows,
+            "read_points_per_s": table.num_rows / read_seconds, "savedir": str(savedir)}
+
+
+def bench_export_peak_rss(savedir: str, points: int) -> dict[str, float]:
+    """Peak RSS of `itwinai-sync --to tensorboard` over the big journal (TensorBoard: MLflow's
+    own ingest rate would make 10 M points take most of an hour)."""
+    import resource
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "itwinai_sync.cli", savedir, "--to", "tensorboard"],
+                   capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"points": points, "peak_rss_mb": peak_kb / 1024, "seconds": seconds,
+            "points_per_s": points / seconds}
+
+
+def bench_mlflow_server_export(points: int, tmp: Path) -> dict[str, float]:
+    """itwinai-sync into a loopback `mlflow server` vs raw log_batch over HTTP, same server."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow_server import MlflowServer
+
+    from itwinai_journal import Journal
+    from itwinai_sync.cli import main
+
+    savedir = tmp / "server-export"
+    _journal(savedir, points)
+    rows = Journal(savedir).metrics().to_pylist()
+    with MlflowServer(tmp / "server") as server:
+        client = MlflowClient(server.uri)
+        run = client.create_run(client.create_experiment("raw"))
+        metrics = [Metric(r["name"], r["value"], int(r["time"] * 1000), r["step"]) for r in rows]
+        t0 = time.perf_counter()
+        for k in range(0, len(metrics), 1000):
+            client.log_batch(run.info.run_id, metrics=metrics[k:k + 1000])
+        raw = len(metrics) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow",
+                                           "--tracking-uri", server.uri])
+        ours = len(rows) / (time.perf_counter() - t0)
+        assert result.exit_code == 0, result.output
+    return {"points": len(rows), "raw_log_batch_points_per_s": raw,
+            "itwinai_sync_points_per_s": ours, "ratio": ours / raw}
+
+
+def bench_ls_scale(runs: int, ranks: int, tmp: Path) -> dict[str, float]:
+    """`itwinai-sync ls` (a fresh process) over a synthetic savedir of runs x ranks."""
+    import subprocess
+
+    savedir = tmp / "scale"
+    for r in range(runs):
+        run_dir = savedir / "exp" / f"run{r:03d}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"format_version": 1, "experiment": "exp",
+                                                       "run_id": f"run{r:03d}"}))
+        for k in range(ranks):
+            rank_dir = run_dir / f"rank-{k:05d}"
+            rank_dir.mkdir()
+            (rank_dir / "manifest.json").write_text(json.dumps({
+                "rank": k, "world_size": ranks, "destinations": {"mlflow": {}},
+                "sessions": [{"status": "finished", "last_seq": 1000, "start": 0, "end": 1}]}))
+            (rank_dir / "index.jsonl").write_text(json.dumps({"segment": 1, "first_seq": 1,
+                                                              "last_seq": 1000}) + "\n")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "itwinai_sync.cli", "ls", str(savedir)],
+                   capture_output=True, text=True, check=True)
+    return {"runs": runs, "ranks": ranks, "seconds": time.perf_counter() - t0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer calls (about 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (under 2 minutes)")
     parser.add_argument("--json", default="bench-results.json", help="where to write results")
     args = parser.parse_args()
     calls = 200_000 if args.quick else 1_000_000
     points = 20_000 if args.quick else 100_000
+    big = 1_000_000 if args.quick else 10_000_000
     results: dict = {"machine": {"python": sys.version.split()[0], "cpus": os.cpu_count(),
                                  "platform": platform.platform(),
                                  "processor": platform.machine()},
@@ -209,6 +327,13 @@ def main() -> None:
               f"({ml['ratio']:.2f}x of raw; whole CLI run incl. reading the journal)")
         print(f"  re-sync (nothing to do):    {ml['resync_seconds']:.2f} s")
 
+        srv = bench_mlflow_server_export(points // 4, tmp_path)
+        results["mlflow_server_export"] = srv
+        print(f"\nMLflow export of {srv['points']:,} points into a loopback mlflow server")
+        print(f"  raw MlflowClient.log_batch: {srv['raw_log_batch_points_per_s']:10,.0f} points/s")
+        print(f"  itwinai-sync --to mlflow:   {srv['itwinai_sync_points_per_s']:10,.0f} points/s "
+              f"({srv['ratio']:.2f}x of raw)")
+
         tbx = bench_tensorboard_export(points, tmp_path)
         results["tensorboard_export"] = tbx
         print(f"\nTensorBoard export of {tbx['points']:,} points")
@@ -216,6 +341,22 @@ def main() -> None:
               " points/s")
         print(f"  itwinai-sync --to tensorboard:   {tbx['itwinai_sync_points_per_s']:10,.0f}"
               f" points/s ({tbx['ratio']:.1f}x)")
+
+        mem = bench_memory_and_read(big, tmp_path)
+        results["memory_and_read"] = mem
+        print(f"\nLogging {mem['points']:,} metric points in one process: RSS growth "
+              f"{mem['rss_growth_mb']:.1f} MB ({mem['log_process_seconds']:.1f} s)")
+        print(f"Journal.metrics() read: {mem['read_points']:,} points, "
+              f"{mem['read_points_per_s']:,.0f} points/s")
+        peak = bench_export_peak_rss(mem["savedir"], big)
+        results["export_peak_rss"] = peak
+        print(f"itwinai-sync --to tensorboard of those {big:,} points: peak RSS "
+              f"{peak['peak_rss_mb']:.0f} MB, {peak['points_per_s']:,.0f} points/s")
+
+        scale = bench_ls_scale(10, 1024 if not args.quick else 256, tmp_path)
+        results["ls_scale"] = scale
+        print(f"\nitwinai-sync ls over {scale['runs']} runs x {scale['ranks']} ranks: "
+              f"{scale['seconds']:.2f} s (a fresh process)")
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\nwritten {args.json}")
 
