@@ -647,6 +647,7 @@ class LoggersCollection(Logger):
         first = loggers[0].savedir if loggers else "mllogs"
         super().__init__(savedir=first, log_freq="batch", log_on_workers=-1)
         self.loggers = loggers
+        self._metric_plans: dict[int | None, tuple[list, list]] = {}
 
     @property
     def supported_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -674,6 +675,7 @@ class LoggersCollection(Logger):
             lg._journal_experiment = experiment
             lg._run_info_extra = info
             lg.create_logger_context(rank, **kwargs)
+        self._metric_plans.clear()
         self.is_initialized = True
 
     def destroy_logger_context(self) -> None:
@@ -684,6 +686,7 @@ class LoggersCollection(Logger):
         self._close_members(status)
 
     def _close_members(self, status: str) -> None:
+        self._metric_plans.clear()
         for lg in self.loggers:
             if isinstance(lg, EmptyLogger):
                 lg.destroy_logger_context()
@@ -704,12 +707,31 @@ class LoggersCollection(Logger):
     def log(self, item: Any | list[Any], identifier: str | list[str], kind: str = "metric",
             step: int | None = None, batch_idx: int | None = None, **kwargs: Any) -> None:
         """Log on all loggers: once per journal, for the members that accept the call."""
+        if (kind == "metric" and type(identifier) is str and not kwargs and self.is_initialized
+                and (batch_idx is None or type(batch_idx) is int)
+                and (step is None or type(step) is int)):
+            # The hot path: which journals get the record, with which route, depends only on
+            # batch_idx once the members are initialised, so the plan is cached per batch_idx.
+            plan = self._metric_plans.get(batch_idx)
+            if plan is None:
+                plan = self._metric_plan(batch_idx)
+            writes, echoes = plan
+            if not writes and not echoes:
+                return
+            if type(item) is not float:
+                item = metric_value(item)
+            if identifier not in self._names_ok:
+                self._names_ok.add(names.check_name(identifier, "metric name"))
+            t = _now()
+            for append, route in writes:
+                append((t, identifier, step, batch_idx, item, route))
+            for lg in echoes:
+                lg._echo(item, identifier, kind, step)
+            return
         self._check_call(kind)
         step = check_index(step, "step")
         batch_idx = check_index(batch_idx, "batch_idx")
-        accepting = [lg for lg in self.loggers
-                     if lg._writer is not None and kind in lg.supported_kinds
-                     and lg.should_log(batch_idx)]
+        accepting = self._accepting(kind, batch_idx)
         if not accepting:
             return
         for one_item, one_name in pairs(item, identifier):
@@ -718,6 +740,20 @@ class LoggersCollection(Logger):
                 writer_members[0]._emit(one_item, one_name, kind, step, batch_idx, kwargs, route)
             for lg in accepting:
                 lg._echo(one_item, one_name, kind, step)
+
+    def _accepting(self, kind: str, batch_idx: int | None) -> list[Logger]:
+        return [lg for lg in self.loggers
+                if lg._writer is not None and kind in lg.supported_kinds
+                and lg.should_log(batch_idx)]
+
+    def _metric_plan(self, batch_idx: int | None) -> tuple[list, list]:
+        accepting = self._accepting("metric", batch_idx)
+        writes = [(group[0]._writer.append, _route(group)) for group in _by_writer(accepting)]
+        plan = (writes, [lg for lg in accepting if lg.echoes])
+        if len(self._metric_plans) > 100_000:  # bounded: batch_idx values are few in practice
+            self._metric_plans.clear()
+        self._metric_plans[batch_idx] = plan
+        return plan
 
 
 def _route(loggers: list[Logger]) -> str:
