@@ -250,6 +250,34 @@ def test_running_rank_keeps_its_last_step_until_it_is_complete(tmp_path):
         (0, 0.0, 0.0), (1, 1.0, 0.5), (2, 2.0, 1.0), (3, 3.0, 1.5), (4, 4.0, None)]
 
 
+def test_follow_passes_keep_one_wandb_run_open_per_live_rank(tmp_path):
+    """`--watch` runs the engine again and again with one exporter: a rank still being
+    written keeps its W&B run open between passes (one run directory, not one per pass)."""
+    from itwinai_sync.engine import SyncEngine, SyncRequest
+
+    savedir = tmp_path / "mllogs"
+    logger = WandBLogger(savedir=savedir, project_name="follow", run_id="f",
+                         flush_interval=0.05)
+    logger.create_logger_context()
+    engine = SyncEngine(SyncRequest(savedir=savedir, targets=["wandb"]))
+    try:
+        for step in range(4):
+            logger.log(float(step), "loss", step=step)
+            logger.log(float(step), "acc", step=step)
+            time.sleep(0.3)
+            (result,) = engine.run()
+            assert result.status in ("synced", "up-to-date"), result.error
+        logger.destroy_logger_context()
+        engine.run()
+    finally:
+        engine.close()
+    files = wandb_files(savedir, wandb_run_id("follow", "f", 0))
+    assert len(files) == 1
+    rows = history(files)
+    assert [(r["_step"], r["loss"], r["acc"]) for r in rows] == [
+        (s, float(s), float(s)) for s in range(4)]
+
+
 def test_artifacts_models_and_datasets_of_an_mlflow_journal(tmp_path):
     """`--to wandb` also takes journals written for MLflow: files, directories (rebuilt from
     the tree listing), models and dataset descriptions."""

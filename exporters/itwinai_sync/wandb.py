@@ -301,6 +301,9 @@ class WandbExporter(Exporter):
         self.on_regression = options.get("on_step_regression") or "drop"
         self.root = savedir / "wandb"
         self._saved_env: dict[str, str | None] = {}
+        #: Sinks of ranks still being written, kept open between passes of `--watch` (one W&B
+        #: run directory per rank and sync process, not one per pass); ended in close().
+        self._live: dict[str, WandbSink] = {}
 
     @classmethod
     def cli_options(cls) -> list[click.Option]:
@@ -348,6 +351,10 @@ class WandbExporter(Exporter):
         return f"W&B project {(self.entity + '/') if self.entity else ''}{self.project(run)}"
 
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
+        live = self._live.get(wandb_run_id(run.experiment, run.run_id, rank.rank))
+        if live is not None and create:
+            live.run, live.rank = run, rank  # fresh status for this pass
+            return live
         sink = WandbSink(self, run, rank, self.notes)
         if not create and sink.committed == 0:
             return None
@@ -362,6 +369,13 @@ class WandbExporter(Exporter):
             os.environ["WANDB_DATA_DIR"] = str((self.root / ".data").resolve())
 
     def close(self) -> None:
+        try:
+            for sink in list(self._live.values()):
+                sink.end()
+        finally:
+            self._restore_env()
+
+    def _restore_env(self) -> None:
         for var, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(var, None)
@@ -395,6 +409,7 @@ class WandbSink(RankSink):
         self.dropped = 0
         self.first_drop = ""
         self.unshown: dict[str, int] = {}
+        self.broken = False
 
     # -- the W&B run -------------------------------------------------------------------------
 
@@ -435,13 +450,22 @@ class WandbSink(RankSink):
         return self.wb
 
     def cursor(self) -> int:
+        """What the run holds, or, for a sink kept open from an earlier `--watch` pass, what it
+        has taken in (its last row may wait in memory for the rest of its step)."""
         if self.exp.mode == "online" and not self.read_only:
             self._start()
-        return self.committed
+        return self.handled
 
     # -- writing -----------------------------------------------------------------------------
 
     def export(self, batch: pa.Table, cursor: int) -> None:
+        try:
+            self._export(batch, cursor)
+        except BaseException:
+            self.broken = True  # close() then ends the run rather than keep it for a next pass
+            raise
+
+    def _export(self, batch: pa.Table, cursor: int) -> None:
         cols = {c: batch[c].to_pylist() for c in
                 ("seq", "time", "kind", "name", "step", "value", "text", "blob", "meta")}
         for seq, t, kind, name, step, value, text, blob, meta in zip(*cols.values()):
@@ -592,9 +616,20 @@ class WandbSink(RankSink):
     # -- closing -------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """End of this pass over the rank. A rank still being written keeps its W&B run (and
+        the row of its last step) open for the next `--watch` pass; the exporter's close()
+        ends it. Any other rank is committed and finished now."""
+        if self.read_only:
+            return
+        if self.rank.status == "running" and not self.broken:
+            self.exp._live[self.wb_id] = self
+            return
+        self.end()
+
+    def end(self) -> None:
+        self.exp._live.pop(self.wb_id, None)
         try:
-            if not self.read_only:
-                self._commit_tail()
+            self._commit_tail()
         finally:
             if self.wb is not None:
                 self._finish()

@@ -181,14 +181,12 @@ def _writer_of(blobs: Any) -> Any:
     """The open journal writer whose blob store is `blobs`. The capture signature gives the
     blob store only; the writer registry maps rank directories (the blob store's parent) to
     their writer, so the hooks reach the very queue the logger appends to."""
-    from . import writer as writer_mod
+    from .writer import open_writer_at
 
-    key = blobs.root.parent.resolve()
-    with writer_mod._registry_lock:
-        entry = writer_mod._writers.get(key)
-    if entry is None:
-        raise RuntimeError(f"kind='watch': no open journal writer for {key}")
-    return entry[0]
+    writer = open_writer_at(blobs.root.parent)
+    if writer is None:
+        raise RuntimeError(f"kind='watch': no open journal writer for {blobs.root.parent}")
+    return writer
 
 
 def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Any:
@@ -208,7 +206,7 @@ def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> 
     log_freq = options.get("log_freq", 1000)
     writer = _writer_of(blobs)
     attach(item, writer.append, ROUTE, log=log, log_freq=log_freq,
-           alive=lambda: not writer._closed)
+           alive=lambda: not writer.closed)
     cap = _text_fields(json.dumps(topology(item, name)), blobs, "application/json")
     meta = {**(cap.meta or {}), "source": "watch", "log": log, "log_freq": log_freq,
             "log_graph": bool(options.get("log_graph", True))}

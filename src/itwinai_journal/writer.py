@@ -306,6 +306,10 @@ class RankWriter:
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
 
 def _warm_up_pyarrow() -> None:
     """pyarrow imports pandas (when installed) on its first array conversion. Do it now, in the
@@ -360,6 +364,13 @@ def open_writer(run_dir: Path, rank: int, world_size: int, run_info: dict[str, A
         writer = RankWriter(run_dir, rank, world_size, run_info, **options)
         _writers[key] = (writer, 1)
         return writer
+
+
+def open_writer_at(rank_dir: Path) -> RankWriter | None:
+    """This process's open writer of `rank_dir`, if any (for hooks that log on their own)."""
+    with _registry_lock:
+        entry = _writers.get(rank_dir.resolve())
+    return entry[0] if entry else None
 
 
 def release_writer(writer: RankWriter, status: str = "finished") -> None:
