@@ -33,6 +33,9 @@ from .writer import RankWriter, open_writer, release_writer
 BASE_EXP_NAME: str = "unnamed-experiment"
 
 LogFreq = int | Literal["epoch", "batch"]
+#: Records queued beyond this are flushed by the logging thread itself: a loop that logs faster
+#: than the background flusher drains must not grow memory without bound.
+BACKLOG = 20_000
 _now = time.time
 
 
@@ -114,6 +117,10 @@ class Logger(LogMixin, metaclass=ABCMeta):
     saves_hyperparameters: bool = True
     #: Whether `_echo` does something (then metrics skip the inlined hot path).
     echoes: bool = False
+    #: Kinds recorded although they are not in `supported_kinds` (which must match the
+    #: reference): the reference documents 'prov_documents' as used by Prov4MLLogger, whose
+    #: log() handles it, yet leaves it out of its supported_kinds.
+    extra_kinds: tuple[str, ...] = ()
 
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, experiment_id: str | None = None,
@@ -130,6 +137,7 @@ class Logger(LogMixin, metaclass=ABCMeta):
         self.strict = strict
         self._writer: RankWriter | None = None
         self._append: Callable[[tuple], None] | None = None
+        self._pending: Any = None
         self._route: str = self.target
         self._journal_experiment: str | None = None
         self._run_info_extra: dict[str, Any] = {}
@@ -238,6 +246,7 @@ class Logger(LogMixin, metaclass=ABCMeta):
             self._writer = open_writer(run_dir, rank, _world_size(), info,
                                        flush_interval=self.flush_interval, strict=self.strict)
             self._append = self._writer.append
+            self._pending = self._writer.pending
             dest = {**self.destination(), **(context or {})}
             self._writer.declare(self.target, dest)
         self.is_initialized = True
@@ -313,6 +322,8 @@ class Logger(LogMixin, metaclass=ABCMeta):
             if identifier not in self._names_ok:
                 self._names_ok.add(names.check_name(identifier, "metric name"))
             self._append((_now(), identifier, step, batch_idx, item, self._route))
+            if len(self._pending) > BACKLOG:
+                self._writer.flush()
             return
         self._log(item, identifier, kind, step, batch_idx, kwargs)
 
@@ -326,7 +337,7 @@ class Logger(LogMixin, metaclass=ABCMeta):
             raise ValueError(f"unknown kind {kind!r}; valid kinds are: {', '.join(ALL_KINDS)}")
 
     def _supports(self, kind: str) -> bool:
-        if kind in self.supported_kinds:
+        if kind in self.supported_kinds or kind in self.extra_kinds:
             return True
         if kind not in self._warned_kinds:
             self._warned_kinds.add(kind)
@@ -357,6 +368,8 @@ class Logger(LogMixin, metaclass=ABCMeta):
                 self._names_ok.add(names.check_name(identifier, "metric name"))
             value = item if type(item) is float else metric_value(item)
             self._writer.append((_now(), identifier, step, batch_idx, value, route))
+            if len(self._writer.pending) > BACKLOG:
+                self._writer.flush()
             return
         names.check_name(identifier, f"{kind} identifier")
         if kind == "artifact":
@@ -567,6 +580,7 @@ class Prov4MLLogger(Logger):
 
     supported_kinds: tuple[str, ...] = ("metric", "flops_pb", "flops_pe", "system", "carbon",
                                         "execution_time", "model", "best_model", "torch")
+    extra_kinds: tuple[str, ...] = ("prov_documents",)
     target = "prov4ml"
 
     def __init__(self, prov_user_namespace: str = "www.example.org",
@@ -723,8 +737,10 @@ class LoggersCollection(Logger):
             if identifier not in self._names_ok:
                 self._names_ok.add(names.check_name(identifier, "metric name"))
             t = _now()
-            for append, route in writes:
-                append((t, identifier, step, batch_idx, item, route))
+            for writer, route in writes:
+                writer.append((t, identifier, step, batch_idx, item, route))
+                if len(writer.pending) > BACKLOG:
+                    writer.flush()
             for lg in echoes:
                 lg._echo(item, identifier, kind, step)
             return
@@ -743,12 +759,13 @@ class LoggersCollection(Logger):
 
     def _accepting(self, kind: str, batch_idx: int | None) -> list[Logger]:
         return [lg for lg in self.loggers
-                if lg._writer is not None and kind in lg.supported_kinds
+                if lg._writer is not None
+                and (kind in lg.supported_kinds or kind in lg.extra_kinds)
                 and lg.should_log(batch_idx)]
 
     def _metric_plan(self, batch_idx: int | None) -> tuple[list, list]:
         accepting = self._accepting("metric", batch_idx)
-        writes = [(group[0]._writer.append, _route(group)) for group in _by_writer(accepting)]
+        writes = [(group[0]._writer, _route(group)) for group in _by_writer(accepting)]
         plan = (writes, [lg for lg in accepting if lg.echoes])
         if len(self._metric_plans) > 100_000:  # bounded: batch_idx values are few in practice
             self._metric_plans.clear()

@@ -32,7 +32,7 @@ DEFAULT_FLUSH_INTERVAL = 1.0
 #: A segment is sealed to Parquet after this many records or JSONL bytes. Sealed segments are
 #: what readers and `verify` trust, and the writer keeps the active segment's rows in memory
 #: until then, so this also bounds the writer's memory.
-SEAL_RECORDS = 100_000
+SEAL_RECORDS = 50_000
 SEAL_BYTES = 64 << 20
 
 
