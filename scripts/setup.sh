@@ -9,3 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[all,test]'
+# yprov4ml (the prov4ml target) without its declared dependencies: its real ones are the
+# [prov4ml] extra installed above. It also declares torchvision (never imported; a registry
+# torchvision beside the CPU torch breaks `import torch`) and lightning (only for its Lightning
+# logger). See requirements-prov4ml-nodeps.txt.
+.venv/bin/python -m pip install -q --no-deps -c constraints.txt -r requirements-prov4ml-nodeps.txt

@@ -598,15 +598,9 @@ def test_dataset_rejects_other_objects(mlf):
 
 
 # --------------------------------------------------------------------------------------------
-# kinds that are not implemented, unknown or unsupported
+# unknown or unsupported kinds (Prov4ML's measured kinds, flops_pb ... prov_documents, are
+# covered by tests/test_measured_kinds.py)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["flops_pb", "flops_pe", "system", "carbon", "execution_time"])
-def test_prov4ml_measurements_not_implemented(prov, kind):
-    with pytest.raises(NotImplementedError):
-        prov.log(torch.nn.Linear(2, 2), "measured", kind=kind, step=1)
-    assert read_back(prov) == []
 
 
 @pytest.mark.parametrize("kind", ["metrics", "Metric", "", "histogram"])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import measure
 from .blobs import BlobStore
 
 #: Text longer than this goes to the blob store rather than into a JSONL line.
@@ -334,10 +335,11 @@ CAPTURE: dict[str, Callable[..., Captured]] = {
     # Torch hooks writing gradient/parameter histograms; see watch.py (imported by name:
     # watch.py imports this module lazily, and torch only when a module is watched).
     "watch": __import__("watch", globals(), None, ("capture_watch",), 1).capture_watch,
-    "flops_pb": not_yet("kind='flops_pb' (Prov4ML FLOPs per batch capture)"),
-    "flops_pe": not_yet("kind='flops_pe' (Prov4ML FLOPs per epoch capture)"),
-    "system": not_yet("kind='system' (Prov4ML system metrics capture)"),
-    "carbon": not_yet("kind='carbon' (Prov4ML carbon footprint capture)"),
-    "execution_time": not_yet("kind='execution_time' (Prov4ML execution time capture)"),
-    "prov_documents": not_yet("kind='prov_documents' (Prov4ML provenance document marker)"),
+    # Prov4ML's measured kinds: measured at log() time on the compute node; see measure.py.
+    "flops_pb": measure.capture_flops_pb,
+    "flops_pe": measure.capture_flops_pe,
+    "system": measure.capture_system,
+    "carbon": measure.capture_carbon,
+    "execution_time": measure.capture_execution_time,
+    "prov_documents": measure.capture_prov_documents,
 }

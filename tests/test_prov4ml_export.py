@@ -1,0 +1,399 @@
+"""End to end: journals written by the real loggers, replayed with `itwinai-sync --to prov4ml`,
+and read back from the PROV-JSON documents and metric files yprov4ml wrote (with yprov4ml's own
+getters and as plain CSV): one provenance run per rank, params, metrics with their context, step
+and original timestamp, the measured kinds with yprov4ml's source labels, models; documents
+regenerated deterministically and exactly once across re-syncs, resumed and live runs, and a
+sync killed between its two renames."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Imported here, not lazily: the journal writer warms pyarrow up in a background thread, which
+# imports pandas (yprov4ml's getters then find it half-initialised otherwise).
+import pandas  # noqa: F401
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import child_env
+
+from itwinai_journal import Journal
+from itwinai_journal.capture import CAPTURE
+from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, Prov4MLLogger
+from itwinai_sync import prov4ml
+from itwinai_sync.cli import main
+
+pytest.importorskip("yprov4ml")
+
+RUN = "run1"
+EXP = "provexp"
+#: yprov4ml's source labels (LoggingItemKind + get_source_from_kind); system metrics carry the
+#: method that measured them, as yprov4ml's carry their hardware access mode.
+SOURCES = {"flops_pb": "fvcore.nn.FlopCountAnalysis", "flops_pe": "fvcore.nn.FlopCountAnalysis",
+           "carbon": "codecarbon", "execution_time": "std.time"}
+MEASURED = ("flops_pb", "flops_pe", "system", "carbon", "execution_time")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch):
+    for var in ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
+                "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def sync(savedir: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, [str(savedir), "--to", "prov4ml", *args],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def captured(kind: str) -> bool:
+    """Whether the journal captures this measured kind itself (else the test writes the record
+    the capture would write, in its documented format)."""
+    return "not_yet" not in CAPTURE[kind].__qualname__
+
+
+def log_measured(logger: Prov4MLLogger, model: torch.nn.Module, step: int) -> None:
+    """One record of each measured kind, through the logger when its capture exists."""
+    batch = torch.randn(4, 3)
+    writer = logger._writer
+    assert writer is not None
+
+    def append(kind: str, name: str, value: float | None, text: str | None, meta: dict) -> None:
+        # The capture is not there yet: the record it writes (see src/itwinai_journal/measure.py)
+        writer.append((time.time(), kind, name, step, None, value, text, None,
+                       {**meta, "context": "training"}, None))
+
+    if captured("flops_pb"):
+        logger.log((model, batch), "flops_batch", kind="flops_pb", step=step)
+    else:
+        append("flops_pb", "flops_batch", 24.0 + step, None,
+               {"method": "FlopCounterMode", "total": 24.0, "batches": 1})
+    if captured("flops_pe"):
+        logger.log((model, [batch, batch]), "flops_epoch", kind="flops_pe", step=step)
+    else:
+        append("flops_pe", "flops_epoch", 48.0, None,
+               {"method": "FlopCounterMode", "total": 48.0, "batches": 2})
+    if captured("system"):
+        logger.log(None, "system", kind="system", step=step)
+    else:
+        append("system", "system", None,
+               json.dumps({"cpu_percent": 12.5 + step, "process_rss_bytes": 1.5e8}),
+               {"method": "psutil"})
+    if captured("carbon"):
+        logger.log(None, "carbon", kind="carbon", step=step)  # the baseline: no fields yet
+        logger.log(None, "carbon", kind="carbon", step=step)
+    else:
+        append("carbon", "carbon", 0.25, json.dumps({"energy_j": 90.0 + step,
+                                                     "emissions_g": 0.01 * step}),
+               {"method": "rapl"})
+    if captured("execution_time"):
+        logger.log(None, "epoch_time", kind="execution_time", step=step)
+    else:
+        append("execution_time", "epoch_time", 1.75 * step, None, {"method": "session_clock"})
+    # the marker asking for the documents (not among Prov4MLLogger's supported kinds: written
+    # as the capture writes it); the exporter makes the documents on every export anyway
+    writer.append((time.time(), "prov_documents", "prov_documents", None, None, None, None,
+                   None, {"marker": True}, None))
+
+
+def write_run(savedir: Path, ranks: tuple[int, ...] = (0, 1), **prov_options) -> None:
+    """A two-logger run per rank (MLflow + Prov4ML in one collection, one journal)."""
+    for rank in ranks:
+        torch.manual_seed(rank)
+        model = torch.nn.Linear(3, 2)
+        prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                             log_on_workers=-1, run_id=RUN, **prov_options)
+        mlf = MLFlowLogger(savedir=savedir, experiment_name=EXP, log_freq="batch",
+                           log_on_workers=-1, run_id=RUN)
+        logger = LoggersCollection([mlf, prov])
+        with logger.start_logging(rank=rank):
+            logger.save_hyperparameters({"lr": 0.001, "optimizer": "adam", "layers": [3, 2],
+                                         "rank_seed": rank})
+            for step in range(4):
+                logger.log(1.0 / (step + 1) + rank, "loss", step=step)
+                logger.log(0.5 + step / 10, "acc", step=step, context="validation")
+                # batch-level: only MLflow takes it (Prov4MLLogger logs per epoch)
+                logger.log(9.0, "batch_loss", step=step, batch_idx=1)
+            logger.log(0.25, "val:loss", step=3, context="validation")
+            logger.log(model, "net", kind="model", step=1)
+            logger.log(model, "net", kind="model", step=2)
+            logger.log(model, "best", kind="best_model")
+            log_measured(prov, model, step=3)
+
+
+def rank_root(savedir: Path, rank: int) -> Path:
+    return savedir / "prov" / EXP / RUN / f"rank-{rank:05d}"
+
+
+def document(savedir: Path, rank: int, exp: str = EXP) -> Path:
+    return rank_root(savedir, rank) / f"{exp}_0" / f"prov_{exp}_GR{rank}_0.json"
+
+
+def read_csv(path: Path) -> list[tuple[int, float, int]]:
+    with open(path, newline="") as f:
+        return [(int(r["epoch"]), float(r["value"]), int(r["timestep"]))
+                for r in csv.DictReader(f)]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def expected_metrics(savedir: Path, rank: int) -> dict[tuple[str, str, str], list[tuple]]:
+    """From the journal: (name, context, source) -> [(step, value, timestamp ms)] of what the
+    prov4ml target shows (the records routed to it, measured kinds field by field)."""
+    table = Journal(savedir).records(run_id=RUN, rank=rank)
+    out: dict[tuple[str, str, str], list[tuple]] = {}
+    for rec in table.to_pylist():
+        meta = json.loads(rec["meta"]) if rec["meta"] else {}
+        if "targets" in meta and "prov4ml" not in meta["targets"]:
+            continue
+        kind = rec["kind"]
+        context = meta.get("context") or "training"
+        point = (rec["step"] or 0, rec["time"])
+        name = rec["name"].replace(":", "_")
+        if kind == "metric":
+            out.setdefault((name, context, "None"), []).append((*point, rec["value"]))
+        elif kind in ("flops_pb", "flops_pe", "execution_time"):
+            out.setdefault((name, context, SOURCES[kind]), []).append((*point, rec["value"]))
+        elif kind in ("system", "carbon"):
+            source = meta["method"] if kind == "system" else SOURCES[kind]
+            fields = {k: v for k, v in json.loads(rec["text"] or "{}").items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if not fields and rec["value"] is not None:
+                fields = {rec["name"]: rec["value"]}
+            for key, value in fields.items():
+                out.setdefault((key, context, source), []).append((*point, float(value)))
+    return {k: sorted((step, value, int(round(t * 1000))) for step, t, value in v)
+            for k, v in out.items()}
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+def test_export_documents_per_rank_and_exactly_once(tmp_path):
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, save_after_n_logs=3)
+    out = sync(savedir)
+    assert "exported" in out and "failed" not in out.split("pairs,")[0]
+    assert "name 'val:loss' is written as 'val_loss'" in out
+
+    from yprov4ml.utils import getters
+
+    for rank in (0, 1):
+        doc_path = document(savedir, rank)
+        doc = json.loads(doc_path.read_text())
+        root = doc["activity"][f"{EXP}_GR{rank}_0"]
+        assert root["yprov:global_rank"] == str(rank)  # not a no-op run for rank 1
+        assert root["yprov:itwinai_run_id"] == RUN
+        sessions = Journal(savedir).run(RUN).rank(rank).manifest["sessions"]
+        assert root["prov:startedAtTime"] == prov4ml._iso(sessions[0]["start"])
+        assert root["prov:endedAtTime"] == prov4ml._iso(sessions[-1]["end"])
+        # params: inputs of the run, values as yprov4ml writes them (str of the value)
+        entities = doc["entity"]
+        assert entities["lr"]["prov:value"] == "0.001"
+        assert entities["optimizer"]["prov:value"] == "adam"
+        assert entities["layers"]["prov:value"] == "[3, 2]"
+        assert entities["rank_seed"]["prov:value"] == str(rank)
+        assert entities["lr"]["prov:type"] == "provml:HyperParameter"
+        assert getters.get_parameter(str(doc_path), "lr", "value") == "0.001"
+        # every metric of the journal, with context, step and original timestamp
+        expected = expected_metrics(savedir, rank)
+        assert ("loss", "training", "None") in expected
+        assert ("acc", "validation", "None") in expected
+        assert not any(name == "batch_loss" for name, _, _ in expected)
+        metric_entities = {k: v for k, v in entities.items()
+                           if v.get("prov:type") == "provml:Metric"}
+        assert len(metric_entities) == len(expected)
+        for (name, context, source), points in expected.items():
+            entity_id = f"{name}//{context}" if source == "None" else \
+                f"{source}//{name}//{context}"
+            entity = metric_entities[entity_id]
+            assert entity["yprov:context"] == context
+            assert entity["yprov:source"] == source
+            path = Path(entity["dcterms:identifier"])
+            assert path.parent == rank_root(savedir, rank) / f"{EXP}_0" / f"metrics_GR{rank}"
+            assert sorted(read_csv(path)) == points, (name, context)
+        frame = getters.get_metric(str(doc_path), "loss", "training", "None")
+        assert frame["value"].tolist() == pytest.approx([1.0 + rank, 0.5 + rank,
+                                                         1 / 3 + rank, 0.25 + rank])
+        assert frame["epoch"].tolist() == [0, 1, 2, 3]
+        # measured kinds: yprov4ml's source labels, and the method that really measured them
+        labels = {v["yprov:source"] for v in metric_entities.values()}
+        assert {"fvcore.nn.FlopCountAnalysis", "codecarbon", "std.time"} <= labels
+        assert labels & {"psutil", "procfs"}
+        flops = metric_entities["fvcore.nn.FlopCountAnalysis//flops_batch//training"]
+        assert flops["yprov:measurement_method"] == "FlopCounterMode"
+        # models: two versions and the best model, as files of the journal's bytes
+        art = rank_root(savedir, rank) / f"{EXP}_0" / f"artifacts_GR{rank}"
+        for entity_id, file in (("torch//net_0//training", art / "net" / "net_0.pt"),
+                                ("torch//net_1//training", art / "net" / "net_1.pt"),
+                                ("torch//best//training", art / "best" / "best.pt")):
+            assert entities[entity_id]["prov:type"] == "provml:Model"
+            assert entities[entity_id]["dcterms:identifier"] == str(file)
+            module = torch.load(file, weights_only=False)
+            assert isinstance(module, torch.nn.Linear)
+        assert entities["torch//best//training"]["yprov:best_total_params"]["$"] == "8"
+        assert doc_path.with_suffix(".dot").stat().st_size > 0  # create_graph=True
+        cursor = json.loads((doc_path.parent / prov4ml.MARKER).read_text())["cursor"]
+        assert cursor == Journal(savedir).run(RUN).rank(rank).last_seq
+
+    # a second sync: nothing to do, the documents are untouched (byte for byte)
+    before = snapshot(savedir / "prov")
+    out = sync(savedir)
+    assert "up-to-date" in out
+    assert snapshot(savedir / "prov") == before
+    # rebuilt from scratch (markers gone): the same bytes, and still one run folder per rank
+    for rank in (0, 1):
+        (document(savedir, rank).parent / prov4ml.MARKER).unlink()
+    sync(savedir)
+    assert snapshot(savedir / "prov") == before
+    for rank in (0, 1):
+        assert [p.name for p in rank_root(savedir, rank).iterdir()] == [f"{EXP}_0"]
+    assert sorted(p.name for p in rank_root(savedir, 0).parent.iterdir()) == [
+        "rank-00000", "rank-00001"]
+
+
+def test_resumed_run_is_regenerated_not_appended(tmp_path):
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, ranks=(0,))
+    sync(savedir)
+    first = expected_metrics(savedir, 0)
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN)
+    with prov.start_logging(rank=0):  # the job resumed: a new session, seq continues
+        for step in range(4, 7):
+            prov.log(0.1 * step, "loss", step=step)
+    sync(savedir)
+    expected = expected_metrics(savedir, 0)
+    assert len(expected[("loss", "training", "None")]) == 7
+    assert expected[("acc", "validation", "None")] == first[("acc", "validation", "None")]
+    doc = json.loads(document(savedir, 0).read_text())
+    path = Path(doc["entity"]["loss//training"]["dcterms:identifier"])
+    assert sorted(read_csv(path)) == expected[("loss", "training", "None")]  # each point once
+    assert [p.name for p in rank_root(savedir, 0).iterdir()] == [f"{EXP}_0"]
+
+
+def test_live_rank_is_exported_up_to_its_last_record(tmp_path):
+    savedir = tmp_path / "mllogs"
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN, create_graph=False, create_svg=False)
+    with prov.start_logging(rank=0):
+        prov.save_hyperparameters({"lr": 0.1})
+        prov.log(1.0, "loss", step=0)
+        prov._writer.flush()
+        sync(savedir)  # the rank is running: built when the sync closes it
+        doc = json.loads(document(savedir, 0).read_text())
+        assert doc["entity"]["lr"]["prov:value"] == "0.1"
+        assert "loss//training" in doc["entity"]
+        assert not document(savedir, 0).with_suffix(".dot").exists()  # create_graph=False
+        prov.log(2.0, "loss", step=1)
+    sync(savedir)
+    doc = json.loads(document(savedir, 0).read_text())
+    path = Path(doc["entity"]["loss//training"]["dcterms:identifier"])
+    assert [(e, v) for e, v, _ in read_csv(path)] == [(0, 1.0), (1, 2.0)]
+    session = Journal(savedir).run(RUN).rank(0).manifest["sessions"][-1]
+    assert doc["activity"][f"{EXP}_GR0_0"]["prov:endedAtTime"] == prov4ml._iso(session["end"])
+
+
+def test_crash_between_renames_and_leftovers(tmp_path):
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, ranks=(0,))
+    sync(savedir)
+    before = snapshot(savedir / "prov")
+    run_dir = rank_root(savedir, 0).parent
+    # killed after renaming the old documents aside, before renaming the new ones in
+    rank_root(savedir, 0).rename(run_dir / f"{prov4ml.OLD_PREFIX}00000-dead")
+    (run_dir / f"{prov4ml.TMP_PREFIX}00000-half").mkdir()
+    (run_dir / f"{prov4ml.TMP_PREFIX}00000-half" / "junk").write_text("x")
+    out = sync(savedir)
+    assert "up-to-date" in out  # the old documents are back, with their cursor
+    assert snapshot(savedir / "prov") == before
+    assert [p.name for p in run_dir.iterdir()] == ["rank-00000"]
+
+
+def test_svg_needs_graphviz(tmp_path, monkeypatch):
+    savedir = tmp_path / "mllogs"
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN, create_graph=True, create_svg=True)
+    with prov.start_logging(rank=0):
+        prov.log(1.0, "loss", step=0)
+    monkeypatch.setattr(prov4ml.shutil, "which", lambda name: None)
+    out = sync(savedir)
+    assert "Graphviz 'dot' is not installed" in out
+    assert document(savedir, 0).with_suffix(".dot").stat().st_size > 0
+    assert not document(savedir, 0).with_suffix(".svg").exists()
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_svg_through_dot(tmp_path, monkeypatch, works):
+    """How Graphviz is called (a stand-in `dot` on PATH), and a failing `dot` reported."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = ('#!/bin/sh\n[ "$1" = -Tsvg ] && [ "$3" = -o ] && [ -s "$2" ] || exit 2\n'
+              'printf "<svg/>" > "$4"\n') if works else \
+        '#!/bin/sh\necho "syntax error in line 1" >&2\nprintf partial > "$4"\nexit 1\n'
+    (bin_dir / "dot").write_text(script)
+    (bin_dir / "dot").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    savedir = tmp_path / "mllogs"
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN)
+    with prov.start_logging(rank=0):
+        prov.log(1.0, "loss", step=0)
+    out = sync(savedir)
+    svg = document(savedir, 0).with_suffix(".svg")
+    if works:
+        assert svg.read_text() == "<svg/>"
+    else:
+        assert "could not render" in out and "syntax error in line 1" in out
+        assert not svg.exists()
+
+
+@pytest.mark.skipif(prov4ml.shutil.which("dot") is None, reason="Graphviz is not installed")
+def test_svg_with_graphviz(tmp_path):
+    savedir = tmp_path / "mllogs"
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN)
+    with prov.start_logging(rank=0):
+        prov.log(1.0, "loss", step=0)
+    sync(savedir)
+    assert b"<svg" in document(savedir, 0).with_suffix(".svg").read_bytes()
+
+
+def test_dir_option_and_dry_run(tmp_path):
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, ranks=(0,))
+    target = tmp_path / "elsewhere"
+    result = CliRunner().invoke(main, [str(savedir), "--to", "prov4ml", "--dir", str(target),
+                                       "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not target.exists()
+    sync(savedir, "--dir", str(target))
+    assert (target / EXP / RUN / "rank-00000" / f"{EXP}_0" / f"prov_{EXP}_GR0_0.json").exists()
+    assert not (savedir / "prov").exists()
+
+
+def test_module_import_is_light():
+    code = ("import sys, itwinai_sync.prov4ml; "
+            "assert 'yprov4ml' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
+
+
+def test_prov_name_mapping():
+    assert prov4ml.prov_name("train/loss", 100) == "train_loss"
+    assert prov4ml.prov_name("val:acc", 100) == "val_acc"
+    assert prov4ml.prov_name("..", 100) == "__"
+    long = prov4ml.prov_name("x" * 300, 60)
+    assert len(long) == 60 and long != prov4ml.prov_name("x" * 299, 60)
