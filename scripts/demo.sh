@@ -20,5 +20,5 @@ echo; echo "== itwinai-sync show $SAVEDIR $ITWINAI_RUN_ID"
 .venv/bin/itwinai-sync show "$SAVEDIR" "$ITWINAI_RUN_ID"
 echo
 echo "Open the results:"
-echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(pwd)/$SAVEDIR/mlflow.db"
+echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///$(cd "$SAVEDIR" && pwd)/mlflow.db"
 echo "  .venv/bin/tensorboard --logdir $SAVEDIR/tensorboard"
