@@ -4,6 +4,9 @@
     itwinai-sync ls SAVEDIR [--json]
     itwinai-sync show SAVEDIR RUN
     itwinai-sync verify SAVEDIR
+    itwinai-sync plot SAVEDIR [RUN ...] [-o out.png|out.html]
+    itwinai-sync tail SAVEDIR [RUN] [-f]
+    itwinai-sync export SAVEDIR --format parquet|csv -o DIR
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from itwinai_journal.segments import JournalCorruption
 from .engine import RunResult, SyncEngine, SyncRequest, total_pending
 from .exporter import ExportError, exporter_names, load_exporter
 from .ledger import ledger_entries
+from .views import ViewError, metric_summary_lines
 
 
 class DefaultToSync(click.Group):
@@ -305,7 +309,8 @@ def verify_cmd(savedir: Path) -> None:
 @click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("run_id")
 def show_cmd(savedir: Path, run_id: str) -> None:
-    """Manifest, kinds and counts, and the last value of each metric of one run."""
+    """Manifest, kinds and counts, and per metric its last value, min, max, point count and a
+    sparkline of the whole series, for each rank of one run."""
     journal = Journal(savedir)
     try:
         run = journal.run(run_id)
@@ -333,13 +338,112 @@ def show_cmd(savedir: Path, run_id: str) -> None:
         kinds = Counter(mine["kind"].to_pylist())
         click.echo(f"    records: {_counts(kinds)}")
         metrics = mine.filter(pc.equal(mine["kind"], "metric"))
-        last: dict[str, tuple[Any, Any]] = {}
-        for name, step, value in zip(metrics["name"].to_pylist(), metrics["step"].to_pylist(),
-                                     metrics["value"].to_pylist()):
-            last[name] = (step, value)
-        for name, (step, value) in sorted(last.items()):
-            click.echo(f"    {name} = {value:.6g}" + (f"  (step {step})" if step is not None
-                                                      else ""))
+        for line in metric_summary_lines(metrics):
+            click.echo(line)
+
+
+# -- plot, tail, export (logic in views.py) ---------------------------------------------------
+
+
+@main.command("plot")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_ids", nargs=-1, metavar="[RUN ...]")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Only this metric, repeatable; shell-style patterns work ('train/*').")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("metrics.png"), show_default=True,
+              help="Image (.png, .svg, .pdf: matplotlib) or self-contained page (.html).")
+@click.option("--smooth", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, metavar="ALPHA",
+              help="EMA smoothing weight as TensorBoard's slider (0: raw, 0.9: smooth); the "
+                   "raw curve stays visible, faint.")
+@click.option("--x", "x_mode", type=click.Choice(["step", "time", "relative"]), default="step",
+              show_default=True, help="x axis: step, wall-clock time, or seconds since the "
+                                      "run's first record.")
+@click.option("--width", type=click.IntRange(200, 10000), default=1200, show_default=True,
+              help="Image width in pixels.")
+@click.option("--height", type=click.IntRange(100, 10000), default=None,
+              help="Image height in pixels [default: 360 per row of charts].")
+@click.option("--columns", type=click.IntRange(1, 8), default=None,
+              help="Charts per row [default: 1 for one metric, else 2].")
+def plot_cmd(savedir: Path, run_ids: tuple[str, ...], metrics: tuple[str, ...], output: Path,
+             smooth: float, x_mode: str, width: int, height: int | None,
+             columns: int | None) -> None:
+    """Metric curves of RUNs (default: every run under SAVEDIR), one chart per metric, one
+    line per run and rank. No tracker and no network needed."""
+    from .views import PlotOptions, plot
+
+    opts = PlotOptions(smooth=smooth, x=x_mode, width=width, height=height, columns=columns)
+    try:
+        done = plot(Journal(savedir), output, list(run_ids), list(metrics), opts)
+    except (ViewError, JournalCorruption) as e:
+        _fail(str(e), False)
+    click.echo(f"wrote {done['path']}: {done['charts']} metric(s), {done['series']} series, "
+               f"{done['points']} points")
+
+
+@main.command("tail")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_id", required=False, metavar="[RUN]")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing metric records as they are written, until Ctrl-C.")
+@click.option("-n", "--lines", "last", type=click.IntRange(min=0), default=10,
+              show_default=True, help="Print the last N records first.")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              metavar="S", help="Seconds between reads of the journal with -f.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Only this metric, repeatable; shell-style patterns work.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
+def tail_cmd(savedir: Path, run_id: str | None, follow: bool, last: int, interval: float,
+             metrics: tuple[str, ...], as_json: bool) -> None:
+    """Print the last metric records of RUN (default: every run under SAVEDIR); with -f keep
+    printing new ones as the journal grows, each (run, rank, seq) exactly once, also while
+    segments are sealed."""
+    from .views import Tail
+
+    tail = Tail(savedir, run_id, metrics)
+
+    def emit(points: list) -> None:
+        for p in points:
+            click.echo(p.json() if as_json else p.line())
+
+    try:
+        if run_id is not None and not tail.runs() and not follow:
+            _fail(f"no run {run_id!r} in {savedir}", False)
+        emit(tail.poll(last=last))
+        while follow:
+            time.sleep(interval)
+            emit(tail.poll())
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        sys.stderr.close()  # `itwinai-sync tail ... | head`: stop quietly
+    except (ViewError, JournalCorruption) as e:
+        _fail(str(e), False)
+
+
+@main.command("export")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet",
+              show_default=True)
+@click.option("-o", "--output", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Directory; each run goes to DIR/<experiment>/<run_id>.<format>.")
+@click.option("--run", "run_ids", multiple=True, metavar="ID",
+              help="Only this run (id or experiment/id), repeatable.")
+def export_cmd(savedir: Path, fmt: str, out_dir: Path, run_ids: tuple[str, ...]) -> None:
+    """Write a tidy metrics table per run: experiment, run_id, rank, seq, time, name, step,
+    batch_idx, value (as Journal(SAVEDIR).metrics())."""
+    from .views import export_metrics
+
+    try:
+        written = export_metrics(Journal(savedir), out_dir, fmt, list(run_ids))
+    except (ViewError, JournalCorruption) as e:
+        _fail(str(e), False)
+    for run, path, rows in written:
+        click.echo(f"{run.key}: {rows} metric points -> {path}")
+    if not written:
+        click.echo(f"no runs in {savedir}")
 
 
 if __name__ == "__main__":  # pragma: no cover

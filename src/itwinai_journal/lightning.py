@@ -1,0 +1,210 @@
+"""PyTorch Lightning adapter: a Lightning `Logger` that writes through an itwinai_journal logger.
+
+    from itwinai_journal.loggers import MLFlowLogger
+    from itwinai_journal.lightning import JournalLogger
+
+    logger = JournalLogger(MLFlowLogger(savedir="mllogs", experiment_name="mnist"))
+    trainer = lightning.Trainer(logger=logger, ...)
+
+Everything Lightning logs (`self.log(...)` metrics with the trainer's step, the module's
+`save_hyperparameters()`, every checkpoint `ModelCheckpoint` saves) goes into the journal, which
+`itwinai-sync` replays into the trackers the wrapped logger declares. `logger.experiment` is the
+wrapped itwinai logger, for the kinds Lightning has no method for
+(`trainer.logger.experiment.log(fig, "confusion", kind="figure")`).
+
+Works with `lightning` (`lightning.pytorch`) or, when that is not installed, the older
+`pytorch_lightning` package. This module is imported only by the code that uses it:
+`import itwinai_journal` never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+try:
+    from lightning.fabric.utilities.logger import (
+        _convert_params,
+        _flatten_dict,
+        _sanitize_callable_params,
+    )
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.loggers.logger import Logger as _LightningLogger
+    from lightning.pytorch.loggers.utilities import _scan_checkpoints
+except ImportError:  # pragma: no cover - the standalone pytorch_lightning package
+    from lightning_fabric.utilities.logger import (  # type: ignore[no-redef]
+        _convert_params,
+        _flatten_dict,
+        _sanitize_callable_params,
+    )
+    from lightning_fabric.utilities.rank_zero import rank_zero_only  # type: ignore[no-redef]
+    from pytorch_lightning.loggers.logger import (  # type: ignore[no-redef]
+        Logger as _LightningLogger,
+    )
+    from pytorch_lightning.loggers.utilities import _scan_checkpoints  # type: ignore[no-redef]
+
+from .loggers import BASE_EXP_NAME, EmptyLogger, Logger, LoggersCollection
+
+#: Lightning's finalize statuses -> journal session statuses.
+_STATUS = {"success": "finished", "finished": "finished", "failed": "failed",
+           "interrupted": "interrupted"}
+
+
+class JournalLogger(_LightningLogger):
+    """A Lightning logger writing into an itwinai_journal journal through `logger`.
+
+    Args:
+        logger: any itwinai_journal logger (`MLFlowLogger`, `WandBLogger`, `TensorBoardLogger`,
+            `LoggersCollection`, ...). If it is not initialized yet, the adapter opens it for
+            the process's global rank when Lightning first needs it and closes it in
+            `finalize`; if it is already open (`with logger.start_logging(rank):` around
+            `trainer.fit`), the adapter only writes through it and leaves closing to you.
+        log_checkpoints: log every checkpoint file `ModelCheckpoint` saves (the last, the best
+            and the top-k, each new version once) as an `artifact` named
+            `checkpoints/<file name>`, with its monitor score, tag, epoch and step in the
+            record. The wrapped logger must support the `artifact` kind (MLFlowLogger,
+            ConsoleLogger, a LoggersCollection holding one); others skip it with a warning.
+        prefix: put in front of every metric name, joined with `group_separator` ('/').
+
+    `name` is the journal experiment, `version` the journal run id, so with no explicit
+    `dirpath` `ModelCheckpoint` saves to `<default_root_dir>/<experiment>/<run id>/checkpoints`.
+    Metrics are logged with the trainer's step on every rank the wrapped logger's
+    `log_on_workers` allows (one journal per rank; Lightning's own loggers write on rank 0
+    only). Hyperparameters are flattened (`{"opt": {"lr": 1}}` -> `opt/lr`), callables become
+    their names, and each is a `param` record.
+    """
+
+    def __init__(self, logger: Logger, log_checkpoints: bool = True, prefix: str = "") -> None:
+        super().__init__()
+        if not isinstance(logger, Logger):
+            raise TypeError(f"JournalLogger wraps an itwinai_journal logger, got "
+                            f"{type(logger).__name__}")
+        self._logger = logger
+        self._log_checkpoints = log_checkpoints
+        self._prefix = prefix
+        self._owns = False  # whether this adapter opened the logger (and so closes it)
+        self._logged_checkpoints: dict[str, float] = {}
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The journal experiment."""
+        return _experiment_of(self._logger)
+
+    @property
+    def version(self) -> str:
+        """The journal run id (resolved, and the journal opened, on first use)."""
+        if self._logger.run_id is None:
+            self._ensure_open()
+        return str(self._logger.run_id)
+
+    @property
+    def experiment(self) -> Logger:
+        """The wrapped itwinai_journal logger, opened: log any kind through it."""
+        self._ensure_open()
+        return self._logger
+
+    @property
+    def save_dir(self) -> str | None:
+        """None: the journal is not a place for checkpoints, so Lightning puts them under
+        the trainer's `default_root_dir` (and the adapter copies them into the journal)."""
+        return None
+
+    @property
+    def root_dir(self) -> str:
+        """The journal savedir."""
+        return str(self._logger.savedir)
+
+    @property
+    def log_dir(self) -> str:
+        """This run's directory in the journal."""
+        from .names import experiment_dirname
+
+        return os.path.join(self.root_dir, experiment_dirname(self.name), self.version)
+
+    # -- opening and closing -------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._logger.is_initialized:
+            return
+        rank = int(getattr(rank_zero_only, "rank", 0) or 0)
+        self._logger.create_logger_context(rank=rank)
+        self._owns = True
+
+    def save(self) -> None:
+        """Flush the records logged so far to the active segment (Lightning calls this after
+        each `log_metrics`; it is one small append, not an fsync)."""
+        for writer in _writers(self._logger):
+            writer.flush()
+
+    def finalize(self, status: str) -> None:
+        """End of fit/validate/test: flush, and close the session if this adapter opened it
+        ('success' -> finished, 'failed' -> failed). A later `trainer.test()` with the same
+        adapter opens a new session of the same run."""
+        if not self._logger.is_initialized:
+            return
+        if self._owns:
+            self._logger._close(_STATUS.get(status, "finished"))
+            self._owns = False
+        else:
+            self.save()
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._ensure_open()
+        sep = self.group_separator
+        for name, value in metrics.items():
+            key = f"{self._prefix}{sep}{name}" if self._prefix else name
+            self._logger.log(value, key, kind="metric", step=None if step is None
+                             else int(step))
+
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any,
+                        **kwargs: Any) -> None:
+        self._ensure_open()
+        flat = _flatten_dict(_sanitize_callable_params(_convert_params(params)))
+        if flat:
+            self._logger.save_hyperparameters(flat)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Log each checkpoint file that is new or was rewritten since the last call."""
+        if not self._log_checkpoints:
+            return
+        self._ensure_open()
+        for mtime, path, score, tag in _scan_checkpoints(checkpoint_callback,
+                                                         self._logged_checkpoints):
+            extra: dict[str, Any] = {"tag": tag}
+            if score is not None:
+                extra["score"] = float(score)
+                extra["monitor"] = getattr(checkpoint_callback, "monitor", None)
+            step = getattr(checkpoint_callback, "_last_global_step_saved", None)
+            self._logger.log(str(path), f"checkpoints/{Path(path).name}", kind="artifact",
+                             step=step, checkpoint=extra)
+            self._logged_checkpoints[path] = mtime
+
+
+def _experiment_of(logger: Logger) -> str:
+    """The experiment `logger` journals to; for a collection, the one its members share (the
+    first member's that names one, as `LoggersCollection.create_logger_context` decides)."""
+    if not isinstance(logger, LoggersCollection):
+        return logger.journal_experiment()
+    members = [lg for lg in logger.loggers if not isinstance(lg, EmptyLogger)]
+    chosen = next((lg._journal_experiment for lg in members if lg._journal_experiment), None)
+    chosen = chosen or next((lg.experiment_id for lg in members if lg.experiment_id), None)
+    return chosen or BASE_EXP_NAME
+
+
+def _writers(logger: Logger) -> list[Any]:
+    members = logger.loggers if isinstance(logger, LoggersCollection) else [logger]
+    seen: dict[int, Any] = {}
+    for lg in members:
+        w = getattr(lg, "_writer", None)
+        if w is not None:
+            seen.setdefault(id(w), w)
+    return list(seen.values())
+
+
+__all__ = ["JournalLogger"]
