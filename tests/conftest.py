@@ -22,6 +22,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+#: Variables from which the journal takes a run id or world size: a test must not inherit them
+#: from the environment it runs in (a CI job may well be a SLURM job).
+LAUNCHER_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
+                "SLURM_PROCID", "WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in LAUNCHER_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+def train_watched_linear(logger, steps: int = 3):
+    """A tiny nn.Linear trained a few steps under `watch` (log='all', every call), logging its
+    loss; returns the model. Shared by the exporters' watch tests."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    logger.log(model, "model", kind="watch", log="all", log_freq=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        logger.log(loss.item(), "loss", step=step)
+    return model
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ITWINAI_", "SLURM_",
                                                                       "TORCHELASTIC_"))}

@@ -35,15 +35,6 @@ REFERENCE_KINDS = (
     "execution_time", "prov_documents",
 )
 
-_RUN_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-            "WORLD_SIZE")
-
-
-@pytest.fixture(autouse=True)
-def _no_launcher_env(monkeypatch):
-    """Run ids and world size must not leak in from the environment the tests run in."""
-    for var in _RUN_ENV:
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture

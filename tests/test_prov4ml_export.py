@@ -39,11 +39,6 @@ SOURCES = {"flops_pb": "fvcore.nn.FlopCountAnalysis", "flops_pe": "fvcore.nn.Flo
 MEASURED = ("flops_pb", "flops_pe", "system", "carbon", "execution_time")
 
 
-@pytest.fixture(autouse=True)
-def _no_launcher_env(monkeypatch):
-    for var in ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-                "WORLD_SIZE", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pandas  # noqa: F401
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import child_env
+from conftest import child_env, train_watched_linear
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
@@ -40,12 +40,6 @@ from itwinai_sync.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc3
 ALL = {kind: 0 for kind in event_accumulator.DEFAULT_SIZE_GUIDANCE}  # 0: keep every event
 
 
-@pytest.fixture(autouse=True)
-def _no_launcher_env(monkeypatch):
-    """Run ids and world size must not leak in from the environment the tests run in."""
-    for var in ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-                "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -208,16 +202,7 @@ def test_watch_histograms(tmp_path):
     savedir = tmp_path / "mllogs"
     logger = WandBLogger(savedir=savedir, project_name="watch", run_id="w", log_freq="batch")
     logger.create_logger_context()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    logger.log(model, "model", kind="watch", log="all", log_freq=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        logger.log(loss.item(), "loss", step=step)
+    model = train_watched_linear(logger)
     with torch.no_grad():
         model.bias.fill_(float("nan"))  # a histogram without finite values: written empty
         model(torch.randn(2, 4))

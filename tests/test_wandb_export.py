@@ -23,7 +23,7 @@ import pytest
 import torch
 import wandb_records as wr
 from click.testing import CliRunner
-from conftest import child_env
+from conftest import child_env, train_watched_linear
 
 from itwinai_journal import Journal
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
@@ -34,15 +34,10 @@ from itwinai_sync.wandb import committed_state, wandb_run_id
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_RUN_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-            "WORLD_SIZE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID")
-
 
 @pytest.fixture(autouse=True)
 def offline_wandb(tmp_path, monkeypatch):
-    """W&B offline and silent, its directories in tmp_path; no run identity from outside."""
-    for var in _RUN_ENV:
-        monkeypatch.delenv(var, raising=False)
+    """W&B offline and silent, its directories in tmp_path."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -343,16 +338,7 @@ def test_watch_records_histograms_and_they_reach_wandb(tmp_path):
     savedir = tmp_path / "mllogs"
     logger = WandBLogger(savedir=savedir, project_name="watch", run_id="w", log_freq="batch")
     logger.create_logger_context()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    logger.log(model, "model", kind="watch", log="all", log_freq=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        logger.log(loss.item(), "loss", step=step)
+    model = train_watched_linear(logger)
     logger.destroy_logger_context()
 
     recs = journal(savedir)

@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.fsutil import fsync_dir
+from itwinai_journal.fsutil import fsync_dir, write_atomic
 from itwinai_journal.names import experiment_dirname
 
 from .exporter import Exporter, ExportError, Notes, RankSink
@@ -396,17 +396,6 @@ class TensorBoardSink(RankSink):
 
     def _write(self, name: str, body: bytes) -> None:
         """Write `body` as `name` in the rank directory: temporary file, fsync, rename."""
-        tmp = self.path / f"{TMP_PREFIX}{name.replace('tfevents', 'part')}.{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(self.path / name, body,
+                     tmp_name=f"{TMP_PREFIX}{name.replace('tfevents', 'part')}.{os.getpid()}")
         fsync_dir(self.path)

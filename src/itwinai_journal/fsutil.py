@@ -22,10 +22,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: bytes, fsync: bool = True,
+                 tmp_name: str | None = None) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix.
+    `tmp_name` names the temporary file when readers of the directory must not mistake it for
+    a finished one (TensorBoard reads any file with 'tfevents' in its name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if tmp_name is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    else:
+        tmp = str(path.parent / tmp_name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
