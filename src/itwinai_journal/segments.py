@@ -155,7 +155,21 @@ def segment_name(number: int, ext: str) -> str:
     return f"{number:06d}.{ext}"
 
 
-def read_segment(seg_dir: Path, number: int) -> tuple[pa.Table, bool]:
+def read_sealed(path: Path, sha256: str | None) -> pa.Table:
+    """A sealed segment, checked against the sha256 its index entry recorded (when it has one
+    yet): a modified segment is corruption, never data to export."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise JournalCorruption(f"{path}: sha256 differs from the index: the sealed segment was "
+                                "modified")
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (OSError, pa.ArrowException) as e:
+        raise JournalCorruption(f"{path}: unreadable Parquet segment ({e})") from e
+
+
+def read_segment(seg_dir: Path, number: int, sha256: str | None = None
+                 ) -> tuple[pa.Table, bool]:
     """The records of segment `number`, preferring the sealed file. Tolerates the segment being
     sealed while we look (the JSONL vanishes, the Parquet appears). Returns (table, torn_tail)."""
     parquet = seg_dir / segment_name(number, "parquet")
@@ -163,7 +177,7 @@ def read_segment(seg_dir: Path, number: int) -> tuple[pa.Table, bool]:
     for _ in range(3):
         if parquet.exists():
             try:
-                return read_parquet(parquet), False
+                return read_sealed(parquet, sha256), False
             except FileNotFoundError:
                 pass
         try:
@@ -177,12 +191,14 @@ def read_segment(seg_dir: Path, number: int) -> tuple[pa.Table, bool]:
 def iter_tables(seg_dir: Path, after_seq: int = 0, index: list[dict] | None = None
                 ) -> Iterator[pa.Table]:
     """Record tables of a rank in seq order, one segment at a time, skipping segments whose
-    records are all at or below `after_seq` (known from the index without opening them)."""
-    done_through = {e["segment"]: e["last_seq"] or 0 for e in (index or [])}
+    records are all at or below `after_seq` (known from the index without opening them).
+    Sealed segments are checked against their index entry's sha256."""
+    entries = {e["segment"]: e for e in (index or [])}
     for number in segment_files(seg_dir):
-        if done_through.get(number, after_seq + 1) <= after_seq:
+        entry = entries.get(number)
+        if entry is not None and (entry["last_seq"] or 0) <= after_seq:
             continue
-        table, _ = read_segment(seg_dir, number)
+        table, _ = read_segment(seg_dir, number, entry["sha256"] if entry else None)
         if after_seq > 0 and table.num_rows:
             import pyarrow.compute as pc
 

@@ -44,7 +44,8 @@ def verify_rank(rank: RankInfo) -> list[Problem]:
         out.append(Problem(severity, str(path), msg))
 
     if not rank.manifest:
-        err(rank_dir / "manifest.json", "missing or empty manifest")
+        err(rank_dir / "manifest.json", "no manifest yet: the process was stopped while opening "
+            "the rank (the next session of this rank writes it)", "warning")
     entries, index_problems = segments.read_index(rank_dir)
     for p in index_problems:
         err(rank_dir / segments.INDEX_NAME, p)
@@ -57,7 +58,8 @@ def verify_rank(rank: RankInfo) -> list[Problem]:
         if "parquet" in files:
             path = files["parquet"]
             if entry is None:
-                err(path, "sealed segment is not in the index")
+                err(path, "sealed segment not yet in the index (the process was stopped while "
+                    "sealing; the next session of this rank indexes it)", "warning")
             elif file_sha256(path) != entry["sha256"]:
                 err(path, "sha256 differs from the index: the sealed segment was modified")
             try:
