@@ -355,22 +355,36 @@ class Logger(LogMixin, metaclass=ABCMeta):
             return
         if self._writer is not None and self.strict:
             self._writer.check_healthy()
-        for one_item, one_name in pairs(item, identifier):
-            self._emit(one_item, one_name, kind, step, batch_idx, kwargs, self._route)
-            self._echo(one_item, one_name, kind, step)
+        items = pairs(item, identifier)
+        if kind == "metric" and not kwargs:
+            self._emit_metrics(items, step, batch_idx, self._route)
+        else:
+            for one_item, one_name in items:
+                self._emit(one_item, one_name, kind, step, batch_idx, kwargs, self._route)
+        if self.echoes:
+            for one_item, one_name in items:
+                self._echo(one_item, one_name, kind, step)
+
+    def _emit_metrics(self, items: list[tuple[Any, str]], step: int | None,
+                      batch_idx: int | None, route: str) -> None:
+        """Plain metrics from lists and collections: the hot path's compact records, queued
+        together (one timestamp for the call). Every item is checked before any is queued, so
+        a bad one fails the call without logging half of it."""
+        ok = self._names_ok
+        for _, name in items:
+            if name not in ok:
+                ok.add(names.check_name(name, "metric name"))
+        t = _now()
+        pending = self._writer.pending
+        pending.extend([(t, name, step, batch_idx,
+                         value if type(value) is float else metric_value(value), route)
+                        for value, name in items])
+        if len(pending) > BACKLOG:
+            self._writer.flush()
 
     def _emit(self, item: Any, identifier: str, kind: str, step: int | None,
               batch_idx: int | None, kwargs: dict[str, Any], route: str) -> None:
-        """Capture one object and queue its record (the non-hot path, every kind)."""
-        if kind == "metric" and not kwargs:
-            # Plain metrics from lists and collections: the same compact record as log().
-            if identifier not in self._names_ok:
-                self._names_ok.add(names.check_name(identifier, "metric name"))
-            value = item if type(item) is float else metric_value(item)
-            self._writer.append((_now(), identifier, step, batch_idx, value, route))
-            if len(self._writer.pending) > BACKLOG:
-                self._writer.flush()
-            return
+        """Capture one object and queue its record (every kind but plain metrics)."""
         names.check_name(identifier, f"{kind} identifier")
         if kind == "artifact":
             names.safe_relpath(identifier, "artifact identifier")
@@ -750,12 +764,18 @@ class LoggersCollection(Logger):
         accepting = self._accepting(kind, batch_idx)
         if not accepting:
             return
-        for one_item, one_name in pairs(item, identifier):
-            for writer_members in _by_writer(accepting):
-                route = _route(writer_members)
-                writer_members[0]._emit(one_item, one_name, kind, step, batch_idx, kwargs, route)
-            for lg in accepting:
-                lg._echo(one_item, one_name, kind, step)
+        items = pairs(item, identifier)
+        for writer_members in _by_writer(accepting):
+            first, route = writer_members[0], _route(writer_members)
+            if kind == "metric" and not kwargs:
+                first._emit_metrics(items, step, batch_idx, route)
+                continue
+            for one_item, one_name in items:
+                first._emit(one_item, one_name, kind, step, batch_idx, kwargs, route)
+        for lg in accepting:
+            if lg.echoes:
+                for one_item, one_name in items:
+                    lg._echo(one_item, one_name, kind, step)
 
     def _accepting(self, kind: str, batch_idx: int | None) -> list[Logger]:
         return [lg for lg in self.loggers

@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 import warnings
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import filelock
+import pyarrow as pa
 
 from . import manifest as mf
 from . import segments
@@ -34,6 +36,9 @@ DEFAULT_FLUSH_INTERVAL = 1.0
 #: until then, so this also bounds the writer's memory.
 SEAL_RECORDS = 50_000
 SEAL_BYTES = 64 << 20
+#: Batches of at least this many plain metrics are encoded column-wise by Arrow (about 0.7 µs a
+#: record, plus about 0.4 ms a batch); smaller ones record by record (about 2.5 µs a record).
+COLUMNAR_BATCH = 256
 
 
 class JournalWriteError(OSError):
@@ -84,7 +89,11 @@ class RankWriter:
         _write_run_json(run_dir, run_info)
         self._seq, self._segment = segments.recover(self.rank_dir)
         self._segment += 1
+        #: Records of the active segment, kept to seal it without reading it back: tables, then
+        #: rows not yet converted (in seq order); `_kept` counts both.
+        self._tables: list[pa.Table] = []
         self._rows: list[tuple] = []
+        self._kept = 0
         self._bytes = 0
         self._file = open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab")
 
@@ -141,11 +150,9 @@ class RankWriter:
                 self._fail(e, 0)
 
     def flush(self) -> None:
-        """Write every pending record to the active segment with one append.
-
-        Kept in `_rows` for sealing: plain metric records as they were queued (6-tuples), all
-        others normalised to 9-tuples (time, kind, name, step, batch_idx, value, text, blob,
-        meta-JSON). seq is implicit: consecutive from the segment's first seq."""
+        """Write every pending record to the active segment with one append, and keep the
+        records for sealing: large batches of plain metrics as an Arrow table encoded
+        column-wise, everything else as rows encoded one by one (cheaper for a few records)."""
         with self._flush_lock:
             pending = self.pending
             n = len(pending)
@@ -153,42 +160,13 @@ class RankWriter:
                 return
             popleft = pending.popleft
             batch = [popleft() for _ in range(n)]
-            seq = self._seq
-            keep = []
-            lines = []
-            names = self._names
-            targets = self._targets
-            for rec in batch:
-                seq += 1
-                if len(rec) == 6 and targets(rec[5]) is None:
-                    t, name, step, batch_idx, value, _ = rec
-                    enc = names.get(name)
-                    if enc is None:
-                        enc = names[name] = json.dumps(name)
-                    v = repr(value)
-                    if v[-1] in "nf":  # nan, inf, -inf
-                        v = segments.SPECIAL_FLOATS[v]
-                    lines.append(
-                        f'{{"seq":{seq},"time":{t!r},"kind":"metric","name":{enc}'
-                        + ("" if step is None else f',"step":{step}')
-                        + ("" if batch_idx is None else f',"batch_idx":{batch_idx}')
-                        + f',"value":{v}}}\n'
-                    )
-                    keep.append(rec)
-                    continue
-                if len(rec) == 6:
-                    t, name, step, batch_idx, value, route = rec
-                    kind, text, blob, meta = "metric", None, None, None
-                else:
-                    t, kind, name, step, batch_idx, value, text, blob, meta, route = rec
-                restricted = targets(route)
-                if restricted is not None:
-                    meta = {**(meta or {}), "targets": restricted}
-                meta_s = None if meta is None else json.dumps(meta, default=repr)
-                row = (t, kind, name, step, batch_idx, value, text, blob, meta_s)
-                lines.append(segments.encode_row((seq, *row)))
-                keep.append(row)
-            data = "".join(lines).encode()
+            first = self._seq + 1
+            if n >= COLUMNAR_BATCH and self._plain_metrics(batch):
+                table, data = segments.encode_metrics(first, batch, self._names)
+                rows = None
+            else:
+                rows = [self._row(seq, rec) for seq, rec in enumerate(batch, first)]
+                data = "".join(map(segments.encode_row, rows)).encode()
             try:
                 self._file.write(data)
                 self._file.flush()
@@ -196,11 +174,39 @@ class RankWriter:
                 self._recover_partial_write()
                 self._fail(e, n)
                 return
-            self._seq = seq
-            self._rows.extend(keep)
+            self._seq += n
+            self._kept += n
+            if rows is None:
+                self._rows_to_table()
+                self._tables.append(table)
+            else:
+                self._rows.extend(rows)
             self._bytes += len(data)
-            if len(self._rows) >= self.seal_records or self._bytes >= self.seal_bytes:
+            if self._kept >= self.seal_records or self._bytes >= self.seal_bytes:
                 self._seal_active(reopen=True)
+
+    def _plain_metrics(self, batch: list[tuple]) -> bool:
+        """Whether every record is a metric 6-tuple going to every destination."""
+        return (set(map(len, batch)) == {6}
+                and all(self._targets(r) is None for r in set(map(itemgetter(5), batch))))
+
+    def _row(self, seq: int, rec: tuple) -> tuple:
+        """A queued record as a full row in `COLUMNS` order, its meta as JSON."""
+        if len(rec) == 6:
+            t, name, step, batch_idx, value, route = rec
+            kind, text, blob, meta = "metric", None, None, None
+        else:
+            t, kind, name, step, batch_idx, value, text, blob, meta, route = rec
+        restricted = self._targets(route)
+        if restricted is not None:
+            meta = {**(meta or {}), "targets": restricted}
+        meta_s = None if meta is None else json.dumps(meta, default=repr)
+        return (seq, t, kind, name, step, batch_idx, value, text, blob, meta_s)
+
+    def _rows_to_table(self) -> None:
+        if self._rows:
+            self._tables.append(segments.rows_to_table(self._rows))
+            self._rows = []
 
     def _recover_partial_write(self) -> None:
         """After a failed append, cut the segment back to its last complete record so that the
@@ -238,13 +244,13 @@ class RankWriter:
     def _seal_active(self, reopen: bool) -> None:
         """Seal the active segment. If that fails (disk full), the records stay safe in the
         JSONL segment, which keeps receiving appends; sealing is retried later."""
-        if self._rows:
+        if self._kept:
             if time.monotonic() < self._next_seal_try and reopen:
                 return
-            first = self._seq - len(self._rows) + 1
+            self._rows_to_table()
             try:
-                segments.seal(self.rank_dir, self._segment,
-                              segments.queued_to_table(first, self._rows))
+                segments.seal(self.rank_dir, self._segment, pa.concat_tables(self._tables))
+                pa.default_memory_pool().release_unused()
             except OSError as e:
                 self._fail(e, 0)
                 self._next_seal_try = time.monotonic() + 5.0
@@ -252,7 +258,8 @@ class RankWriter:
                     return
                 raise
         self._file.close()
-        self._rows = []
+        self._tables = []
+        self._kept = 0
         self._bytes = 0
         if reopen:
             self._segment += 1
@@ -285,7 +292,7 @@ class RankWriter:
         try:
             with self._flush_lock:
                 if self._file is not None:
-                    empty = not self._rows and self._bytes == 0
+                    empty = not self._kept and self._bytes == 0
                     self._seal_active(reopen=False)
                     if empty:
                         _unlink_quiet(self.seg_dir / segments.segment_name(self._segment, "jsonl"))
