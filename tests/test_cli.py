@@ -95,3 +95,81 @@ def test_no_declared_destination_says_so(tmp_path):
     lg.destroy_logger_context()
     out = invoke(str(savedir)).output
     assert "no runs with declared destinations (use --to)" in out
+
+
+def _hand_made_rank(run_dir, rank, sessions, index_last_seq=None):
+    rank_dir = run_dir / f"rank-{rank:05d}"
+    (rank_dir / "segments").mkdir(parents=True)
+    (rank_dir / "manifest.json").write_text(json.dumps(
+        {"rank": rank, "destinations": {"mlflow": {}}, "sessions": sessions}))
+    if index_last_seq is not None:
+        (rank_dir / "index.jsonl").write_text(
+            json.dumps({"segment": 1, "first_seq": 1, "last_seq": 7}) + "\n"
+            + json.dumps({"segment": 2, "first_seq": 8, "last_seq": index_last_seq}) + "\n")
+
+
+def test_ls_finds_runs_at_any_depth_and_counts_from_manifests_and_indexes(tmp_path):
+    """Run discovery matches an os.walk over the tree (no descent into runs, hidden
+    directories, segments/ or blobs/, or symlinks); counts take the larger of the closed sessions'
+    last_seq and the index's."""
+    import os
+
+    from itwinai_journal import Journal
+    from itwinai_journal.reader import find_run_dirs
+
+    savedir = tmp_path / "mllogs"
+    run_dirs = [savedir / "exp" / "r1", savedir / "prov_logs" / "deep" / "exp" / "r2"]
+    for d in run_dirs:
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"experiment": "exp", "run_id": d.name}))
+    _hand_made_rank(run_dirs[0], 0, [{"status": "finished", "last_seq": 30}], index_last_seq=30)
+    _hand_made_rank(run_dirs[0], 1, [{"status": "finished", "last_seq": 5},
+                                     {"status": "running"}], index_last_seq=12)
+    (run_dirs[0] / "rank-00002").mkdir()  # no manifest yet
+    _hand_made_rank(run_dirs[1], 0, [{"status": "failed", "last_seq": 3}])
+    for hidden in (".hidden/exp/r3", "segments/r4", "exp/blobs/r5"):
+        (savedir / hidden).mkdir(parents=True)
+        (savedir / hidden / "run.json").write_text("{}")
+    (savedir / "link").symlink_to(savedir / "exp", target_is_directory=True)
+
+    def walked(top):
+        for root, dirs, files in os.walk(top):
+            if "run.json" in files:
+                dirs[:] = []
+                yield root
+                continue
+            dirs[:] = sorted(d for d in dirs if d not in ("segments", "blobs", "__pycache__")
+                             and not d.startswith("."))
+
+    assert [str(d) for d in find_run_dirs(savedir)] == list(walked(savedir)) \
+        == [str(d) for d in run_dirs]
+    assert list(find_run_dirs(run_dirs[0])) == [run_dirs[0]]
+    assert list(find_run_dirs(tmp_path / "missing")) == []
+
+    r1, r2 = Journal(savedir).runs()
+    assert [(r.rank, r.path, r.status, r.last_seq) for r in r1.ranks] == [
+        (0, run_dirs[0] / "rank-00000", "finished", 30),
+        (1, run_dirs[0] / "rank-00001", "running", 12),
+        (2, run_dirs[0] / "rank-00002", "running", 0)]
+    assert r1.ranks[2].manifest == {} and r1.records == 42 and r2.status == "failed"
+    rows = json.loads(invoke("ls", str(savedir), "--json").output)
+    assert [(r["run_id"], r["status"], r["ranks"], r["records"]) for r in rows] == [
+        ("r1", "running", 3, 42), ("r2", "failed", 1, 3)]
+
+
+def test_ls_imports_no_sync_engine_exporter_or_view(tmp_path):
+    """`ls` starts fast: the sync engine, views, pyarrow.compute and exporter plugins (each
+    with its option definitions) are only imported by the commands that use them."""
+    savedir = tmp_path / "mllogs"
+    _journal(savedir, "a", experiment_name="exp")
+    code = ("import sys\nfrom itwinai_sync.cli import main\n"
+            f"main(['ls', {str(savedir)!r}], standalone_mode=False)\n"
+            "print(' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert "a  finished  1 rank(s)  20 records  -> mlflow" in proc.stdout
+    loaded = set(proc.stdout.split("\n")[-2].split())
+    for module in ("itwinai_sync.engine", "itwinai_sync.views", "itwinai_sync.mlflow",
+                   "itwinai_sync.wandb", "itwinai_sync.tensorboard", "itwinai_sync.prov4ml",
+                   "pyarrow.compute", "filelock", "mlflow", "wandb", "torch"):
+        assert module not in loaded

@@ -17,18 +17,19 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import pyarrow.compute as pc
 
 from itwinai_journal import Journal, __version__, verify
 from itwinai_journal.segments import JournalCorruption
 
-from .engine import RunResult, SyncEngine, SyncRequest, total_pending
-from .exporter import ExportError, exporter_names, load_exporter
 from .ledger import ledger_entries
-from .views import ViewError, metric_summary_lines
+
+# The sync engine, the views, pyarrow.compute and the exporter plugins are imported by the
+# commands that use them, so that `ls`, `show` and `verify` start quickly.
+if TYPE_CHECKING:
+    from .engine import RunResult, SyncEngine
 
 
 class DefaultToSync(click.Group):
@@ -62,33 +63,44 @@ def main() -> None:
     """
 
 
-def _target_options(func: Any) -> Any:
-    """Every installed exporter's options on the sync command, without importing trackers."""
-    seen: set[str] = set()
-    for name in reversed(exporter_names()):
-        try:
-            options = load_exporter(name).cli_options()
-        except click.ClickException:
-            continue
-        for opt in reversed(options):
-            if opt.name not in seen:
-                seen.add(opt.name or "")
-                func = _attach(func, opt)
-    return func
+class SyncCommand(click.Command):
+    """The sync command, which also takes every installed exporter's options (--tracking-uri,
+    --logdir, ...). Finding and loading the exporter plugins (without their trackers) takes a
+    tenth of a second, so it is done when this command is parsed or its help is shown, not when
+    the module is imported for `ls`."""
+
+    _plugins_loaded = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            self._add_exporter_options()
+        return super().get_params(ctx)
+
+    def _add_exporter_options(self) -> None:
+        from .exporter import exporter_names, load_exporter
+
+        names = exporter_names()
+        for param in self.params:
+            if param.name == "targets" and isinstance(param, click.Option) and param.help:
+                param.help = param.help.format(targets=", ".join(names))
+        seen: set[str | None] = set()
+        for name in names:
+            try:
+                options = load_exporter(name).cli_options()
+            except click.ClickException:
+                continue
+            for opt in options:
+                if opt.name not in seen:
+                    seen.add(opt.name)
+                    self.params.append(opt)
 
 
-def _attach(func: Any, opt: click.Option) -> Any:
-    params = getattr(func, "__click_params__", [])
-    params.append(opt)
-    func.__click_params__ = params
-    return func
-
-
-@main.command()
+@main.command(cls=SyncCommand)
 @click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--to", "targets", multiple=True, metavar="TARGET",
-              help=f"Target to sync to, repeatable ({', '.join(exporter_names())}). Default: "
-                   "the destinations each run's loggers declared.")
+              help="Target to sync to, repeatable ({targets}). Default: the destinations each "
+                   "run's loggers declared.")
 @click.option("--run", "run_ids", multiple=True, metavar="ID",
               help="Only this run (id or experiment/id), repeatable.")
 @click.option("--ranks", type=click.Choice(["all", "0"]), default="all", show_default=True,
@@ -102,11 +114,13 @@ def _attach(func: Any, opt: click.Option) -> Any:
 @click.option("--interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               metavar="S", help="Seconds between passes with --watch.")
 @click.option("--verbose", "-v", is_flag=True, help="Tracebacks for errors.")
-@_target_options
 def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], ranks: str,
          dry_run: bool, workers: int, watch: bool, interval: float, verbose: bool,
          **options: Any) -> None:
     """Export runs under SAVEDIR to trackers, exactly once."""
+    from .engine import SyncEngine, SyncRequest
+    from .exporter import ExportError
+
     options["ranks"] = ranks
     request = SyncRequest(savedir=savedir, targets=list(targets) or None, options=options,
                           run_ids=list(run_ids) or None, ranks=ranks, dry_run=dry_run,
@@ -139,6 +153,8 @@ def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], rank
 
 
 def _one_pass(engine: SyncEngine, plan: list, show_bar: bool) -> list[RunResult]:
+    from .engine import total_pending
+
     for _, target in plan:
         engine.exporter(target)  # a missing tracker library is one error, before any work
     if not show_bar:
@@ -311,6 +327,10 @@ def verify_cmd(savedir: Path) -> None:
 def show_cmd(savedir: Path, run_id: str) -> None:
     """Manifest, kinds and counts, and per metric its last value, min, max, point count and a
     sparkline of the whole series, for each rank of one run."""
+    import pyarrow.compute as pc
+
+    from .views import metric_summary_lines
+
     journal = Journal(savedir)
     try:
         run = journal.run(run_id)
@@ -371,7 +391,7 @@ def plot_cmd(savedir: Path, run_ids: tuple[str, ...], metrics: tuple[str, ...], 
              columns: int | None) -> None:
     """Metric curves of RUNs (default: every run under SAVEDIR), one chart per metric, one
     line per run and rank. No tracker and no network needed."""
-    from .views import PlotOptions, plot
+    from .views import PlotOptions, ViewError, plot
 
     opts = PlotOptions(smooth=smooth, x=x_mode, width=width, height=height, columns=columns)
     try:
@@ -399,7 +419,7 @@ def tail_cmd(savedir: Path, run_id: str | None, follow: bool, last: int, interva
     """Print the last metric records of RUN (default: every run under SAVEDIR); with -f keep
     printing new ones as the journal grows, each (run, rank, seq) exactly once, also while
     segments are sealed."""
-    from .views import Tail
+    from .views import Tail, ViewError
 
     tail = Tail(savedir, run_id, metrics)
 
@@ -434,7 +454,7 @@ def tail_cmd(savedir: Path, run_id: str | None, follow: bool, last: int, interva
 def export_cmd(savedir: Path, fmt: str, out_dir: Path, run_ids: tuple[str, ...]) -> None:
     """Write a tidy metrics table per run: experiment, run_id, rank, seq, time, name, step,
     batch_idx, value (as Journal(SAVEDIR).metrics())."""
-    from .views import export_metrics
+    from .views import ViewError, export_metrics
 
     try:
         written = export_metrics(Journal(savedir), out_dir, fmt, list(run_ids))

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
-
-import filelock
+from typing import TYPE_CHECKING, Any
 
 from itwinai_journal import RunInfo
 from itwinai_journal.fsutil import read_json, write_json_atomic
 from itwinai_journal.names import experiment_dirname
 
-from .exporter import key_digest
+# filelock and .exporter (importlib.metadata) are imported where they are used: `itwinai-sync
+# ls` reads the ledger through ledger_entries and needs neither.
+if TYPE_CHECKING:
+    import filelock
 
 SYNC_DIR = ".sync"
 
 
 class Ledger:
     def __init__(self, savedir: Path, target_key: str, target: str):
+        from .exporter import key_digest
+
         self.root = savedir / SYNC_DIR / key_digest(target_key)
         self.target_key = target_key
         self.target = target
@@ -32,6 +35,8 @@ class Ledger:
         return self.root / experiment_dirname(run.experiment) / run.run_id
 
     def lock(self, run: RunInfo) -> filelock.FileLock:
+        import filelock
+
         path = self._base(run).with_suffix(".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         target_file = self.root / "target.json"

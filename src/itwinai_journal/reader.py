@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -9,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import segments
 from .fsutil import read_json
-from .manifest import session_status
 
 #: Directories never searched for runs: they are inside runs, or hold tracker exports.
 _NOT_RUNS = {"segments", "blobs", "__pycache__"}
@@ -28,6 +27,10 @@ class RankInfo:
 
     @property
     def status(self) -> str:
+        # Imported here: manifest.py pulls in importlib.metadata, subprocess and socket, which
+        # listing runs does not need.
+        from .manifest import session_status
+
         return session_status(self.manifest)
 
     @property
@@ -77,19 +80,31 @@ class RunInfo:
         raise KeyError(f"run {self.key} has no rank {rank}")
 
 
+def _read_file(path: str) -> bytes:
+    """A small file's bytes. Listing runs reads two files per rank (manifest.json, index.jsonl)
+    for thousands of ranks; os.open/os.read cost a third of open(), whose buffering and text
+    decoding buy nothing here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _index_last_seq(rank_dir: Path) -> int:
     """last_seq of the index's final line, read from the end of the file (cheap for `ls`)."""
-    path = rank_dir / segments.INDEX_NAME
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 4096))
-            tail = f.read().split(b"\n")
+        fd = os.open(os.path.join(rank_dir, segments.INDEX_NAME), os.O_RDONLY)
     except FileNotFoundError:
         return 0
-    import json
-
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        tail = os.pread(fd, 4096, max(0, size - 4096)).split(b"\n")
+    finally:
+        os.close(fd)
     for line in reversed(tail):
         if line.strip():
             try:
@@ -103,23 +118,35 @@ def load_run(run_dir: Path) -> RunInfo:
     info = read_json(run_dir / "run.json")
     run = RunInfo(info.get("experiment", run_dir.parent.name), info.get("run_id", run_dir.name),
                   run_dir, info)
-    for entry in sorted(os.scandir(run_dir), key=lambda e: e.name):
-        if entry.is_dir() and entry.name.startswith("rank-"):
-            rank_dir = Path(entry.path)
-            mpath = rank_dir / "manifest.json"
-            manifest = read_json(mpath) if mpath.exists() else {}
-            run.ranks.append(RankInfo(int(entry.name[5:]), rank_dir, manifest))
+    with os.scandir(run_dir) as entries:
+        rank_entries = sorted((e for e in entries if e.name.startswith("rank-") and e.is_dir()),
+                              key=lambda e: e.name)
+    for entry in rank_entries:
+        try:
+            manifest = json.loads(_read_file(os.path.join(entry.path, "manifest.json")).decode())
+        except FileNotFoundError:
+            manifest = {}
+        run.ranks.append(RankInfo(int(entry.name[5:]), Path(entry.path), manifest))
     return run
 
 
 def find_run_dirs(savedir: Path) -> Iterator[Path]:
-    """Every directory holding a run.json below `savedir`, at any depth, in sorted order."""
-    for root, dirs, files in os.walk(savedir):
-        if "run.json" in files:
-            dirs[:] = []
-            yield Path(root)
-            continue
-        dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS and not d.startswith("."))
+    """Every directory holding a run.json below `savedir`, at any depth, in sorted order.
+    A run directory is not listed here (it may hold thousands of ranks), nor searched further;
+    unreadable directories and symlinks to directories are skipped, as `os.walk` does."""
+    savedir = Path(savedir)
+    if os.path.isfile(savedir / "run.json"):
+        yield savedir
+        return
+    try:
+        with os.scandir(savedir) as entries:
+            subdirs = sorted(e.name for e in entries
+                             if e.is_dir(follow_symlinks=False) and e.name not in _NOT_RUNS
+                             and not e.name.startswith("."))
+    except OSError:
+        return
+    for name in subdirs:
+        yield from find_run_dirs(savedir / name)
 
 
 class Journal:
@@ -157,6 +184,8 @@ class Journal:
     def records(self, experiment: str | None = None, run_id: str | None = None,
                 rank: int | None = None, kinds: Iterable[str] | None = None) -> pa.Table:
         """Every record (sealed and active segments) with experiment, run_id and rank columns."""
+        import pyarrow.compute as pc  # not at module level: listing runs does not need it
+
         kinds = list(kinds) if kinds is not None else None
         tables = []
         for run, r in self._select(experiment, run_id, rank):
@@ -172,6 +201,8 @@ class Journal:
     def metrics(self, experiment: str | None = None, run_id: str | None = None,
                 rank: int | None = None, name: str | None = None) -> pa.Table:
         """Metric points: experiment, run_id, rank, seq, time, name, step, batch_idx, value."""
+        import pyarrow.compute as pc
+
         t = self.records(experiment, run_id, rank, kinds=["metric"])
         if name is not None:
             t = t.filter(pc.equal(t["name"], name))
