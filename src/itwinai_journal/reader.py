@@ -191,7 +191,10 @@ class Journal:
         for run, r in self._select(experiment, run_id, rank):
             for t in segments.iter_tables(r.path / "segments"):
                 if kinds is not None:
-                    t = t.filter(pc.is_in(t["kind"], pa.array(kinds, pa.string())))
+                    wanted = (pc.equal(t["kind"], kinds[0]) if len(kinds) == 1
+                              else pc.is_in(t["kind"], pa.array(kinds, pa.string())))
+                    if not pc.all(wanted).as_py():  # a segment of metrics only is kept as is
+                        t = t.filter(wanted)
                 if t.num_rows:
                     tables.append(_label(t, run, r))
         if not tables:
@@ -211,7 +214,6 @@ class Journal:
 
 def _label(t: pa.Table, run: RunInfo | None, r: RankInfo | None) -> pa.Table:
     n = t.num_rows
-    t = t.add_column(0, "rank", pa.array([r.rank if r else 0] * n, pa.int32()))
-    t = t.add_column(0, "run_id", pa.array([run.run_id if run else ""] * n, pa.string()))
-    return t.add_column(0, "experiment", pa.array([run.experiment if run else ""] * n,
-                                                  pa.string()))
+    t = t.add_column(0, "rank", pa.repeat(pa.scalar(r.rank if r else 0, pa.int32()), n))
+    t = t.add_column(0, "run_id", pa.repeat(pa.scalar(run.run_id if run else ""), n))
+    return t.add_column(0, "experiment", pa.repeat(pa.scalar(run.experiment if run else ""), n))
