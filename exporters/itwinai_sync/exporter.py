@@ -15,7 +15,10 @@ one rank of one run is written:
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -130,3 +133,21 @@ def load_exporter(name: str) -> type[Exporter]:
             f"the {name} exporter needs its library: pip install 'itwinai-sync[{name}]' ({e})"
         ) from e
     return cls
+
+
+@contextmanager
+def scoped_env(values: dict[str, str], restore: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set `values` in os.environ, and afterwards put back these and the `restore` variables:
+    tracker libraries read their settings from the environment, and some set variables as a
+    side effect (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI), which would redirect later
+    exports in the same process."""
+    saved = {k: os.environ.get(k) for k in (*values, *restore)}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 
-from .exporter import Exporter, ExportError, Notes, RankSink
+from .exporter import Exporter, ExportError, Notes, RankSink, scoped_env
 
 TAG_RUN = "itwinai.run"
 TAG_DIGEST = "itwinai.run_digest"
@@ -421,8 +421,6 @@ class MlflowRankSink(RankSink):
             self._upload(artifact_relpath(name) / meta.get("file_name", "model.pt"),
                          self.blobs.read(sha))
             return
-        # log_model works on the fluent API's active run and global tracking URI: hold them for
-        # this call only, one thread at a time.
         # log_model reads the global tracking URI and experiment: hold them for this call only,
         # one thread at a time. (A fluent start_run would also change the run's status.)
         with _FLUENT_LOCK, _fluent_target(self.client.tracking_uri,
@@ -456,19 +454,14 @@ def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
     import mlflow
     from mlflow.tracking import _tracking_service
 
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     saved_uri = _tracking_service.utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_uri)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with scoped_env({}, restore=("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=experiment_id)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_uri)
 
 
 _MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
@@ -486,7 +479,10 @@ def _terminate(client: Any, target: Any, status: str, end_ms: int | None) -> Non
         return  # still running: leave the MLflow run RUNNING
     current = client.get_run(target.info.run_id).info
     if current.status != wanted or current.end_time != end_ms:
-        client.set_terminated(target.info.run_id, status=wanted, end_time=end_ms)
+        # set_terminated prints "View run ... at" for a server URI: two lines per rank through
+        # the progress bar; the summary says where the runs are.
+        with scoped_env({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+            client.set_terminated(target.info.run_id, status=wanted, end_time=end_ms)
 
 
 def _as_json(value: Any) -> str | None:

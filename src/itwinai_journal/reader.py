@@ -80,20 +80,6 @@ class RunInfo:
         raise KeyError(f"run {self.key} has no rank {rank}")
 
 
-def _read_file(path: str) -> bytes:
-    """A small file's bytes. Listing runs reads two files per rank (manifest.json, index.jsonl)
-    for thousands of ranks; os.open/os.read cost a third of open(), whose buffering and text
-    decoding buy nothing here."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def _index_last_seq(rank_dir: Path) -> int:
     """last_seq of the index's final line, read from the end of the file (cheap for `ls`)."""
     try:
@@ -123,7 +109,7 @@ def load_run(run_dir: Path) -> RunInfo:
                               key=lambda e: e.name)
     for entry in rank_entries:
         try:
-            manifest = json.loads(_read_file(os.path.join(entry.path, "manifest.json")).decode())
+            manifest = read_json(os.path.join(entry.path, "manifest.json"))
         except FileNotFoundError:
             manifest = {}
         run.ranks.append(RankInfo(int(entry.name[5:]), Path(entry.path), manifest))
