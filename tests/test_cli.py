@@ -47,6 +47,13 @@ def test_ls_shows_runs_status_records_and_sync_progress(tmp_path):
     assert synced == {"records": 20, "ranks": 1}
     assert rows["b"]["synced"] == {}
     assert "synced to tensorboard:" in invoke("ls", str(savedir)).output
+    # a ledger file that is not a ledger entry is skipped: the ledger only mirrors the targets
+    (ledger_file,) = (savedir / ".sync").glob("*/*/*.json")
+    for junk in ("[1, 2]", '{"cursors": {}}', "{not json"):
+        (ledger_file.parent / "junk.json").write_text(junk)
+        result = invoke("ls", str(savedir), "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output) == list(rows.values())
 
 
 def test_show_prints_manifest_kinds_and_last_values(tmp_path):

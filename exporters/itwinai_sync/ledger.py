@@ -63,14 +63,18 @@ class Ledger:
 
 
 def ledger_entries(savedir: Path) -> list[dict[str, Any]]:
-    """Every ledger file below savedir: target, target key, run key and cursors (for `ls`)."""
+    """Every ledger file below savedir: target, target key, run key and cursors (for `ls`).
+    The ledger only mirrors the targets' own cursors: a file that is not a ledger entry (cut,
+    edited, left by another tool) is skipped, never an error."""
     out = []
     root = savedir / SYNC_DIR
     if not root.exists():
         return out
     for path in root.glob("*/*/*.json"):
         try:
-            out.append(read_json(path))
+            entry = read_json(path)
         except (OSError, ValueError):
             continue
+        if isinstance(entry, dict) and {"run", "target_key"} <= entry.keys():
+            out.append(entry)
     return out
