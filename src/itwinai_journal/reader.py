@@ -179,7 +179,7 @@ class Journal:
                 if kinds is not None:
                     wanted = (pc.equal(t["kind"], kinds[0]) if len(kinds) == 1
                               else pc.is_in(t["kind"], pa.array(kinds, pa.string())))
-                    if not pc.all(wanted).as_py():  # a segment of metrics only is kept as is
+                    if not pc.all(wanted).as_py():  # a segment of wanted kinds only is kept whole
                         t = t.filter(wanted)
                 if t.num_rows:
                     tables.append(_label(t, run, r))
