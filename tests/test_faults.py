@@ -10,38 +10,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import fill_filesystem
 
 from itwinai_journal import Journal, verify
 from itwinai_journal.loggers import MLFlowLogger
 from itwinai_journal.writer import JournalWriteError
-
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 2 MiB tmpfs: a real ENOSPC, and a real read-only remount. Needs root (as in CI)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(mnt: Path) -> Path:
-    """Fill the filesystem to the last byte."""
-    filler = mnt / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for chunk in (65536, 4096, 1):
-            try:
-                while True:
-                    f.write(b"\0" * chunk)
-            except OSError:
-                pass
-    return filler
 
 
 def _logger(savedir: Path, **kwargs) -> MLFlowLogger:
@@ -57,7 +30,7 @@ def test_disk_full_warns_once_counts_drops_and_keeps_everything_else(tiny_fs):
     for i in range(100):
         lg.log(float(i), "loss", step=i)
     lg._writer.flush()
-    filler = _fill(tiny_fs)
+    filler = fill_filesystem(tiny_fs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(100, 2100):  # training goes on: no exception reaches the loop
@@ -98,7 +71,7 @@ def test_strict_mode_raises_in_the_training_loop(tiny_fs):
     lg = _logger(savedir, strict=True)
     lg.log(1.0, "loss", step=0)
     lg._writer.flush()
-    _fill(tiny_fs)
+    fill_filesystem(tiny_fs)
     for i in range(1, 2000):  # more than the page the active segment already holds
         lg.log(2.0, "loss", step=i)
     with warnings.catch_warnings():

@@ -5,14 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from .fsutil import JournalWriteError, create_temp
+
 CHUNK = 1 << 20
+TMP_PREFIX = ".tmp-"
 
 
 class BlobStore:
-    """Write-once store; identical payloads are stored once, writes are atomic renames."""
+    """Write-once store; identical payloads are stored once, writes are atomic renames.
+
+    A payload the store cannot write (disk full, quota, read-only filesystem) raises
+    `JournalWriteError` and leaves no temporary file behind; an error reading a caller's file
+    is the caller's and propagates unchanged."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -20,43 +26,31 @@ class BlobStore:
     def path(self, sha: str) -> Path:
         return self.root / sha[:2] / sha
 
-    def _commit(self, tmp: str, sha: str) -> str:
-        dest = self.path(sha)
-        if dest.exists():
-            os.unlink(tmp)
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
-        return sha
-
-    def _tmp(self) -> tuple[int, str]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=".tmp-", dir=self.root)
-
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if self.path(sha).exists():
             return sha
-        fd, tmp = self._tmp()
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return self._commit(tmp, sha)
+        tmp = _Payload(self)
+        try:
+            tmp.write(data)
+            return tmp.commit(sha)
+        finally:
+            tmp.discard()
 
     def put_file(self, src: Path) -> tuple[str, int]:
         """Copy `src` in, streaming, hashing while copying; returns (sha256, size)."""
         h = hashlib.sha256()
         size = 0
-        fd, tmp = self._tmp()
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+        with open(src, "rb") as f:
+            tmp = _Payload(self)
+            try:
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
-                    out.write(chunk)
+                    tmp.write(chunk)
                     size += len(chunk)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return self._commit(tmp, h.hexdigest()), size
+                return tmp.commit(h.hexdigest()), size
+            finally:
+                tmp.discard()
 
     def put_tree(self, src: Path) -> tuple[str, int]:
         """Store every file below directory `src` and a JSON listing of them; returns the
@@ -68,11 +62,75 @@ class BlobStore:
         listing = json.dumps({"files": files}, sort_keys=True).encode()
         return self.put_bytes(listing), len(files)
 
+    def remove_temporaries(self) -> None:
+        """Remove the temporary files of payloads a killed process was writing. Only for the
+        holder of the rank: no other process writes this store then."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(TMP_PREFIX):
+                try:
+                    os.unlink(self.root / name)
+                except OSError:
+                    pass
+
     def open(self, sha: str):
         return open(self.path(sha), "rb")
 
     def read(self, sha: str) -> bytes:
         return self.path(sha).read_bytes()
+
+
+class _Payload:
+    """One payload being stored: a temporary file in the store, renamed to its sha256 name by
+    `commit`; `discard` removes it unless committed. The store's own OSErrors become
+    JournalWriteError."""
+
+    def __init__(self, store: BlobStore):
+        self.store = store
+        self.path: str | None = None
+        try:
+            store.root.mkdir(parents=True, exist_ok=True)
+            fd, self.path = create_temp(store.root, TMP_PREFIX)
+        except OSError as e:
+            raise self._error(e) from e
+        self.file = os.fdopen(fd, "wb")
+
+    def _error(self, e: OSError) -> JournalWriteError:
+        return JournalWriteError(e.errno, f"cannot store a payload in {self.store.root}: "
+                                          f"{e.strerror or e}")
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise self._error(e) from e
+
+    def commit(self, sha: str) -> str:
+        dest = self.store.path(sha)
+        try:
+            self.file.close()
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.path, dest)
+                self.path = None
+        except OSError as e:
+            raise self._error(e) from e
+        return sha
+
+    def discard(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
 
 
 def file_sha256(path: Path) -> str:

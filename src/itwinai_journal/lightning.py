@@ -135,10 +135,11 @@ class JournalLogger(_LightningLogger):
         self._owns = True
 
     def save(self) -> None:
-        """Flush the records logged so far to the active segment (Lightning calls this after
-        each `log_metrics`; it is one small append, not an fsync)."""
+        """Have the records logged so far written to the active segment (Lightning calls this
+        after each `log_metrics`): the journal's flusher thread is woken, the step does not wait
+        for it."""
         for writer in _writers(self._logger):
-            writer.flush()
+            writer.flush(wait=False)
 
     def finalize(self, status: str) -> None:
         """End of fit/validate/test: flush, and close the session if this adapter opened it

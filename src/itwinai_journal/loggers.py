@@ -28,7 +28,7 @@ from typing import Any, Literal
 from . import names
 from .capture import CAPTURE, check_index, metric_value
 from .schema import ALL_KINDS
-from .writer import RankWriter, open_writer, release_writer
+from .writer import JournalWriteError, RankWriter, open_writer, release_writer
 
 BASE_EXP_NAME: str = "unnamed-experiment"
 
@@ -390,7 +390,11 @@ class Logger(LogMixin, metaclass=ABCMeta):
             names.safe_relpath(identifier, "artifact identifier")
         writer = self._writer
         assert writer is not None
-        cap = CAPTURE[kind](item, writer.blobs, identifier, kwargs)
+        try:
+            cap = CAPTURE[kind](item, writer.blobs, identifier, kwargs)
+        except JournalWriteError as e:  # the blob store could not keep the payload (disk full)
+            writer.drop(e)  # counted and warned once, as metrics are; raises when strict
+            return
         meta = cap.meta
         if kwargs:
             meta = {**(meta or {}), **_kwargs_meta(kwargs)}

@@ -45,9 +45,50 @@ def format_float(v: float) -> str:
     return SPECIAL_FLOATS[r] if r[-1] in "nf" else r
 
 
+#: What encoding a record the schema cannot hold raises: ValueError for an integer outside
+#: int64 or a string that is not valid Unicode (Arrow raises OverflowError or ArrowInvalid for
+#: the first, UnicodeEncodeError for the second), TypeError for a value of the wrong type.
+ENCODE_ERRORS = (ValueError, TypeError, OverflowError, pa.ArrowException)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _check_int64(value: Any, what: str) -> None:
+    if value is not None and (type(value) is not int or not INT64_MIN <= value <= INT64_MAX):
+        raise ValueError(f"{what} {value!r} is not an int64")
+
+
+def _check_float(value: Any, what: str) -> None:
+    if value is not None and type(value) is not float:
+        raise TypeError(f"{what} must be a float, got {type(value).__name__}")
+
+
+def _check_text(text: Any, what: str) -> None:
+    """Parquet and Arrow strings are UTF-8: a lone surrogate (as `os.fsdecode` makes from
+    undecodable bytes) cannot be stored, although json.dumps would escape it."""
+    if text is None:
+        return
+    if type(text) is not str:
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what} is not valid Unicode ({e.reason} at position {e.start})"
+                             ) from None
+
+
 def encode_row(row: Row) -> str:
-    """One JSONL line for a row; null fields are omitted to keep lines short."""
+    """One JSONL line for a row; null fields are omitted to keep lines short. A field the record
+    schema cannot hold raises one of ENCODE_ERRORS, so the writer can refuse that record alone
+    rather than write a line that would make the whole segment unreadable. (`meta` needs no
+    check: it is JSON text from json.dumps, all ASCII.)"""
     seq, t, kind, name, step, batch_idx, value, text, blob, meta = row
+    _check_float(t, "time")
+    _check_text(name, "name")
+    _check_int64(step, "step")
+    _check_int64(batch_idx, "batch_idx")
+    _check_float(value, "value")
+    _check_text(text, "text")
     parts = [f'{{"seq":{seq},"time":{format_float(t)},"kind":"{kind}","name":{json.dumps(name)}']
     if step is not None:
         parts.append(f',"step":{step}')

@@ -1,9 +1,14 @@
 """The per-rank journal writer: an in-memory queue drained in batches by a background flusher.
 
-`log()` only appends a tuple to a deque. The flusher thread assigns seq numbers, encodes JSONL and
-appends it to the active segment every tick (so a record older than `flush_interval` is in the OS
-page cache and survives SIGKILL), and seals the segment to Parquet once it is large. SIGTERM,
-normal exit and uncaught exceptions flush everything and record how the session ended.
+`log()` only appends a tuple to a deque. The flusher thread is the one thread that writes the
+rank's files: every tick it assigns seq numbers, encodes JSONL and appends it to the active
+segment (so a record older than `flush_interval` is in the OS page cache and survives SIGKILL),
+seals the segment to Parquet once it is large, and writes the manifest. Other threads, exit hooks
+and the SIGTERM handler only ask it to and wait for it: code that wrote itself from a signal
+handler could wait on a lock, a file object or a half-updated state that the interrupted code
+holds. SIGTERM, normal exit and uncaught exceptions flush everything and record how the session
+ended. In a forked child the writer sends its records to the parent's writer (relay.py) and
+never touches the rank's files.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import atexit
 import collections
 import json
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from contextlib import suppress
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -27,8 +35,18 @@ import pyarrow as pa
 from . import manifest as mf
 from . import segments
 from .blobs import BlobStore
-from .fsutil import read_json, write_atomic, write_json_atomic
+from .fsutil import (
+    JournalWriteError,
+    lock_exclusively,
+    read_json,
+    write_atomic,
+    write_json_atomic,
+)
+from .relay import Relay
 from .schema import FORMAT_VERSION
+
+__all__ = ["JournalWriteError", "RankWriter", "open_writer", "open_writer_at", "release_writer",
+           "close_all"]
 
 DEFAULT_FLUSH_INTERVAL = 1.0
 #: A segment is sealed to Parquet after this many records or JSONL bytes. Sealed segments are
@@ -39,10 +57,11 @@ SEAL_BYTES = 64 << 20
 #: Batches of at least this many plain metrics are encoded column-wise by Arrow (about 0.7 µs a
 #: record, plus about 0.4 ms a batch); smaller ones record by record (about 2.5 µs a record).
 COLUMNAR_BATCH = 256
-
-
-class JournalWriteError(OSError):
-    """Raised by a strict writer when records cannot be written."""
+#: How long the SIGTERM handler waits for the flushers to write everything. SLURM sends SIGKILL
+#: `KillWait` (30 s by default) after SIGTERM.
+SIGTERM_WAIT = 20.0
+#: How long a failed seal or manifest write waits before it is tried again (disk full).
+RETRY_AFTER = 5.0
 
 
 class RankWriter:
@@ -69,24 +88,54 @@ class RankWriter:
         self.append = self.pending.append
         self.destinations: dict[str, dict[str, Any]] = {}
         self._route_meta: dict[str, list[str] | None] = {}
-        self._flush_lock = threading.Lock()
-        self._closed = False
-        self._dropped = 0
-        self._warned = False
-        self._status: str | None = None
+        #: Requests to the flusher: a token put in `_wake` ends its wait at once, and a caller
+        #: that waits appends to `_waiters` what tells it the flusher's next round is done (a
+        #: new lock's release, or a new Event's set). Nothing here takes a lock a signal
+        #: handler could find held by the code it interrupted: deque.append is atomic and
+        #: SimpleQueue.put is reentrant.
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiters: collections.deque[Callable[[], Any]] = collections.deque()
+        self._closed = False  # close() was called, or SIGTERM asked for the session's end
+        self._stop: str | None = None  # the status the flusher ends the session with
+        self._finished = False  # the flusher has ended the session and stopped
+        self._status: str | None = None  # how the session ended, once known (sticky)
+        self._manifest_dirty = False
+        self._dropped = 0  # counted by the flusher only
+        self._drops: collections.deque[int] = collections.deque()  # from logging threads
+        self._warned: set[str] = set()
         self._pending_error: Exception | None = None
         self._next_seal_try = 0.0
+        self._next_manifest_try = 0.0
+        #: The channel from forked children (made just before the first fork), and whether
+        #: this writer is a forked child's copy that sends its records there.
+        self._relay: Relay | None = None
+        self._forwarding = False
+        self._owner_pid = self._pid = os.getpid()  # the writing process; this object's process
 
         self.seg_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = filelock.FileLock(str(self.rank_dir / ".writer.lock"))
         try:
-            self._lock.acquire(timeout=0)
-        except filelock.Timeout:
+            self._lock = lock_exclusively(self.rank_dir / ".writer.lock",
+                                          self.rank_dir / ".writer.owner")
+        except filelock.Timeout as e:
             raise RuntimeError(
-                f"{self.rank_dir} is being written by another process: two processes logging as "
-                f"rank {rank} of run {run_info['run_id']}? Give each process its own rank."
+                f"{self.rank_dir} is being written by another process: two processes logging "
+                f"as rank {rank} of run {run_info['run_id']}? Give each process its own rank. "
+                f"({e} On a filesystem without flock, an owner file left by a process that is "
+                "gone on another host must be removed by hand.)"
             ) from None
-        _write_run_json(run_dir, run_info)
+        try:
+            self._open_rank(run_info, world_size)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._thread = threading.Thread(target=self._run, name="itwinai-journal-flusher",
+                                        daemon=True)
+        _warm_up_pyarrow()
+        self._thread.start()
+
+    def _open_rank(self, run_info: dict[str, Any], world_size: int) -> None:
+        self.blobs.remove_temporaries()
+        _write_run_json(self.run_dir, run_info)
         self._seq, self._segment = segments.recover(self.rank_dir)
         self._segment += 1
         #: Records of the active segment, kept to seal it without reading it back: tables, then
@@ -95,95 +144,237 @@ class RankWriter:
         self._rows: list[tuple] = []
         self._kept = 0
         self._bytes = 0
-        self._file = open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab")
+        self._file = self._open_active()
 
         mpath = mf.manifest_path(self.rank_dir)
-        self.manifest = read_json(mpath) if mpath.exists() else mf.new_manifest(rank, world_size)
+        self.manifest = read_json(mpath) if mpath.exists() else mf.new_manifest(
+            self.rank, world_size)
         self.manifest["world_size"] = world_size
         self.manifest["sessions"].append(mf.new_session())
         self.manifest["sessions"][-1]["first_seq"] = self._seq + 1
         self._dropped_before = self.manifest.get("dropped_records", 0)
+        self._dropped_saved = 0
         self.destinations = self.manifest.setdefault("destinations", {})
         self._write_manifest()
-
         self._names: dict[str, str] = {}
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="itwinai-journal-flusher",
-                                        daemon=True)
-        _warm_up_pyarrow()
-        self._thread.start()
+
+    def _open_active(self):
+        """The active segment, unbuffered: no bytes of the journal ever wait in a user-space
+        buffer, which a forked child would inherit and could write out again."""
+        return open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab",
+                    buffering=0)
 
     # -- destinations and routing -----------------------------------------------------------
 
     def declare(self, target: str, options: dict[str, Any]) -> None:
         """Record a logger's destination (its constructor arguments, secrets redacted) in the
-        manifest."""
+        manifest. The manifest and the routing cache are replaced, never changed in place: the
+        flusher reads them without a lock."""
+        if self._forwarding:
+            return  # a forked child's logger: the parent's manifest is the parent's
         options = mf.redact(options)
         if self.destinations.get(target) != options:
-            self.destinations[target] = options
-            self._route_meta.clear()
-            self._write_manifest()
+            self.destinations = {**self.destinations, target: options}
+            self._route_meta = {}
+            self.manifest = {**self.manifest, "destinations": self.destinations}
+            self._manifest_dirty = True
+            self.flush()
 
     def _targets(self, route: str | None) -> list[str] | None:
         """Destinations a record is restricted to, or None when it goes to all of them.
         `route` is a comma-joined set of destination names, or None for all."""
         if route is None:
             return None
+        cache = self._route_meta  # before the destinations: see declare()
         try:
-            return self._route_meta[route]
+            return cache[route]
         except KeyError:
             wanted = set(route.split(","))
             found = None if wanted >= set(self.destinations) else sorted(wanted)
-            self._route_meta[route] = found
+            cache[route] = found
             return found
 
-    # -- flushing -----------------------------------------------------------------------------
+    # -- what other threads ask of the flusher --------------------------------------------------
+
+    def flush(self, wait: bool = True) -> None:
+        """Write every record queued so far to the active segment. The flusher does it; this
+        waits for it, unless `wait` is false (Lightning's save() after every step: the records
+        are written a moment later, well within flush_interval, and the step does not wait for
+        a thread switch)."""
+        if wait:
+            self._await()
+        elif os.getpid() == self._pid:
+            self._wake.put(None)
+
+    def close(self, status: str = "finished") -> None:
+        """Flush, seal the active segment and record the session's end (the flusher does it;
+        this waits for it). Idempotent."""
+        with _registry_lock:
+            if not self._closed:
+                self._stop = status
+                self._closed = True
+        self._await()
+        _forget(self)
+
+    def _await(self, timeout: float | None = None) -> bool:
+        """Wake the flusher and wait until it has completed a round that began after this call:
+        every record queued before it is written. False when there is no flusher to wait for
+        (the session has ended) or the wait timed out."""
+        if os.getpid() != self._pid:
+            self._forked_without_hooks()
+        if self._finished or not self._thread.is_alive():
+            return False
+        done = threading.Lock()  # cheaper than an Event: this is every wait for a flush
+        done.acquire()
+        self._request(done.release)
+        if self._finished:
+            return False
+        return done.acquire(timeout=-1 if timeout is None else timeout)
+
+    def _request(self, done: Callable[[], Any]) -> None:
+        """Wake the flusher; it calls `done` after its next round (or when it has stopped)."""
+        self._waiters.append(done)
+        self._wake.put(None)
+
+    def _interrupt(self, final: bool) -> threading.Event | None:
+        """For the SIGTERM handler, which must take no lock: mark the session interrupted and
+        ask the flusher to write everything and the manifest (and, when `final`, to end the
+        session); the returned Event is set once it has. It is new, so no one else holds its
+        lock, and waiting on it again after an interruption is harmless.
+        Thread.is_alive() is not asked: it may take a lock of the threading module."""
+        if self._finished or os.getpid() != self._pid:  # no flusher in this process to ask
+            return None
+        self._status = "interrupted"
+        self._manifest_dirty = True
+        if final:
+            self._stop = self._stop or "interrupted"
+            self._closed = True
+        done = threading.Event()
+        self._request(done.set)
+        return done
+
+    def drop(self, error: JournalWriteError, count: int = 1) -> None:
+        """`count` records lost before they reached the queue (the blob store could not store
+        their payload): counted like records the flusher cannot write; a strict writer
+        raises."""
+        self._drops.append(count)
+        if self.strict:
+            raise JournalWriteError(f"journal write failed in {self.rank_dir}: {error}") from error
+        self._warn_once("write", self._write_failure_message(error), stacklevel=4)
+
+    def check_healthy(self) -> None:
+        """For strict writers: raise the write error the flusher met, in the caller's thread."""
+        err = self._pending_error
+        if err is not None:
+            raise JournalWriteError(f"journal write failed in {self.rank_dir}: {err}") from err
+
+    # -- the flusher thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
         tick = min(self.flush_interval / 2, 0.1)
-        while not self._closed:
-            self._wake.wait(tick)
-            self._wake.clear()
+        wake = self._wake
+        while True:
+            with suppress(queue.Empty):
+                wake.get(timeout=tick)
+                while True:
+                    wake.get_nowait()
+            waiters = [self._waiters.popleft() for _ in range(len(self._waiters))]
+            stop = self._stop  # read after the waiters: a close() queued with them is seen
             try:
-                self.flush()
+                if self._forwarding:
+                    self._forward()
+                else:
+                    self._round()
             except Exception as e:  # noqa: BLE001 - the flusher must never die silently
                 self._fail(e, 0)
+            if stop is not None:
+                self._finish(stop)
+            for done in waiters:
+                done()
+            if stop is not None:
+                return
 
-    def flush(self) -> None:
-        """Write every pending record to the active segment with one append, and keep the
-        records for sealing: large batches of plain metrics as an Arrow table encoded
-        column-wise, everything else as rows encoded one by one (cheaper for a few records)."""
-        with self._flush_lock:
-            pending = self.pending
-            n = len(pending)
-            if not n or self._file is None:
-                return
-            popleft = pending.popleft
-            batch = [popleft() for _ in range(n)]
-            first = self._seq + 1
-            if n >= COLUMNAR_BATCH and self._plain_metrics(batch):
-                table, data = segments.encode_metrics(first, batch, self._names)
-                rows = None
-            else:
-                rows = [self._row(seq, rec) for seq, rec in enumerate(batch, first)]
-                data = "".join(map(segments.encode_row, rows)).encode()
+    def _round(self) -> None:
+        """One flush: the queue and what forked children sent, then the manifest if it must
+        change (destinations declared, the session interrupted, records dropped)."""
+        while self._drops:
+            self._dropped += self._drops.popleft()
+        relayed, lost = self._relay.receive() if self._relay is not None else ([], 0)
+        pending = self.pending
+        batch = [pending.popleft() for _ in range(len(pending))]
+        if relayed or lost:
+            batch.extend(relayed)
+            if lost:
+                self._dropped += lost
+                self._warn_once("relay", f"itwinai-journal: {lost} records logged in forked "
+                                "processes could not be sent to this process's journal writer; "
+                                "they are counted in the manifest (dropped_records)")
+        if batch:
+            self._write(batch)
+        if self._manifest_dirty or (self._dropped != self._dropped_saved
+                                    and time.monotonic() >= self._next_manifest_try):
+            self._manifest_dirty = False
+            self._write_manifest()
+
+    def _write(self, batch: list[tuple]) -> None:
+        """Append `batch` to the active segment with one write, and keep the records for
+        sealing: large batches of plain metrics as an Arrow table encoded column-wise,
+        everything else as rows encoded one by one (cheaper for a few records). A record the
+        schema cannot hold is dropped alone (see `_reject`); its neighbours are written."""
+        if self._file is None:  # reopening it failed after an error
             try:
-                self._file.write(data)
-                self._file.flush()
+                self._file = self._open_active()
             except OSError as e:
-                self._recover_partial_write()
-                self._fail(e, n)
+                self._fail(e, len(batch))
                 return
-            self._seq += n
-            self._kept += n
-            if rows is None:
-                self._rows_to_table()
-                self._tables.append(table)
-            else:
-                self._rows.extend(rows)
-            self._bytes += len(data)
-            if self._kept >= self.seal_records or self._bytes >= self.seal_bytes:
-                self._seal_active(reopen=True)
+        first = self._seq + 1
+        table = rows = None
+        try:
+            if len(batch) >= COLUMNAR_BATCH and self._plain_metrics(batch):
+                try:
+                    table, data = segments.encode_metrics(first, batch, self._names)
+                except segments.ENCODE_ERRORS:
+                    table = None  # some record cannot be stored: the row encoder finds which
+            if table is None:
+                rows, data = self._encode_rows(first, batch)
+        except Exception as e:  # noqa: BLE001 - e.g. MemoryError: the batch is lost, and counted
+            self._fail(e, len(batch))
+            return
+        n = len(rows) if rows is not None else table.num_rows
+        if not n:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._file.write(view):]
+        except OSError as e:
+            self._recover_partial_write()
+            self._fail(e, n)
+            return
+        self._seq += n
+        self._kept += n
+        if rows is None:
+            self._rows_to_table()
+            self._tables.append(table)
+        else:
+            self._rows.extend(rows)
+        self._bytes += len(data)
+        if self._kept >= self.seal_records or self._bytes >= self.seal_bytes:
+            self._seal_active(reopen=True)
+
+    def _encode_rows(self, first: int, batch: list[tuple]) -> tuple[list[tuple], bytes]:
+        rows: list[tuple] = []
+        lines: list[str] = []
+        for rec in batch:
+            try:
+                row = self._row(first + len(rows), rec)
+                line = segments.encode_row(row)
+            except segments.ENCODE_ERRORS as e:
+                self._reject(rec, e)
+                continue
+            rows.append(row)
+            lines.append(line)
+        return rows, "".join(lines).encode()
 
     def _plain_metrics(self, batch: list[tuple]) -> bool:
         """Whether every record is a metric 6-tuple going to every destination."""
@@ -197,11 +388,55 @@ class RankWriter:
             kind, text, blob, meta = "metric", None, None, None
         else:
             t, kind, name, step, batch_idx, value, text, blob, meta, route = rec
+            if value is not None:
+                value = float(value)
         restricted = self._targets(route)
         if restricted is not None:
             meta = {**(meta or {}), "targets": restricted}
         meta_s = None if meta is None else json.dumps(meta, default=repr)
         return (seq, t, kind, name, step, batch_idx, value, text, blob, meta_s)
+
+    def _reject(self, rec: tuple, error: Exception) -> None:
+        """A record the journal cannot hold (an int beyond int64, a string that is not valid
+        Unicode, a meta that is not JSON): dropped and counted, with one warning per writer,
+        so that it never fails its batch nor makes the rank unreadable."""
+        self._dropped += 1
+        if self.strict:
+            self._pending_error = error
+        kind, name = ("metric", rec[1]) if len(rec) == 6 else (rec[1], rec[2])
+        self._warn_once("encode", f"itwinai-journal: a {kind} record named {name!r} cannot be "
+                        f"stored in the journal ({error}); it is dropped and counted in the "
+                        "manifest (dropped_records), as is any later record that cannot be stored")
+
+    def _forward(self) -> None:
+        """A forked child's round: send the records logged in this process to the parent's
+        writer (relay.py), which numbers and writes them."""
+        dropped = 0
+        while self._drops:
+            dropped += self._drops.popleft()
+        pending = self.pending
+        records = []
+        for rec in [pending.popleft() for _ in range(len(pending))]:
+            try:
+                records.append(_portable(rec))
+            except segments.ENCODE_ERRORS as e:
+                dropped += 1
+                self._warn_once("encode", f"itwinai-journal: a record named {rec[2]!r} cannot "
+                                f"be stored in the journal ({e}); it is dropped")
+        if not records and not dropped:
+            return
+        if self._relay is None:
+            lost, error = len(records), "no channel to it could be made"
+        else:
+            try:
+                lost, error = self._relay.send(records, dropped)
+            except Exception as e:  # noqa: BLE001 - whatever it is, say what it cost
+                lost, error = len(records), e
+        if lost:
+            self._dropped += lost
+            self._warn_once("relay", f"itwinai-journal: {lost} records logged in forked process "
+                            f"{os.getpid()} did not reach the journal writer of process "
+                            f"{self._owner_pid} ({error}); they are dropped")
 
     def _rows_to_table(self) -> None:
         if self._rows:
@@ -211,35 +446,30 @@ class RankWriter:
     def _recover_partial_write(self) -> None:
         """After a failed append, cut the segment back to its last complete record so that the
         next append does not follow a torn line."""
-        try:
+        with suppress(OSError):
             self._file.close()
-        except OSError:
-            pass
+        self._file = None
         path = self.seg_dir / segments.segment_name(self._segment, "jsonl")
-        try:
+        with suppress(OSError):
             with open(path, "r+b") as f:
                 f.truncate(self._bytes)
-        except OSError:
-            pass
-        self._file = open(path, "ab")
+        with suppress(OSError):  # else the next append tries again
+            self._file = self._open_active()
 
     def _fail(self, error: Exception, lost: int) -> None:
         self._dropped += lost
         if self.strict:
             self._pending_error = error
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"itwinai-journal: cannot write to {self.rank_dir} ({error}); training goes on, "
-                f"records that cannot be written are dropped and counted in the manifest",
-                RuntimeWarning, stacklevel=2,
-            )
+        self._warn_once("write", self._write_failure_message(error))
 
-    def check_healthy(self) -> None:
-        """For strict writers: raise the write error the flusher met, in the caller's thread."""
-        err = self._pending_error
-        if err is not None:
-            raise JournalWriteError(f"journal write failed in {self.rank_dir}: {err}") from err
+    def _write_failure_message(self, error: Exception) -> str:
+        return (f"itwinai-journal: cannot write to {self.rank_dir} ({error}); training goes on, "
+                "records that cannot be written are dropped and counted in the manifest")
+
+    def _warn_once(self, what: str, message: str, stacklevel: int = 2) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _seal_active(self, reopen: bool) -> None:
         """Seal the active segment. If that fails (disk full), the records stay safe in the
@@ -253,61 +483,114 @@ class RankWriter:
                 pa.default_memory_pool().release_unused()
             except OSError as e:
                 self._fail(e, 0)
-                self._next_seal_try = time.monotonic() + 5.0
+                self._next_seal_try = time.monotonic() + RETRY_AFTER
                 if reopen:
                     return
                 raise
         self._file.close()
+        self._file = None
         self._tables = []
         self._kept = 0
         self._bytes = 0
         if reopen:
             self._segment += 1
-            self._file = open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab")
-        else:
-            self._file = None
+            self._file = self._open_active()
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def _write_manifest(self) -> None:
-        self.manifest["dropped_records"] = self._dropped_before + self._dropped
+    def _write_manifest(self, ending: str | None = None) -> None:
+        """Write the manifest; the session's status and end are recorded once known (SIGTERM
+        marks it interrupted at once, in case SIGKILL follows before the end)."""
+        manifest = self.manifest  # declare() may replace it meanwhile: write one of them whole
+        session = manifest["sessions"][-1]
+        status = ending or self._status
+        if status is not None:
+            session["status"] = status
+            session["end"] = time.time()
+            session["last_seq"] = self._seq
+        dropped = self._dropped
+        manifest["dropped_records"] = self._dropped_before + dropped
         try:
-            write_json_atomic(mf.manifest_path(self.rank_dir), self.manifest, fsync=False)
+            write_json_atomic(mf.manifest_path(self.rank_dir), manifest, fsync=False)
+            self._dropped_saved = dropped
         except OSError as e:
             self._fail(e, 0)
+            self._next_manifest_try = time.monotonic() + RETRY_AFTER
 
-    def close(self, status: str = "finished") -> None:
-        """Flush, seal the active segment and record the session's end. Idempotent."""
-        with _registry_lock:
-            if self._closed:
+    def _finish(self, status: str) -> None:
+        """The session's end, in the flusher thread: seal the active segment, record how the
+        session ended, release the rank. A forked child's copy only stops."""
+        try:
+            if self._forwarding:
                 return
-            self._closed = True
-        self._wake.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        try:
-            self.flush()
-        except OSError as e:
-            self._fail(e, len(self.pending))
-        try:
-            with self._flush_lock:
-                if self._file is not None:
+            if self._file is not None:
+                try:
                     empty = not self._kept and self._bytes == 0
                     self._seal_active(reopen=False)
                     if empty:
-                        _unlink_quiet(self.seg_dir / segments.segment_name(self._segment, "jsonl"))
-        except Exception as e:  # noqa: BLE001
-            # The records are in the JSONL segment already; the next session or a reader
-            # picks them up there. Sealing is an optimisation, not a durability step.
-            warnings.warn(f"itwinai-journal: could not seal {self.seg_dir} at close ({e}); "
-                          "records stay in the active segment", RuntimeWarning, stacklevel=2)
-        session = self.manifest["sessions"][-1]
-        session["end"] = time.time()
-        session["status"] = status
-        session["last_seq"] = self._seq
-        self._write_manifest()
-        self._lock.release()
-        _forget(self)
+                        _unlink_quiet(self.seg_dir / segments.segment_name(self._segment,
+                                                                           "jsonl"))
+                except Exception as e:  # noqa: BLE001
+                    # The records are in the JSONL segment already; the next session or a
+                    # reader picks them up there. Sealing is an optimisation, not a durability
+                    # step.
+                    warnings.warn(f"itwinai-journal: could not seal {self.seg_dir} at close "
+                                  f"({e}); records stay in the active segment", RuntimeWarning,
+                                  stacklevel=2)
+                    with suppress(OSError):
+                        self._file.close()
+                    self._file = None
+            self._write_manifest(self._status or status)
+            if self._relay is not None:
+                self._relay.close()
+            with suppress(Exception):
+                self._lock.release()
+        finally:
+            self._finished = True
+            while self._waiters:
+                self._waiters.popleft()()
+
+    # -- forks ------------------------------------------------------------------------------------
+
+    def _prepare_fork(self) -> None:
+        """In the parent, just before a fork: make the channel children send records through
+        (without one, a child's records are dropped with a warning)."""
+        if self._relay is None and not self._forwarding and not self._closed:
+            with suppress(OSError):
+                self._relay = Relay()
+
+    def _become_forwarder(self) -> None:
+        """In a forked child: forget the parent's queue (the parent writes it), files and
+        thread; from now on records logged here go to the parent's writer."""
+        self._pid = os.getpid()
+        self.pending.clear()
+        self._waiters = collections.deque()
+        self._drops = collections.deque()
+        self._wake = queue.SimpleQueue()
+        self._warned = set()
+        self._file = None
+        self._tables, self._rows = [], []
+        if not self._forwarding:
+            self._forwarding = True
+            if self._relay is not None:
+                self._relay.in_child()
+        if self._closed or self._finished:
+            self._finished = True
+            return
+        self._thread = threading.Thread(target=self._run, name="itwinai-journal-relay",
+                                        daemon=True)
+        self._thread.start()
+
+    def _forked_without_hooks(self) -> None:
+        """This process was forked by a fork() called from C, which runs none of Python's
+        at-fork hooks (noticed at the first flush or close here). Its queue holds the parent's
+        records, which the parent writes, and this process's, which cannot be told apart: say
+        so, drop them, and send what is logged from now on to the parent."""
+        queued = len(self.pending)
+        self._become_forwarder()
+        if queued:
+            self._warn_once("fork", f"itwinai-journal: process {os.getpid()} was forked without "
+                            f"Python's fork hooks; {queued} records queued when this was noticed "
+                            "are dropped (the parent writes its own); later records are sent to "
+                            f"the journal writer of process {self._owner_pid}")
 
     @property
     def last_seq(self) -> int:
@@ -316,6 +599,14 @@ class RankWriter:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _portable(rec: tuple) -> tuple:
+    """A queued record as plain values a forked child can send: its meta as the JSON the parent
+    would have stored (objects by their repr)."""
+    if len(rec) == 6 or rec[8] is None:
+        return rec
+    return (*rec[:8], json.loads(json.dumps(rec[8], default=repr)), rec[9])
 
 
 def _warm_up_pyarrow() -> None:
@@ -355,6 +646,9 @@ def _write_run_json(run_dir: Path, run_info: dict[str, Any]) -> None:
 _registry_lock = threading.RLock()
 _writers: dict[Path, tuple[RankWriter, int]] = {}
 _hooks_installed = False
+_sigterm_installed = False
+_previous_sigterm: Any = signal.SIG_DFL
+_handling_sigterm = False
 
 
 def open_writer(run_dir: Path, rank: int, world_size: int, run_info: dict[str, Any],
@@ -402,6 +696,12 @@ def _forget(writer: RankWriter) -> None:
             del _writers[key]
 
 
+def _snapshot() -> list[RankWriter]:
+    """The open writers, without the registry lock (a signal handler or a fork hook may run
+    while this thread holds it): copying a dict is atomic under the GIL."""
+    return [w for w, _ in list(_writers.values())]
+
+
 def close_all(status: str) -> None:
     with _registry_lock:
         writers = [w for w, _ in _writers.values()]
@@ -411,29 +711,92 @@ def close_all(status: str) -> None:
 
 def _install_exit_hooks() -> None:
     global _hooks_installed
-    if _hooks_installed:
+    if not _hooks_installed:
+        _hooks_installed = True
+        atexit.register(close_all, "finished")
+        previous_excepthook = sys.excepthook
+
+        def excepthook(exc_type, exc, tb):
+            close_all("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+            previous_excepthook(exc_type, exc, tb)
+
+        sys.excepthook = excepthook
+        if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    _install_sigterm_handler()
+
+
+def _install_sigterm_handler() -> None:
+    """Signal handlers can only be set from the main thread: a writer first opened in another
+    thread gets the handler when one is opened from the main thread (atexit covers it until
+    then). SIGTERM that is ignored, or handled outside Python, is left so."""
+    global _sigterm_installed, _previous_sigterm
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
-    _hooks_installed = True
-    atexit.register(close_all, "finished")
-
-    previous_excepthook = sys.excepthook
-
-    def excepthook(exc_type, exc, tb):
-        close_all("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
-        previous_excepthook(exc_type, exc, tb)
-
-    sys.excepthook = excepthook
-
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread; atexit still covers us
+    _sigterm_installed = True
     previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL or callable(previous):
+        _previous_sigterm = previous
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
-    def on_sigterm(signum, frame):
-        close_all("interrupted")
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM: what SLURM sends at the time limit (slurmstepd, to the whole process group).
+
+    Takes no lock and does no I/O, whatever the interrupted code holds: each writer's flusher
+    thread writes every queued record and the manifest (session interrupted) and this waits for
+    them, at most SIGTERM_WAIT. Then it is as if the journal were not there: the handler that
+    was installed before runs; when there was none, the default action ends the process, the
+    sessions having been closed first. When another handler has since wrapped this one (as
+    Lightning's does) and called it, that handler decides, so the process is not ended here."""
+    global _handling_sigterm
+    if _handling_sigterm:
+        return  # a second SIGTERM while the first is handled: the first one finishes the work
+    _handling_sigterm = True
+    raised: BaseException | None = None
+    try:
+        ending = (_previous_sigterm is signal.SIG_DFL
+                  and signal.getsignal(signal.SIGTERM) is _on_sigterm)
+        requests = [done for w in _snapshot() if (done := w._interrupt(final=ending))]
+        deadline = time.monotonic() + SIGTERM_WAIT
+        for done in requests:
+            while True:
+                try:
+                    done.wait(max(0.0, deadline - time.monotonic()))
+                    break
+                except BaseException as e:  # noqa: BLE001 - re-raised below
+                    # Another signal's handler raised while we wait (torch's SIGCHLD handler
+                    # when DataLoader workers die of the same SIGTERM). Without the journal the
+                    # default action would have ended the process first: finish, then decide.
+                    raised = raised or e
+    finally:
+        _handling_sigterm = False
+    if callable(_previous_sigterm):
+        _previous_sigterm(signum, frame)
+    elif ending:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if raised is not None:
+        raise raised
+
+
+def _before_fork() -> None:
+    for writer in _snapshot():
+        writer._prepare_fork()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child (as OpenTelemetry's batch processors do it): fresh locks, the parent's
+    writers turned into forwarders with a thread of their own, and their last records sent at
+    the child's exit, including a multiprocessing child's, which skips atexit but not
+    threading's exit hooks."""
+    global _registry_lock, _handling_sigterm
+    _registry_lock = threading.RLock()  # another thread of the parent may have held it
+    _handling_sigterm = False
+    writers = _snapshot()
+    for writer in writers:
+        writer._become_forwarder()
+    register = getattr(threading, "_register_atexit", None)
+    if writers and register is not None:
+        with suppress(RuntimeError):  # forked while the interpreter was shutting down
+            register(close_all, "finished")
