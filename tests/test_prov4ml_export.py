@@ -464,3 +464,15 @@ def test_measured_view_names_units_and_totals():
     assert [v for _, v, _ in shown] == pytest.approx([0.002, 0.0002, 65.0, 4.0, 0.001, 1e-05,
                                                       0.002])  # kg, kg/s, W, kWh
     assert view.metrics("carbon", "co2", None, "{}", {}, 0) == []  # a baseline
+
+
+def test_an_unsupported_yprov4ml_is_named(tmp_path, monkeypatch):
+    """itwinai pins yprov4ml 2.0.9, whose API (Context enums, no run index or timestamps) and
+    documents differ: the exporter says so instead of failing inside yprov4ml."""
+    prov = Prov4MLLogger(provenance_save_dir=str(tmp_path), run_id=RUN)
+    with prov.start_logging():
+        prov.log(1.0, "loss", step=0)
+    monkeypatch.setattr(prov4ml, "_library_version", lambda: "2.0.9")
+    result = CliRunner().invoke(main, [str(tmp_path), "--to", "prov4ml"])
+    assert result.exit_code != 0
+    assert "drives yprov4ml 3.2.x; 2.0.9 is installed" in result.output

@@ -113,6 +113,9 @@ from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
 from .exporter import Exporter, ExportError, Notes, RankSink
 
 MARKER = ".itwinai-sync-cursor"
+#: The yprov4ml releases whose API and documents this exporter drives: 3.2.4 (Python < 3.12)
+#: is tested; 3.2.5 and later need Python 3.12 (see requirements-prov4ml-nodeps.txt).
+SUPPORTED_YPROV4ML = "3.2."
 #: yprov4ml's run index (the `_<n>` of the run folder), pinned so that rebuilding a rank never
 #: makes a second run folder.
 RUN_INDEX = 0
@@ -188,6 +191,13 @@ class Prov4mlExporter(Exporter):
             raise click.ClickException(
                 "the prov4ml exporter needs yprov4ml: pip install 'itwinai-sync[prov4ml]' and "
                 "pip install --no-deps -r requirements-prov4ml-nodeps.txt (see the README)")
+        version = _library_version()
+        if not version.startswith(SUPPORTED_YPROV4ML) and version != "unknown":
+            raise click.ClickException(
+                f"the prov4ml exporter drives yprov4ml {SUPPORTED_YPROV4ML}x; {version} is "
+                "installed, whose API and documents differ (2.x takes contexts as its Context "
+                "enum, has no run index or timestamp arguments, writes another document "
+                "layout): pip install --no-deps -r requirements-prov4ml-nodeps.txt")
 
     @classmethod
     def cli_options(cls) -> list[click.Option]:
