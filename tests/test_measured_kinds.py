@@ -10,6 +10,7 @@ as such."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -64,8 +65,25 @@ def linear() -> torch.nn.Linear:
 
 
 def flops(samples: int) -> int:
-    """A Linear(in, out) forward on `samples` rows: one (samples x in) @ (in x out) matmul."""
-    return 2 * IN * OUT * samples
+    """A Linear(in, out) forward on `samples` rows: one (samples x in) @ (in x out) matmul, in
+    fvcore's convention (one FLOP per multiply-add), as yprov4ml counts."""
+    return IN * OUT * samples
+
+
+def fvcore_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """fvcore's own count of `model(x)`, on a copy (tracing runs the model)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(copy.deepcopy(model), (x,))
+    return int(analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total())
+
+
+@pytest.fixture
+def no_fvcore(monkeypatch):
+    """The compute node without fvcore: FlopCounterMode, halved."""
+    optional = measure._optional
+    monkeypatch.setattr(measure, "_optional",
+                        lambda name: None if name == "fvcore.nn" else optional(name))
 
 
 def loader(n: int, batch_size: int, **kwargs) -> DataLoader:
@@ -78,18 +96,78 @@ def loader(n: int, batch_size: int, **kwargs) -> DataLoader:
 # --------------------------------------------------------------------------------------------
 
 
-def test_flops_per_batch_is_exact_and_totals_run(prov):
+def test_flops_per_batch_is_counted_by_fvcore_per_call(prov):
     model = linear()
     prov.log((model, torch.randn(3, IN)), "fwd", kind="flops_pb", step=0)
     prov.log((model, (torch.randn(8, IN), torch.zeros(8))), "fwd", kind="flops_pb", step=1)
     prov.log((model, torch.randn(4, IN)), "other", kind="flops_pb", step=2)
     first, second, other = read_back(prov)
     assert (first["value"], second["value"], other["value"]) == (flops(3), flops(8), flops(4))
-    assert first["meta"] == {"method": "FlopCounterMode", "batches": 1, "samples": 3,
-                             "total": flops(3), "context": "training"}
-    assert second["meta"]["total"] == flops(3) + flops(8)  # running total per identifier
-    assert other["meta"]["total"] == flops(4)
+    assert first["meta"] == {"method": "fvcore.nn.FlopCountAnalysis", "batches": 1,
+                             "samples": 3, "context": "training"}
     assert [r["step"] for r in (first, second, other)] == [0, 1, 2]
+
+
+def test_flops_count_what_fvcore_counts(prov):
+    """Norms count too (fvcore's batch_norm handle), as with yprov4ml: not only matmuls."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT), torch.nn.BatchNorm1d(OUT),
+                                torch.nn.ReLU(), torch.nn.Linear(OUT, 2))
+    x = torch.randn(4, IN)
+    expected = fvcore_flops(model, x)
+    prov.log((model, x), "fwd", kind="flops_pb")
+    (record,) = read_back(prov)
+    assert record["value"] == expected > 4 * (IN * OUT + OUT * 2)
+
+
+def test_flops_without_fvcore_are_flopcountermode_halved(prov, no_fvcore):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT), torch.nn.BatchNorm1d(OUT),
+                                torch.nn.Linear(OUT, 2))
+    prov.log((model, torch.randn(4, IN)), "fwd", kind="flops_pb")
+    prov.log((linear(), torch.randn(3, IN)), "lin", kind="flops_pb")
+    with_norm, plain = read_back(prov)
+    # matmuls only: the norm is not counted (fvcore would count it)
+    assert with_norm["value"] == 4 * (IN * OUT + OUT * 2)
+    assert plain["value"] == flops(3)
+    assert with_norm["meta"]["method"] == "FlopCounterMode/2"
+    assert with_norm["meta"]["fvcore_unused"] == "fvcore not importable"
+
+
+def test_flops_of_keyword_inputs_fall_back_and_say_so(prov):
+    class Keyed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = linear()
+
+        def forward(self, features):
+            return self.lin(features)
+
+    prov.log((Keyed(), {"features": torch.randn(2, IN)}), "kw", kind="flops_pb")
+    (record,) = read_back(prov)
+    assert record["value"] == flops(2)
+    assert record["meta"]["method"] == "FlopCounterMode/2"
+    assert "keyword inputs" in record["meta"]["fvcore_unused"]
+
+
+def test_flops_are_counted_once_per_input_shape(prov, monkeypatch):
+    calls = []
+    counter_count = measure.FlopCounter.count
+
+    def spy(self, args, kwargs):
+        calls.append(tuple(args[0].shape))
+        return counter_count(self, args, kwargs)
+
+    real_fvcore = measure.FlopCounter._fvcore
+    traced = []
+    monkeypatch.setattr(measure.FlopCounter, "count", spy)
+    monkeypatch.setattr(measure.FlopCounter, "_fvcore",
+                        lambda self, args: traced.append(1) or real_fvcore(self, args))
+    prov.log((linear(), loader(10, batch_size=4)), "epoch", kind="flops_pe")
+    (record,) = read_back(prov)
+    assert calls == [(4, IN), (4, IN), (2, IN)]
+    assert len(traced) == 2  # shapes (4, IN) and (2, IN)
+    assert record["value"] == flops(10)
 
 
 def test_flops_per_epoch_over_a_dataloader_with_and_without_cap(prov):
@@ -106,7 +184,6 @@ def test_flops_per_epoch_over_a_dataloader_with_and_without_cap(prov):
     assert (capped["meta"]["batches"], capped["meta"]["samples"]) == (2, 8)
     assert capped["meta"]["kwargs"] == {"max_batches": 2}
     assert loose_cap["value"] == flops(n)
-    assert loose_cap["meta"]["total"] == full["value"] + capped["value"] + loose_cap["value"]
 
 
 def test_flops_per_epoch_wraps_a_dataset_or_tensor_and_takes_iterables(prov):
@@ -125,16 +202,15 @@ def test_flops_per_epoch_wraps_a_dataset_or_tensor_and_takes_iterables(prov):
     assert gen["value"] == flops(2) and "batches_in_epoch" not in gen["meta"]
 
 
-def test_flops_given_as_numbers_and_mixed_totals(prov):
+def test_flops_given_as_numbers(prov):
     model = linear()
     prov.log(1000, "fwd", kind="flops_pb")
     prov.log((model, torch.randn(2, IN)), "fwd", kind="flops_pb")
     prov.log(np.int64(5), "epoch", kind="flops_pe")
     given, counted, epoch = read_back(prov)
-    assert (given["value"], given["meta"]["method"]) == (1000.0, "given")
-    assert "batches" not in given["meta"]
-    assert counted["meta"]["total"] == 1000 + flops(2)
-    assert (epoch["value"], epoch["meta"]["total"]) == (5.0, 5)
+    assert given["meta"] == {"method": "given", "context": "training"}
+    assert counted["value"] == flops(2)
+    assert (epoch["value"], epoch["meta"]["method"]) == (5.0, "given")
 
 
 def test_flops_counting_leaves_training_untouched(prov):
@@ -161,8 +237,9 @@ def test_flops_counting_leaves_training_untouched(prov):
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     fwd, epoch = read_back(prov)
-    assert fwd["value"] == 2 * 4 * (IN * OUT + OUT * 2)
-    assert epoch["value"] == 2 * 6 * (IN * OUT + OUT * 2)
+    model.load_state_dict(before)
+    assert fwd["value"] == fvcore_flops(model, batch)
+    assert epoch["value"] == 2 * fvcore_flops(model, torch.randn(3, IN))
 
 
 def test_flops_counting_is_not_seen_by_watch_hooks(prov):
@@ -217,6 +294,7 @@ def _check_system_bounds(fields: dict, meta: dict) -> None:
     assert fields["memory_used_bytes"] + fields["memory_available_bytes"] == \
         fields["memory_total_bytes"]
     assert 0 < fields["memory_percent"] <= 100
+    assert 0 < fields["disk_percent"] <= 100  # of '/', as yprov4ml's disk_usage
     for key in ("process_read_bytes", "process_write_bytes", "disk_read_bytes",
                 "disk_write_bytes"):
         assert fields[key] >= 0 and float(fields[key]).is_integer(), key
@@ -232,6 +310,7 @@ def test_system_metrics_are_within_physical_bounds(prov, monkeypatch, method):
         optional = measure._optional
         monkeypatch.setattr(measure, "_optional",
                             lambda name: None if name == "psutil" else optional(name))
+    time.sleep(0.05)  # a window the system's CPU clock ticks in (10 ms resolution)
     prov.log(None, "system", kind="system", step=0)
     cpu_before = time.process_time()
     _burn_cpu(0.3)
@@ -241,7 +320,8 @@ def test_system_metrics_are_within_physical_bounds(prov, monkeypatch, method):
     for record in (first, second):
         assert record["value"] is None and record["meta"]["method"] == method
         _check_system_bounds(record["fields"], record["meta"])
-    assert first["meta"]["cpu_window"] == "since_start" and "cpu_interval_s" not in first["meta"]
+    # the first record counts from the session's start (read when the logger opened it)
+    assert first["meta"]["cpu_window"] == "session_start" and first["meta"]["cpu_interval_s"] > 0
     assert second["meta"]["cpu_window"] == "previous_system_record"
     assert second["meta"]["cpu_interval_s"] >= 0.3
     # the window contains the busy loop: at least its CPU time over the window's length
@@ -255,6 +335,8 @@ def test_system_procfs_agrees_with_psutil():
     psutil = pytest.importorskip("psutil")
     fields = measure._system_memory(None)
     assert fields["memory_total_bytes"] == psutil.virtual_memory().total
+    assert measure._disk_space(None)["disk_percent"] == pytest.approx(
+        psutil.disk_usage("/").percent, abs=0.2)
     rss = measure._process_memory(None)["process_rss_bytes"]
     assert rss == pytest.approx(psutil.Process().memory_info().rss, rel=0.05)
     disk = measure._disk_io(None)
@@ -314,6 +396,7 @@ def test_system_gpu_fields_through_nvml(prov, monkeypatch):
     fields = all_gpus["fields"]
     assert all_gpus["meta"]["gpu_method"] == "pynvml" and "gpu" not in all_gpus["meta"].get(
         "unavailable", {})
+    assert all_gpus["meta"]["gpu_current"] == 0  # torch has not initialised CUDA here
     assert (fields["gpu0_utilization_percent"], fields["gpu1_utilization_percent"]) == (40, 41)
     assert fields["gpu0_memory_used_bytes"] == 2**30
     assert fields["gpu1_memory_total_bytes"] == 16 * 2**30
@@ -335,46 +418,44 @@ def _session_start(logger) -> float:
     return manifest["sessions"][-1]["start"]
 
 
-def test_execution_time_counts_from_the_session_start(prov):
+def test_execution_time_is_the_time_of_the_call(prov):
+    """As yprov4ml's log_current_execution_time: time.time() at the call, in Unix seconds;
+    the session's start is kept beside it."""
+    before = time.time()
+    prov.log(None, "now", kind="execution_time", step=0)
     time.sleep(0.05)
-    prov.log(None, "elapsed", kind="execution_time", step=0)
-    time.sleep(0.25)
-    prov.log(None, "elapsed", kind="execution_time", step=1)
+    prov.log(None, "now", kind="execution_time", step=1)
+    after = time.time()
     prov.log(12.5, "epoch_time", kind="execution_time")
-    before_read = time.time()
     first, second, given = read_back(prov)
-    assert first["value"] >= 0.05
-    assert second["value"] - first["value"] >= 0.25
+    assert before <= first["value"] <= second["value"] - 0.05 < after
+    assert first["value"] == pytest.approx(first["time"], abs=0.01)
     start = _session_start(prov)
-    assert second["meta"]["session_start"] == start
-    assert second["meta"]["method"] == "session_clock"
-    assert second["meta"]["clock"] == "journal_session"
-    assert second["value"] <= before_read - start  # not ahead of the wall clock either
-    assert second["time"] - start == pytest.approx(second["value"], abs=0.1)
+    assert second["meta"] == {"method": "time.time", "session_start": start,
+                              "clock": "journal_session", "context": "training"}
     assert (given["value"], given["meta"]) == (12.5, {"method": "given", "context": "training"})
 
 
-def test_a_resumed_session_starts_its_own_clock_and_totals(tmp_path):
+def test_a_resumed_session_starts_its_own_measurements(tmp_path):
     savedir = str(tmp_path / "prov")
-    model = linear()
     for _ in range(2):
         logger = Prov4MLLogger(provenance_save_dir=savedir, run_id="resumed", log_freq="batch")
         logger.create_logger_context()
-        logger.log((model, torch.randn(2, IN)), "fwd", kind="flops_pb")
-        logger.log(None, "elapsed", kind="execution_time")
+        logger.log(None, "now", kind="execution_time")
+        time.sleep(0.05)
+        logger.log(None, "system", kind="system")
         logger.destroy_logger_context()
         time.sleep(0.2)
-    records = Journal(savedir).records(kinds=["flops_pb", "execution_time"]).to_pylist()
-    totals = [json.loads(r["meta"])["total"] for r in records if r["kind"] == "flops_pb"]
-    timed = [r for r in records if r["kind"] == "execution_time"]
-    assert totals == [flops(2), flops(2)]  # not 2 * flops(2): the total is per session
+    records = Journal(savedir).records(kinds=["execution_time", "system"]).to_pylist()
     (run,) = Journal(savedir).runs()
     manifest = json.loads((run.rank(0).path / "manifest.json").read_text())
     starts = [session["start"] for session in manifest["sessions"]]
     assert len(starts) == 2 and starts[1] - starts[0] >= 0.2
-    for record, start in zip(timed, starts):  # each counted from its own session's start
-        assert json.loads(record["meta"])["session_start"] == start
-        assert record["value"] == pytest.approx(record["time"] - start, abs=0.1)
+    timed = [json.loads(r["meta"]) for r in records if r["kind"] == "execution_time"]
+    assert [m["session_start"] for m in timed] == starts
+    systems = [json.loads(r["meta"]) for r in records if r["kind"] == "system"]
+    assert [m["cpu_window"] for m in systems] == ["session_start", "session_start"]
+    assert all(m["cpu_interval_s"] < 0.2 for m in systems)  # not since the first session
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,12 +528,36 @@ def test_carbon_from_rapl_and_nvml_counters(prov, monkeypatch, tmp_path):
     assert fields["dram_energy_j"] == pytest.approx(1)
     assert fields["gpu_energy_j"] == pytest.approx(600)
     assert fields["energy_j"] == pytest.approx(631) == fields["energy_total_j"]
+    assert fields["cpu_energy_total_j"] == pytest.approx(30)
+    assert fields["gpu_power_w"] == pytest.approx(600 / fields["interval_s"])
+    assert fields["duration_s"] == pytest.approx(fields["interval_s"])
     assert fields["emissions_g"] == pytest.approx(631 / 3.6e6 * 100)
     assert measured["value"] == pytest.approx(fields["emissions_total_g"])
     assert measured["meta"]["carbon_intensity_source"] == "env ITWINAI_CARBON_INTENSITY"
     jump = (wrap - 40_000_000 + 1_000_000) / 1e6
     assert wrapped["fields"]["cpu_energy_j"] == pytest.approx(jump)
     assert wrapped["fields"]["energy_total_j"] == pytest.approx(631 + jump)
+    assert wrapped["fields"]["cpu_energy_total_j"] == pytest.approx(30 + jump)
+    assert wrapped["fields"]["duration_s"] == pytest.approx(
+        fields["interval_s"] + wrapped["fields"]["interval_s"])
+
+
+def test_carbon_counts_from_the_session_start_when_counters_are_readable(tmp_path, monkeypatch):
+    """With counters readable when the logger opens the session, the first carbon record
+    already covers the time since then (as yprov4ml's codecarbon tracker, started with the
+    run): no baseline-only record."""
+    root = tmp_path / "powercap"
+    monkeypatch.setattr(measure, "RAPL_ROOT", root)
+    _fake_rapl(root, {"intel-rapl:0": ("package-0", 5_000_000)})
+    logger = Prov4MLLogger(provenance_save_dir=str(tmp_path / "prov"), run_id="c",
+                           log_freq="batch")
+    logger.create_logger_context()
+    _fake_rapl(root, {"intel-rapl:0": ("package-0", 7_500_000)})  # +2.5 J
+    logger.log(None, "co2", kind="carbon")
+    (record,) = read_back(logger)
+    assert record["meta"]["energy"] == "measured"
+    assert record["fields"]["cpu_energy_total_j"] == pytest.approx(2.5)
+    assert record["fields"]["duration_s"] == pytest.approx(record["fields"]["interval_s"])
 
 
 def test_carbon_intensity_settings(monkeypatch):

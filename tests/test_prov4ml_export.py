@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 # Imported here, not lazily: the journal writer warms pyarrow up in a background thread, which
@@ -23,7 +24,6 @@ from click.testing import CliRunner
 from conftest import child_env
 
 from itwinai_journal import Journal
-from itwinai_journal.capture import CAPTURE
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, Prov4MLLogger
 from itwinai_sync import prov4ml
 from itwinai_sync.cli import main
@@ -36,7 +36,16 @@ EXP = "provexp"
 #: method that measured them, as yprov4ml's carry their hardware access mode.
 SOURCES = {"flops_pb": "fvcore.nn.FlopCountAnalysis", "flops_pe": "fvcore.nn.FlopCountAnalysis",
            "carbon": "codecarbon", "execution_time": "std.time"}
-MEASURED = ("flops_pb", "flops_pe", "system", "carbon", "execution_time")
+#: What itwinai's Prov4MLLogger (yprov4ml 2.0.9) calls the journal's system and carbon fields,
+#: and the factor to its units (percent, fractions, W, kWh, kg).
+SYSTEM = {"cpu_percent_system": "cpu_usage", "memory_percent": "memory_usage",
+          "disk_percent": "disk_usage"}
+CARBON = {"emissions_total_g": ("emissions", 1e-3), "cpu_power_w": ("cpu_power", 1),
+          "gpu_power_w": ("gpu_power", 1), "dram_power_w": ("ram_power", 1),
+          "cpu_energy_total_j": ("cpu_energy", 1 / 3.6e6),
+          "gpu_energy_total_j": ("gpu_energy", 1 / 3.6e6),
+          "dram_energy_total_j": ("ram_energy", 1 / 3.6e6),
+          "energy_total_j": ("energy_consumed", 1 / 3.6e6)}
 
 
 
@@ -51,54 +60,20 @@ def sync(savedir: Path, *args: str) -> str:
     return result.output
 
 
-def captured(kind: str) -> bool:
-    """Whether the journal captures this measured kind itself (else the test writes the record
-    the capture would write, in its documented format)."""
-    return "not_yet" not in CAPTURE[kind].__qualname__
-
-
 def log_measured(logger: Prov4MLLogger, model: torch.nn.Module, step: int) -> None:
-    """One record of each measured kind, through the logger when its capture exists."""
+    """Each measured kind through the logger (FLOPs twice: yprov4ml shows running totals)."""
     batch = torch.randn(4, 3)
-    writer = logger._writer
-    assert writer is not None
-
-    def append(kind: str, name: str, value: float | None, text: str | None, meta: dict) -> None:
-        # The capture is not there yet: the record it writes (see src/itwinai_journal/measure.py)
-        writer.append((time.time(), kind, name, step, None, value, text, None,
-                       {**meta, "context": "training"}, None))
-
-    if captured("flops_pb"):
-        logger.log((model, batch), "flops_batch", kind="flops_pb", step=step)
-    else:
-        append("flops_pb", "flops_batch", 24.0 + step, None,
-               {"method": "FlopCounterMode", "total": 24.0, "batches": 1})
-    if captured("flops_pe"):
-        logger.log((model, [batch, batch]), "flops_epoch", kind="flops_pe", step=step)
-    else:
-        append("flops_pe", "flops_epoch", 48.0, None,
-               {"method": "FlopCounterMode", "total": 48.0, "batches": 2})
-    if captured("system"):
-        logger.log(None, "system", kind="system", step=step)
-    else:
-        append("system", "system", None,
-               json.dumps({"cpu_percent": 12.5 + step, "process_rss_bytes": 1.5e8}),
-               {"method": "psutil"})
-    if captured("carbon"):
-        logger.log(None, "carbon", kind="carbon", step=step)  # the baseline: no fields yet
-        logger.log(None, "carbon", kind="carbon", step=step)
-    else:
-        append("carbon", "carbon", 0.25, json.dumps({"energy_j": 90.0 + step,
-                                                     "emissions_g": 0.01 * step}),
-               {"method": "rapl"})
-    if captured("execution_time"):
-        logger.log(None, "epoch_time", kind="execution_time", step=step)
-    else:
-        append("execution_time", "epoch_time", 1.75 * step, None, {"method": "session_clock"})
+    logger.log((model, batch), "flops_batch", kind="flops_pb", step=step)
+    logger.log((model, batch), "flops_batch", kind="flops_pb", step=step)
+    logger.log((model, [batch, batch]), "flops_epoch", kind="flops_pe", step=step)
+    logger.log(None, "system", kind="system", step=step)
+    logger.log(None, "carbon", kind="carbon", step=step)
+    logger.log(None, "carbon", kind="carbon", step=step)
+    logger.log(None, "epoch_time", kind="execution_time", step=step)
     # the marker asking for the documents (not among Prov4MLLogger's supported kinds: written
     # as the capture writes it); the exporter makes the documents on every export anyway
-    writer.append((time.time(), "prov_documents", "prov_documents", None, None, None, None,
-                   None, {"marker": True}, None))
+    logger._writer.append((time.time(), "prov_documents", "prov_documents", None, None, None,
+                           None, None, {"marker": True}, None))
 
 
 def write_run(savedir: Path, ranks: tuple[int, ...] = (0, 1), **prov_options) -> None:
@@ -150,6 +125,7 @@ def expected_metrics(savedir: Path, rank: int) -> dict[tuple[str, str, str], lis
     prov4ml target shows (the records routed to it, measured kinds field by field)."""
     table = Journal(savedir).records(run_id=RUN, rank=rank)
     out: dict[tuple[str, str, str], list[tuple]] = {}
+    totals: dict[str, float] = {}
     for rec in table.to_pylist():
         meta = json.loads(rec["meta"]) if rec["meta"] else {}
         if "targets" in meta and "prov4ml" not in meta["targets"]:
@@ -158,18 +134,26 @@ def expected_metrics(savedir: Path, rank: int) -> dict[tuple[str, str, str], lis
         context = meta.get("context") or "training"
         point = (rec["step"] or 0, rec["time"])
         name = rec["name"].replace(":", "_")
+        fields = json.loads(rec["text"] or "{}") if kind in ("system", "carbon") else {}
         if kind == "metric":
             out.setdefault((name, context, "None"), []).append((*point, rec["value"]))
-        elif kind in ("flops_pb", "flops_pe", "execution_time"):
+        elif kind in ("flops_pb", "flops_pe"):  # yprov4ml logs the running total of the kind
+            totals[kind] = totals.get(kind, 0) + rec["value"]
+            out.setdefault((name, context, SOURCES[kind]), []).append((*point, totals[kind]))
+        elif kind == "execution_time":
             out.setdefault((name, context, SOURCES[kind]), []).append((*point, rec["value"]))
-        elif kind in ("system", "carbon"):
-            source = meta["method"] if kind == "system" else SOURCES[kind]
-            fields = {k: v for k, v in json.loads(rec["text"] or "{}").items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if not fields and rec["value"] is not None:
-                fields = {rec["name"]: rec["value"]}
+        elif kind == "system":
             for key, value in fields.items():
-                out.setdefault((key, context, source), []).append((*point, float(value)))
+                out.setdefault((SYSTEM.get(key, key), context, meta["method"]), []).append(
+                    (*point, float(value)))
+        elif kind == "carbon":
+            for key, (label, factor) in CARBON.items():
+                if key in fields:
+                    out.setdefault((label, context, "codecarbon"), []).append(
+                        (*point, fields[key] * factor))
+            if "duration_s" in fields:
+                out.setdefault(("emissions_rate", context, "codecarbon"), []).append(
+                    (*point, fields["emissions_total_g"] / 1000 / fields["duration_s"]))
     return {k: sorted((step, value, int(round(t * 1000))) for step, t, value in v)
             for k, v in out.items()}
 
@@ -224,21 +208,28 @@ def test_export_documents_per_rank_and_exactly_once(tmp_path):
         assert frame["value"].tolist() == pytest.approx([1.0 + rank, 0.5 + rank,
                                                          1 / 3 + rank, 0.25 + rank])
         assert frame["epoch"].tolist() == [0, 1, 2, 3]
-        # measured kinds: yprov4ml's source labels, and the method that really measured them
+        # measured kinds: yprov4ml's names and source labels, the method that measured them
         labels = {v["yprov:source"] for v in metric_entities.values()}
-        assert {"fvcore.nn.FlopCountAnalysis", "codecarbon", "std.time"} <= labels
+        assert {"fvcore.nn.FlopCountAnalysis", "std.time"} <= labels
         assert labels & {"psutil", "procfs"}
         flops = metric_entities["fvcore.nn.FlopCountAnalysis//flops_batch//training"]
-        assert flops["yprov:measurement_method"] == "FlopCounterMode"
+        assert flops["yprov:measurement_method"] == "fvcore.nn.FlopCountAnalysis"
+        totals = [v for _, v, _ in expected[("flops_batch", "training", SOURCES["flops_pb"])]]
+        assert totals == [24.0, 48.0]  # Linear(3, 2) on 4 rows: 24 multiply-adds, summed
+        system = {name for name, _, source in expected if source in ("psutil", "procfs")}
+        assert {"cpu_usage", "memory_usage", "disk_usage"} <= system
         # models: two versions and the best model, as files of the journal's bytes
         art = rank_root(savedir, rank) / f"{EXP}_0" / f"artifacts_GR{rank}"
+        torch.manual_seed(rank)
+        weights = torch.nn.Linear(3, 2).state_dict()  # the model write_run logs
         for entity_id, file in (("torch//net_0//training", art / "net" / "net_0.pt"),
                                 ("torch//net_1//training", art / "net" / "net_1.pt"),
                                 ("torch//best//training", art / "best" / "best.pt")):
             assert entities[entity_id]["prov:type"] == "provml:Model"
             assert entities[entity_id]["dcterms:identifier"] == str(file)
-            module = torch.load(file, weights_only=False)
-            assert isinstance(module, torch.nn.Linear)
+            state = torch.load(file, weights_only=True)  # a state_dict, as yprov4ml saves
+            assert list(state) == list(weights)
+            assert all(torch.equal(state[k], weights[k]) for k in weights)
         assert entities["torch//best//training"]["yprov:best_total_params"]["$"] == "8"
         assert doc_path.with_suffix(".dot").stat().st_size > 0  # create_graph=True
         cursor = json.loads((doc_path.parent / prov4ml.MARKER).read_text())["cursor"]
@@ -392,3 +383,96 @@ def test_prov_name_mapping():
     assert prov4ml.prov_name("..", 100) == "__"
     long = prov4ml.prov_name("x" * 300, 60)
     assert len(long) == 60 and long != prov4ml.prov_name("x" * 299, 60)
+
+
+class _Evil:
+    """Runs a command when unpickled by a normal unpickler."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+def test_model_state_dict_is_read_without_running_journal_code(tmp_path):
+    """The journal's `torch.save` of a module becomes its state_dict without importing its
+    class (here a module that exists nowhere) and without calling anything it names."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+            self.register_buffer("scratch", torch.zeros(2), persistent=False)
+            self.payload = _Evil(tmp_path / "ran")
+
+    # pickled as a class of a training package that the sync side does not have
+    package = types.ModuleType("no_such_training_package")
+    Net.__module__, Net.__qualname__, package.Net = package.__name__, "Net", Net
+    net = Net()
+    path = tmp_path / "net.pt"
+    sys.modules[package.__name__] = package
+    try:
+        torch.save(net, path)
+    finally:
+        del sys.modules[package.__name__]
+    with open(path, "rb") as f:
+        state = prov4ml.state_dict_from_module(f)
+    assert not (tmp_path / "ran").exists()
+    expected = {k: v for k, v in net.state_dict().items()}
+    assert list(state) == list(expected)  # parameters, persistent buffers, submodules
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    torch.save(torch.zeros(3), path)
+    with open(path, "rb") as f:
+        assert prov4ml.state_dict_from_module(f) is None  # not a module
+
+
+def test_measured_view_names_units_and_totals():
+    """MeasuredView, field by field, against what yprov4ml 2.0.9's helpers log."""
+    view = prov4ml.MeasuredView({"sessions": [{"start": 100.0}, {"start": 200.0}]})
+    # FLOPs: one running total per kind across labels, reset by a new session
+    assert view.metrics("flops_pb", "a", 10.0, None, {}, 101.0) == [("a", 10.0, None)]
+    assert view.metrics("flops_pb", "b", 5.0, None, {}, 102.0) == [("b", 15.0, None)]
+    assert view.metrics("flops_pe", "a", 7.0, None, {}, 103.0) == [("a", 7.0, None)]
+    assert view.metrics("flops_pb", "a", 1.0, None, {}, 201.0) == [("a", 1.0, None)]
+    # a journal written when FLOPs were FlopCounterMode's (two per multiply-add)
+    assert view.metrics("flops_pb", "a", 8.0, None, {"method": "FlopCounterMode"}, 202.0) == [
+        ("a", 5.0, "FlopCounterMode/2")]
+    # execution time: Unix seconds; older journals' seconds since the session started
+    assert view.metrics("execution_time", "t", 123.5, None, {}, 0) == [("t", 123.5, None)]
+    assert view.metrics("execution_time", "t", 3.0, None,
+                        {"method": "session_clock", "session_start": 200.0}, 0) == [
+        ("t", 203.0, "session_clock + session_start")]
+    system = {"cpu_percent_system": 12.5, "memory_percent": 40.0, "disk_percent": 71.2,
+              "process_rss_bytes": 1e8, "gpu1_utilization_percent": 80.0,
+              "gpu1_memory_used_bytes": 4.0, "gpu1_memory_total_bytes": 16.0,
+              "gpu1_temperature_c": 60.0, "gpu1_power_w": 250.0, "gpu0_power_w": 90.0}
+    shown = {n: v for n, v, _ in view.metrics("system", "system", None, json.dumps(system),
+                                               {"gpu_current": 1}, 0)}
+    assert {k: shown[k] for k in ("cpu_usage", "memory_usage", "disk_usage", "gpu_usage",
+                                  "gpu_memory_usage", "gpu_temperature", "gpu_power_usage")} == {
+        "cpu_usage": 12.5, "memory_usage": 40.0, "disk_usage": 71.2, "gpu_usage": 0.8,
+        "gpu_memory_usage": 0.25, "gpu_temperature": 60.0, "gpu_power_usage": 250.0}
+    assert shown["process_rss_bytes"] == 1e8 and shown["gpu0_power_w"] == 90.0
+    assert "cpu_percent_system" not in shown
+    carbon = {"interval_s": 5.0, "energy_j": 360.0, "energy_total_j": 7200.0,
+              "emissions_total_g": 2.0, "duration_s": 10.0, "cpu_energy_total_j": 3600.0,
+              "dram_energy_total_j": 36.0, "cpu_power_w": 65.0, "dram_power_w": 4.0}
+    shown = view.metrics("carbon", "co2", 2.0, json.dumps(carbon), {}, 0)
+    assert [n for n, _, _ in shown] == ["emissions", "emissions_rate", "cpu_power", "ram_power",
+                                        "cpu_energy", "ram_energy", "energy_consumed"]
+    assert [v for _, v, _ in shown] == pytest.approx([0.002, 0.0002, 65.0, 4.0, 0.001, 1e-05,
+                                                      0.002])  # kg, kg/s, W, kWh
+    assert view.metrics("carbon", "co2", None, "{}", {}, 0) == []  # a baseline
+
+
+def test_an_unsupported_yprov4ml_is_named(tmp_path, monkeypatch):
+    """itwinai pins yprov4ml 2.0.9, whose API (Context enums, no run index or timestamps) and
+    documents differ: the exporter says so instead of failing inside yprov4ml."""
+    prov = Prov4MLLogger(provenance_save_dir=str(tmp_path), run_id=RUN)
+    with prov.start_logging():
+        prov.log(1.0, "loss", step=0)
+    monkeypatch.setattr(prov4ml, "_library_version", lambda: "2.0.9")
+    result = CliRunner().invoke(main, [str(tmp_path), "--to", "prov4ml"])
+    assert result.exit_code != 0
+    assert "drives yprov4ml 3.2.x; 2.0.9 is installed" in result.output

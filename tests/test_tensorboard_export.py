@@ -187,13 +187,16 @@ def test_every_kind_round_trips(tmp_path):
     assert (fig_ev.width, fig_ev.height) == (150, 100)
 
     texts = {"notes": "hello **markdown**", "log_dump": long_text}
-    for name, text in texts.items():
-        (ev,) = acc.Tensors(name)
+    for name, text in texts.items():  # tag, shape and plugin as SummaryWriter.add_text
+        (ev,) = acc.Tensors(f"{name}/text_summary")
         assert ev.tensor_proto.string_val == [text.encode()]
-        assert acc.SummaryMetadata(name).plugin_data.plugin_name == "text"
+        assert [d.size for d in ev.tensor_proto.tensor_shape.dim] == [1]
+        assert acc.SummaryMetadata(f"{name}/text_summary").plugin_data.plugin_name == "text"
 
+    # as itwinai's save_hyperparameters -> add_hparams stores them: bools as numbers,
+    # lists as their str()
     assert session_hparams(acc) == {"lr": 0.001, "layers": "[8, 4]", "optimizer": "adam",
-                                    "amp": True, "seed": 42.0}
+                                    "amp": 1.0, "seed": 42.0}
 
 
 def test_watch_histograms(tmp_path):
@@ -377,7 +380,7 @@ def test_mlflow_journal_to_custom_logdir(tmp_path):
     assert path == rank_dir(savedir, "m1", logdir=logdir)
     acc = accumulate(path)
     assert assert_scalars_exact(acc, savedir, "m1") == 33
-    assert session_hparams(acc) == {"epochs": 3.0, "note": "null"}
+    assert session_hparams(acc) == {"epochs": 3.0}  # None is left out, as add_hparams does
     (empty,) = event_files(rank_dir(savedir, "m2", logdir=logdir))
     assert empty.name == "events.out.tfevents.000000000001-000000000001.itwinai"
     assert count_events(empty.parent) == 1  # just the file_version event

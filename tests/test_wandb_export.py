@@ -61,10 +61,10 @@ def history(files: list[Path]) -> list[dict]:
     return [row for f in files for row in wr.history_rows(wr.read_records(f))]
 
 
-def points(rows: list[dict], *skip: str) -> Counter:
-    """(step, key) occurrences of user values in history rows."""
-    return Counter((row["_step"], k) for row in rows for k in row
-                   if not k.startswith("_") and k not in skip)
+def points(rows: list[dict]) -> Counter:
+    """(journal step, key) occurrences of user values in history rows."""
+    return Counter((row.get("itwinai/step"), k) for row in rows for k in row
+                   if not k.startswith("_") and k != "itwinai/step")
 
 
 def journal(savedir: Path) -> list[dict]:
@@ -93,7 +93,9 @@ def test_export_history_config_media_artifacts(tmp_path):
                 step=4)
     loggers.log("epoch <5> done", "status", kind="text", step=4)
     loggers.log({"a": 1, "b": {"c": [1, 2]}}, "report", kind="dict", step=4)
-    loggers.log(torch.nn.Linear(2, 2).state_dict(), "weights", kind="torch")
+    state = torch.nn.Linear(2, 2).state_dict()
+    torch.save(state, tmp_path / "w.pt")
+    loggers.log(state, "weights", kind="torch")
     run_id = loggers.run_id
     loggers.destroy_logger_context()
 
@@ -106,25 +108,39 @@ def test_export_history_config_media_artifacts(tmp_path):
     run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run_rec.project, run_rec.run_group, run_rec.display_name) == (
         "wbproj", run_id, f"{run_id}-rank0")
+    # the training's start, machine and program, from the manifest (not the sync machine's)
+    manifest = Journal(savedir).run(run_id).rank(0).manifest
+    session = manifest["sessions"][0]
+    assert run_rec.start_time.ToMicroseconds() == int(session["start"] * 1e6)
+    (env,) = [r.environment for r in records if r.WhichOneof("record_type") == "environment"]
+    assert env.started_at.ToMicroseconds() == int(session["start"] * 1e6)
+    assert (env.host, env.username, env.os, env.executable) == (
+        session["host"], manifest["user"], manifest["os"], manifest["executable"])
+    assert env.python == f"{manifest['python_implementation']} {manifest['versions']['python']}"
+    assert [env.program, *env.args] == [
+        os.path.normpath(os.path.join(session["cwd"], session["argv"][0])), *session["argv"][1:]]
+    assert env.root == session["cwd"] and env.git.commit == (manifest["git_commit"] or "")
 
     recs = journal(savedir)
     rows = history(files)
     assert [r["_step"] for r in rows] == [0, 1, 2, 3, 4]
     for row in rows:
-        step = row["_step"]
+        step = row["itwinai/step"]
         assert row["loss"] == 1.0 / (step + 1) and row["acc"] == 0.1 * step
-        times = [r["time"] for r in recs if r["step"] == step]
+        times = [r["time"] for r in recs if r["step"] == step or
+                 (step == 4 and r["step"] is None and r["kind"] != "param")]
         assert row["_timestamp"] == max(times)
     last = rows[-1]
     assert last["sample"]["_type"] == "image-file"
     assert (last["sample"]["width"], last["sample"]["height"]) == (6, 8)
     assert last["curve"]["_type"] == "image-file"
     assert last["interactive"]["_type"] == "plotly-file"
-    assert last["status"]["_type"] == "html-file"
-    assert last["report"]["_type"] == "table-file"
-    run_dir = files[0].parent / "files"
-    html = (run_dir / last["status"]["path"]).read_text()
-    assert "epoch &lt;5&gt; done" in html
+    # as wandb.log({identifier: item}) stores them: the string, nested keys, the tensors
+    assert last["status"] == "epoch <5> done"
+    assert last["report"] == {"a": 1, "b": {"c": [1, 2]}}
+    weights = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert last["weights"]["weight"] == weights["weight"].tolist()
+    assert last["weights"]["bias"] == weights["bias"].tolist()
 
     config = wr.config(records)
     assert {k: config[k] for k in ("lr", "layers", "optim")} == {
@@ -133,8 +149,8 @@ def test_export_history_config_media_artifacts(tmp_path):
     torch_art = next(a for a in artifacts if a.name == "weights")
     assert torch_art.type == "torch"
     (entry,) = torch_art.manifest.contents
-    weights = next(r for r in recs if r["name"] == "weights")
-    assert Path(entry.local_path).name == weights["blob"]  # the blob itself, not a copy
+    record = next(r for r in recs if r["name"] == "weights")
+    assert Path(entry.local_path).name == record["blob"]  # the blob itself, not a copy
     assert wr.summary(records)["_itwinai_seq"] == max(r["seq"] for r in recs)
 
     # Nothing new: no new W&B run directory, nothing exported.
@@ -205,7 +221,10 @@ def test_resync_appends_only_new_records_to_the_same_run(tmp_path):
     assert committed_state(savedir / "wandb", wb_id, "resync") == (50, 24)
 
 
-def test_records_without_step_fill_the_row_then_open_the_next_step(tmp_path):
+def test_rows_group_records_of_one_step_and_records_without_step(tmp_path):
+    """A record joins the row being built while it adds a new key at the same journal step; a
+    record without step joins any row (and a row of step-less records takes the step of the
+    next stepped record). W&B's _step counts rows; the journal step is 'itwinai/step'."""
     savedir = tmp_path / "mllogs"
     logger = WandBLogger(savedir=savedir, project_name="nostep", run_id="n")
     logger.create_logger_context()
@@ -214,16 +233,19 @@ def test_records_without_step_fill_the_row_then_open_the_next_step(tmp_path):
         logger.log(-value, "b")
     logger.log(5.0, "a", step=5)
     logger.log(6.0, "b")  # joins step 5, 'b' is not in it yet
+    logger.log(7.0, "c", step=6)
     logger.destroy_logger_context()
     sync(savedir)
     rows = history(wandb_files(savedir, wandb_run_id("nostep", "n", 0)))
-    assert [(r["_step"], r.get("a"), r.get("b")) for r in rows] == [
-        (0, 1.0, -1.0), (1, 2.0, -2.0), (5, 5.0, 6.0)]
+    assert [(r["_step"], r.get("itwinai/step"), r.get("a"), r.get("b"), r.get("c"))
+            for r in rows] == [(0, None, 1.0, -1.0, None), (1, None, 2.0, -2.0, None),
+                               (2, 5, 5.0, 6.0, None), (3, 6, None, None, 7.0)]
 
 
-def test_running_rank_keeps_its_last_step_until_it_is_complete(tmp_path):
-    """A live run synced mid-way: the last step may still grow (validation metrics come after
-    training ones), so it waits for the next sync instead of being written without them."""
+def test_live_rank_synced_mid_step_keeps_every_point_once(tmp_path):
+    """A live run synced mid-way: what is in the journal is written (its last row at the end
+    of the pass); records of the same step that come later are a row of their own at the same
+    journal step."""
     savedir = tmp_path / "mllogs"
     logger = WandBLogger(savedir=savedir, project_name="live", run_id="l",
                          flush_interval=0.05)
@@ -233,16 +255,17 @@ def test_running_rank_keeps_its_last_step_until_it_is_complete(tmp_path):
         logger.log(float(step) / 2, "val_loss", step=step)
     logger.log(3.0, "train_loss", step=3)
     time.sleep(0.5)  # flushed to the journal, the session still open
-    assert "still running" in sync(savedir)
+    sync(savedir)
     wb_id = wandb_run_id("live", "l", 0)
-    assert [r["_step"] for r in history(wandb_files(savedir, wb_id))] == [0, 1, 2]
+    assert [r["itwinai/step"] for r in history(wandb_files(savedir, wb_id))] == [0, 1, 2, 3]
     logger.log(1.5, "val_loss", step=3)
     logger.log(4.0, "train_loss", step=4)
     logger.destroy_logger_context()
     sync(savedir)
     rows = history(wandb_files(savedir, wb_id))
-    assert [(r["_step"], r["train_loss"], r.get("val_loss")) for r in rows] == [
-        (0, 0.0, 0.0), (1, 1.0, 0.5), (2, 2.0, 1.0), (3, 3.0, 1.5), (4, 4.0, None)]
+    assert [(r["_step"], r["itwinai/step"], r.get("train_loss"), r.get("val_loss"))
+            for r in rows] == [(0, 0, 0.0, 0.0), (1, 1, 1.0, 0.5), (2, 2, 2.0, 1.0),
+                               (3, 3, 3.0, None), (4, 3, None, 1.5), (5, 4, 4.0, None)]
 
 
 def test_follow_passes_keep_one_wandb_run_open_per_live_rank(tmp_path):
@@ -300,38 +323,36 @@ def test_artifacts_models_and_datasets_of_an_mlflow_journal(tmp_path):
     assert wr.summary(records)["datasets/train-set"]["shape"] == [4, 2]
 
 
-def _log_with_regressions(savedir: Path) -> str:
-    logger = WandBLogger(savedir=savedir, project_name="reg", run_id="job")
+def test_steps_that_go_back_lose_nothing(tmp_path):
+    """The README tour's pattern (batch metrics at the global step, epoch metrics at
+    step=epoch) and a step logged twice: W&B keeps every record, in journal order, as
+    itwinai's WandBLogger does (it ignores `step`); the charts use the journal step."""
+    savedir = tmp_path / "mllogs"
+    logger = WandBLogger(savedir=savedir, project_name="reg", run_id="job", log_freq="batch")
     logger.create_logger_context()
-    for step in range(6):
-        logger.log(float(step), "loss", step=step)
-    logger.log(99.0, "loss", step=5)  # twice at the step being written
-    logger.log(33.0, "loss", step=3)  # below the last step
-    logger.log(6.0, "loss", step=6)
+    global_step = 0
+    for epoch in range(3):
+        for batch_idx in range(4):
+            logger.log(float(global_step), "train_loss", step=global_step, batch_idx=batch_idx)
+            global_step += 1
+        logger.log(float(epoch) / 10, "val_acc", step=epoch)
+        logger.log(f"epoch {epoch}", "status", kind="text", step=epoch)
+    logger.log(99.0, "train_loss", step=11)  # the last step again
     logger.destroy_logger_context()
-    return "job"
-
-
-def test_step_regression_is_dropped_and_reported(tmp_path):
-    savedir = tmp_path / "mllogs"
-    _log_with_regressions(savedir)
-    out = sync(savedir)
-    assert "2 record(s) of reg/job rank 0 dropped" in out
-    rows = history(wandb_files(savedir, wandb_run_id("reg", "job", 0)))
-    assert [(r["_step"], r["loss"]) for r in rows] == [(s, float(s)) for s in range(7)]
-    # The drops are committed: a second sync neither repeats nor re-reports them.
-    assert "dropped" not in sync(savedir)
-
-
-def test_step_regression_fails_when_asked(tmp_path):
-    savedir = tmp_path / "mllogs"
-    _log_with_regressions(savedir)
-    out = sync(savedir, "--on-step-regression", "fail", code=1)
-    assert "FAILED" in out and "step regression" in out
-    assert "'loss' at step 5 (seq 7)" in out and "reg/job rank 0" in out
-    # Everything before the regression is written and committed, nothing after it.
-    rows = history(wandb_files(savedir, wandb_run_id("reg", "job", 0)))
-    assert [r["_step"] for r in rows] == list(range(6))
+    out = sync(savedir, "--on-step-regression", "fail")  # accepted, no longer has an effect
+    assert "no longer has an effect" in out and "dropped" not in out
+    files = wandb_files(savedir, wandb_run_id("reg", "job", 0))
+    rows = history(files)
+    got = [(r["itwinai/step"], k, r[k]) for r in rows for k in ("train_loss", "val_acc",
+                                                                 "status") if k in r]
+    want = [(r["step"], r["name"], r["value"] if r["kind"] == "metric" else r["text"])
+            for r in journal(savedir)]
+    assert got == want  # every record once, in journal order
+    assert [r["_step"] for r in rows] == list(range(len(rows)))
+    metrics = {r.metric.name: r.metric.step_metric for r in wr.read_records(files[0])
+               if r.WhichOneof("record_type") == "metric"}
+    assert metrics == {"itwinai/step": "", "train_loss": "itwinai/step",
+                       "val_acc": "itwinai/step"}
 
 
 def test_watch_records_histograms_and_they_reach_wandb(tmp_path):
@@ -452,8 +473,88 @@ def test_killed_export_resumes_exactly_once(tmp_path, monkeypatch):
     files = wandb_files(savedir, wb_id)
     assert len(files) == 2
     rows = history(files)
-    counts = points(rows)
+    counts = Counter((row["itwinai/step"], k) for row in rows for k in names if k in row)
     assert len(counts) == steps * len(names) and set(counts.values()) == {1}
     for row in rows:
-        assert row["loss"] == row["_step"] and row["acc"] == row["_step"] + 0.1
+        step = row["itwinai/step"]
+        assert row["loss"] == step and row["acc"] == step + 0.1
     assert committed_state(savedir / "wandb", wb_id, "kill")[0] == steps * len(names)
+
+
+def _same(value: object) -> str:
+    """A value in a comparable form (W&B stores a whole float like 2.0 as the integer 2)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    return json.dumps(value)
+
+
+def _spawn_export(savedir: Path) -> subprocess.Popen:
+    """An export in a child process and its own process group (with its own wandb-core, see
+    test_killed_export_resumes_exactly_once), reading a killed export's log after 3 s of
+    quiet instead of 20."""
+    env = {k: v for k, v in child_env().items() if k != "WANDB_SERVICE"}
+    env["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] = "0.2"
+    code = ("from itwinai_sync import wandb as w; w.QUIET_SECONDS = 3.0\n"
+            "from itwinai_sync.cli import main\n"
+            f"main([{str(savedir)!r}, '--to', 'wandb'])\n")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_killed_at_random_points_every_record_once(tmp_path, monkeypatch):
+    """The README tour's pattern (batch metrics at the global step, epoch metrics, text and a
+    dict at step=epoch), exported by processes SIGKILLed at random points and then synced to
+    the end: every record of the journal is in W&B exactly once, and W&B's _step runs 0..n-1
+    across all the run directories (no row repeated, none missing)."""
+    import random
+
+    savedir = tmp_path / "mllogs"
+    logger = WandBLogger(savedir=savedir, project_name="killr", run_id="k", log_freq="batch")
+    logger.create_logger_context()
+    global_step = 0
+    for epoch in range(30):
+        for batch_idx in range(100):
+            logger.log(global_step * 1e-3, "train_loss", step=global_step, batch_idx=batch_idx)
+            global_step += 1
+        logger.log(epoch / 100, "val_acc", step=epoch)
+        logger.log(f"epoch {epoch}", "status", kind="text", step=epoch)
+        logger.log({"lr": 0.1 / (epoch + 1)}, "sched", kind="dict", step=epoch)
+    logger.destroy_logger_context()
+    records = journal(savedir)
+    wb_id = wandb_run_id("killr", "k", 0)
+    rng = random.Random(13)
+    n = len(records)
+    kills = [rng.randrange(n // 10, n * 4 // 10), rng.randrange(n * 6 // 10, n * 9 // 10)]
+    for kill_at in kills:
+        proc = _spawn_export(savedir)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                if committed_state(savedir / "wandb", wb_id, "killr")[0] > kill_at:
+                    break
+                time.sleep(0.02)
+            assert proc.poll() is None, "the export ended before it could be killed"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    monkeypatch.setattr(wandb_exporter, "QUIET_SECONDS", 3.0)
+    sync(savedir)
+
+    # A kill may land while a child still waits for its predecessor's wandb-core to settle
+    # (that one flushes for ~2 s after the kill): then the child has no run directory yet.
+    files = wandb_files(savedir, wb_id)
+    assert 2 <= len(files) <= len(kills) + 1
+    rows = history(files)
+    assert [r["_step"] for r in rows] == list(range(len(rows)))
+    got = Counter()
+    for row in rows:
+        for key in ("train_loss", "val_acc", "status", "sched"):
+            if key in row:
+                got[(row["itwinai/step"], key, _same(row[key]))] += 1
+    want = Counter()
+    for r in records:
+        value = r["value"] if r["kind"] == "metric" else (
+            r["text"] if r["kind"] == "text" else json.loads(r["text"]))
+        want[(r["step"], r["name"], _same(value))] += 1
+    assert got == want and set(got.values()) == {1}
+    assert committed_state(savedir / "wandb", wb_id, "killr")[0] == len(records)

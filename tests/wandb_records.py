@@ -198,7 +198,10 @@ def _pop_path(target: dict[str, Any], path: tuple[str, ...]) -> None:
 
 def _history_value(item: HistoryItem) -> Any:
     """Decode a ``HistoryItem`` written in either the JSON or the typed encoding."""
-    kind = item.WhichOneof("value")
+    try:
+        kind = item.WhichOneof("value")
+    except ValueError:  # wandb before the typed encoding (0.26): JSON only
+        kind = None
     if kind is None:
         return json.loads(item.value_json) if item.value_json else None
     if kind == "none":

@@ -41,25 +41,29 @@ the user who trained, and the compute node's host, Python version, world size an
 id replace the exporting machine's platform fields. Paths inside the document are the final
 ones, not the temporary directory's.
 
-Kinds (context: the record's `context`, default "training"; timestamps: the record's time in
-milliseconds; a record without a step is written at step 0, yprov4ml's default):
+Kinds (context: the record's `context`, default "training", as itwinai's Prov4MLLogger;
+timestamps: the record's time in milliseconds; a record without a step is written at step 0,
+yprov4ml's default):
 - `metric`: `log_metric` (source None, as itwinai's Prov4MLLogger logs them);
-- `flops_pb`, `flops_pe`, `execution_time`: `log_metric` of the journal's value, with the source
-  yprov4ml gives the kind (`fvcore.nn.FlopCountAnalysis`, `std.time`);
-- `system`: one metric per numeric field of the record, source = the measuring method of the
-  record (`psutil`, `procfs`), as yprov4ml's system metrics carry their hardware access mode;
-- `carbon`: one metric per numeric field, source `codecarbon` (yprov4ml's label for the kind);
-  the method that actually measured a metric (e.g. FlopCounterMode, rapl) is added to the metric
-  entity as `yprov:measurement_method`. Nothing is measured at export time: yprov4ml's own
-  FLOPs/system/carbon helpers would measure the exporting machine;
+- `flops_pb`, `flops_pe`, `execution_time`, `system`, `carbon`: `log_metric` of what itwinai's
+  Prov4MLLogger would have logged with the yprov4ml it pins (2.0.9), computed from the
+  journal's measurements by `MeasuredView` (names, units, running FLOP totals), with the
+  source yprov4ml gives the kind (`fvcore.nn.FlopCountAnalysis`, `codecarbon`, `std.time`;
+  system metrics the method that read them, `psutil` or `procfs`, as yprov4ml 3's carry their
+  hardware access mode); the method that actually measured a metric (fvcore, FlopCounterMode
+  halved, rapl, ...) is added to its metric entity as `yprov:measurement_method`. Nothing is
+  measured at export time: yprov4ml's own FLOPs/system/carbon helpers would measure the
+  exporting machine;
 - `param`: `log_param` of the JSON value as an input (`provml:HyperParameter`);
 - `model` (each call a new version `<name>_<k>`, like `save_model_version`), `best_model` (one
-  `<name>`, like `log_model`), `torch`, `artifact`: the journal's bytes are written under
-  `artifacts_GR<r>/<name>/` and logged with `log_artifact` (models as `provml:Model`, with
-  `log_model`'s parameter-count attributes); for `best_model`, `torch` and `artifact` only the
-  last record of a name is kept, as the file it would have overwritten. A model file is the
-  journal's `torch.save` of the whole module, not a state_dict: the module's class need not be
-  importable where the sync runs;
+  `<name>`, like `log_model`), `torch`, `artifact`: files under `artifacts_GR<r>/<name>/`
+  logged with `log_artifact` (models as `provml:Model`, with `log_model`'s parameter-count
+  attributes); for `best_model`, `torch` and `artifact` only the last record of a name is
+  kept, as the file it would have overwritten. A model file is the module's `state_dict`, as
+  yprov4ml saves it, read from the journal's `torch.save` of the whole module without
+  importing or running any of its code (`state_dict_from_module`). A `torch` object is the
+  journal's `torch.save` file and, when it loads with `weights_only` (tensors and containers),
+  also a param, as itwinai's Prov4MLLogger logs it with `log_param`;
 - `prov_documents`: the documents are produced on every export, whether a run logged the marker
   or not.
 Names yprov4ml cannot take (':' makes a PROV qualified name, '/' a path, very long names a too
@@ -79,6 +83,7 @@ yprov4ml is imported only when a rank is built.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib.util
 import json
@@ -108,6 +113,9 @@ from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
 from .exporter import Exporter, ExportError, Notes, RankSink
 
 MARKER = ".itwinai-sync-cursor"
+#: The yprov4ml releases whose API and documents this exporter drives: 3.2.4 (Python < 3.12)
+#: is tested; 3.2.5 and later need Python 3.12 (see requirements-prov4ml-nodeps.txt).
+SUPPORTED_YPROV4ML = "3.2."
 #: yprov4ml's run index (the `_<n>` of the run folder), pinned so that rebuilding a rank never
 #: makes a second run folder.
 RUN_INDEX = 0
@@ -183,6 +191,13 @@ class Prov4mlExporter(Exporter):
             raise click.ClickException(
                 "the prov4ml exporter needs yprov4ml: pip install 'itwinai-sync[prov4ml]' and "
                 "pip install --no-deps -r requirements-prov4ml-nodeps.txt (see the README)")
+        version = _library_version()
+        if not version.startswith(SUPPORTED_YPROV4ML) and version != "unknown":
+            raise click.ClickException(
+                f"the prov4ml exporter drives yprov4ml {SUPPORTED_YPROV4ML}x; {version} is "
+                "installed, whose API and documents differ (2.x takes contexts as its Context "
+                "enum, has no run index or timestamp arguments, writes another document "
+                "layout): pip install --no-deps -r requirements-prov4ml-nodeps.txt")
 
     @classmethod
     def cli_options(cls) -> list[click.Option]:
@@ -471,6 +486,7 @@ class _Replay:
         self.methods: dict[str, set[str]] = {}
         self.versions: dict[str, int] = {}
         self.last: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self.measured = MeasuredView(sink.rank.manifest)
         self._names: dict[tuple[str, int], str] = {}
         kind = y.kind
         self.source = {
@@ -506,7 +522,7 @@ class _Replay:
         elif kind == "prov_documents":
             pass  # the documents are made on every export
         else:
-            self.measurement(kind, name, step, value, text, meta)
+            self.measurement(kind, name, step, value, text, meta, rec[1])
 
     def finish(self) -> None:
         for rec in self.last.values():
@@ -516,9 +532,12 @@ class _Replay:
     # -- kinds ------------------------------------------------------------------------------
 
     def param(self, name: str, text: str | None, blob: str | None, meta: dict) -> None:
+        """A hyperparameter, in the context itwinai's Prov4MLLogger gives them ("training")."""
         raw = text if text is not None else self.sink.blobs.read(blob or "").decode()
-        value = json.loads(raw)
-        self.y.lib.log_param(self.name(name), value, context=self._context(meta, None),
+        self.log_param(name, json.loads(raw), meta)
+
+    def log_param(self, name: str, value: Any, meta: dict[str, Any]) -> None:
+        self.y.lib.log_param(self.name(name), value, context=self._context(meta),
                              is_input=True)
 
     @staticmethod
@@ -538,29 +557,23 @@ class _Replay:
             self.methods.setdefault(entity, set()).add(method)
 
     def measurement(self, kind: str, name: str, step: int | None, value: float | None,
-                    text: str | None, meta: dict[str, Any]) -> None:
-        method = meta.get("method")
-        method = str(method) if method else None
+                    text: str | None, meta: dict[str, Any], t: float) -> None:
         if kind == "metric":
             self.metric(name, value, step, meta, None)
-        elif kind in ("flops_pb", "flops_pe", "execution_time"):
-            if value is None:
-                self.notes.add(f"prov4ml: {kind} records without a value are skipped")
-                return
-            self.metric(name, value, step, meta, self.source[kind], method)
-        elif kind in ("system", "carbon"):
-            source = (method or "psutil") if kind == "system" else self.source[kind]
-            fields = _numeric_fields(text)
-            if not fields and value is not None:
-                fields = {name: value}
-            skipped = _non_numeric_fields(text)
-            if skipped:
-                self.notes.add(f"prov4ml: non-numeric {kind} fields are skipped: "
-                               f"{', '.join(sorted(skipped))}")
-            for key, number in fields.items():
-                self.metric(key, number, step, meta, source, method)
-        else:  # pragma: no cover - kinds are filtered by the engine
+            return
+        if kind not in MEASURED_KINDS:  # pragma: no cover - kinds are filtered by the engine
             raise ExportError(f"prov4ml exporter got an unexpected kind {kind!r}")
+        shown = self.measured.metrics(kind, name, value, text, meta, t)
+        if not shown and kind != "carbon":  # a carbon baseline has nothing to show yet
+            self.notes.add(f"prov4ml: {kind} records without a value are skipped")
+        skipped = _non_numeric_fields(text) if kind in ("system", "carbon") else set()
+        if skipped:
+            self.notes.add(f"prov4ml: non-numeric {kind} fields are skipped: "
+                           f"{', '.join(sorted(skipped))}")
+        method = str(meta["method"]) if meta.get("method") else None
+        source = (method or "psutil") if kind == "system" else self.source[kind]
+        for metric_name, number, how in shown:
+            self.metric(metric_name, number, step, meta, source, how or method)
 
     def artifact(self, rec: tuple[Any, ...], label: str) -> None:
         """The journal's bytes under artifacts_GR<r>/<name>/, logged with log_artifact."""
@@ -569,10 +582,11 @@ class _Replay:
         base = Path(self.y.data.ARTIFACTS_DIR) / self.name(name)
         if kind in ("model", "best_model"):
             path = base / f"{label}.pt"
-            self._write_blob(blob, path)
+            self._write_state_dict(blob, path, name)
         elif kind == "torch":
             path = base / prov_name(str(meta.get("file_name") or "object.pt"), 100)
             self._write_blob(blob, path)
+            self._torch_param(name, blob, meta)
         elif meta.get("type") == "directory":
             path = base / prov_name(str(meta.get("dir_name") or name), 100)
             listing = json.loads(self.sink.blobs.read(blob))
@@ -602,6 +616,36 @@ class _Replay:
                 f"{prefix}:{label}_total_memory_load_of_model": memory + parameters * 8e-6,
             })
 
+    def _write_state_dict(self, sha: str, dest: Path, name: str) -> None:
+        """The model's `state_dict`, saved as yprov4ml's save_model_version saves it, read
+        from the journal's `torch.save` of the module without running its code (see
+        `state_dict_from_module`); the journal's file itself when that is not a module."""
+        with self.sink.blobs.open(sha) as f:
+            state = state_dict_from_module(f)
+        if state is None:
+            self.notes.add(f"prov4ml: model {name!r} is not a torch.nn.Module pickle: written "
+                           "as the journal's torch.save file, not as a state_dict")
+            self._write_blob(sha, dest)
+            return
+        import torch
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, dest)
+
+    def _torch_param(self, name: str, sha: str | None, meta: dict[str, Any]) -> None:
+        """itwinai's Prov4MLLogger logs a `torch` item with `log_param(identifier, item)`:
+        the value goes into the document too, when it loads safely (`weights_only`)."""
+        import torch
+
+        try:
+            with self.sink.blobs.open(sha or "") as f:
+                value = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any object weights_only loading refuses
+            self.notes.add("prov4ml: torch objects that are not tensors are kept as artifacts "
+                           "only, not also as params")
+            return
+        self.log_param(name, value, meta)
+
     def _write_blob(self, sha: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with self.sink.blobs.open(sha) as src, open(dest, "wb") as out:
@@ -626,6 +670,192 @@ def _numeric_fields(text: str | None) -> dict[str, float]:
 def _non_numeric_fields(text: str | None) -> set[str]:
     return {k for k, v in _fields(text).items()
             if not isinstance(v, (int, float)) or isinstance(v, bool)}
+
+
+# -- measured kinds as yprov4ml shows them -------------------------------------------------------
+
+MEASURED_KINDS = ("flops_pb", "flops_pe", "system", "carbon", "execution_time")
+J_PER_KWH = 3.6e6
+#: System fields shown under the names of yprov4ml 2.0.9's log_system_metrics.
+SYSTEM_NAMES = {"cpu_percent_system": "cpu_usage", "memory_percent": "memory_usage",
+                "disk_percent": "disk_usage"}
+#: Energy categories of the journal's carbon records -> yprov4ml's (codecarbon's) names.
+CARBON_PARTS = (("cpu", "cpu"), ("gpu", "gpu"), ("dram", "ram"), ("platform", "platform"))
+Shown = list[tuple[str, float, "str | None"]]
+
+
+class MeasuredView:
+    """A rank's measured records as itwinai's Prov4MLLogger records them with the yprov4ml it
+    pins (2.0.9): its metric names, units and accumulation. The journal keeps what was
+    measured per call; this turns it into what yprov4ml would have logged:
+
+    - `flops_pb`, `flops_pe`: the running total of the kind's FLOPs in the session (yprov4ml
+      adds every call to one counter per kind, whatever its label, reset by `start_run`);
+      journals written before FLOPs were counted in fvcore's convention (method
+      "FlopCounterMode", two per multiply-add) are halved.
+    - `execution_time`: Unix seconds (journals that stored seconds since the session started,
+      method "session_clock", get the session's start added).
+    - `system`: `cpu_usage`, `memory_usage`, `disk_usage` (percent), and for the current GPU
+      `gpu_usage` and `gpu_memory_usage` (fractions, as GPUtil and torch give them),
+      `gpu_temperature` (degrees C), `gpu_power_usage` (W); the journal's other fields (per
+      GPU, process memory, I/O) under their own names. GPU metrics a machine without GPU
+      cannot measure are left out, where yprov4ml writes 0.0.
+    - `carbon`: `emissions` (kgCO2eq; yprov4ml 2.0.9 logs the energy in kWh under that name),
+      `emissions_rate` (kg/s), `cpu_power`, `gpu_power`, `ram_power` (W), `cpu_energy`,
+      `gpu_energy`, `ram_energy`, `energy_consumed` (kWh), all since the baseline, as
+      codecarbon's cumulative figures (plus `platform_*` when RAPL's psys zone measured it).
+
+    Each entry: (metric name, value, how it was measured when that differs from the record's
+    method)."""
+
+    def __init__(self, manifest: dict[str, Any]):
+        starts = [s.get("start") for s in manifest.get("sessions") or []]
+        self.starts = sorted(float(x) for x in starts if isinstance(x, (int, float)))
+        self.totals: dict[tuple[str, int], float] = {}
+
+    def metrics(self, kind: str, name: str, value: float | None, text: str | None,
+                meta: dict[str, Any], t: float) -> Shown:
+        fields = _numeric_fields(text)
+        if kind in ("system", "carbon") and not fields and value is not None:
+            fields = {name: value}  # a record with a single number of its own
+        if kind in ("flops_pb", "flops_pe"):
+            return self._flops(kind, name, value, meta, t)
+        if kind == "execution_time":
+            return self._execution_time(name, value, meta)
+        return self._system(fields, meta) if kind == "system" else self._carbon(fields)
+
+    def _flops(self, kind: str, name: str, value: float | None, meta: dict[str, Any],
+               t: float) -> Shown:
+        if value is None:
+            return []
+        how = None
+        if meta.get("method") == "FlopCounterMode":
+            value, how = value / 2, "FlopCounterMode/2"
+        session = max(0, bisect.bisect_right(self.starts, t) - 1)
+        total = self.totals[(kind, session)] = self.totals.get((kind, session), 0.0) + value
+        return [(name, total, how)]
+
+    @staticmethod
+    def _execution_time(name: str, value: float | None, meta: dict[str, Any]) -> Shown:
+        if value is None:
+            return []
+        start = meta.get("session_start")
+        if meta.get("method") == "session_clock" and isinstance(start, (int, float)):
+            return [(name, start + value, "session_clock + session_start")]
+        return [(name, value, None)]
+
+    @staticmethod
+    def _system(fields: dict[str, float], meta: dict[str, Any]) -> Shown:
+        shown: Shown = [(SYSTEM_NAMES[k], fields[k], None) for k in SYSTEM_NAMES if k in fields]
+        current = meta.get("gpu_current")
+        gpu = f"gpu{current if isinstance(current, int) else 0}_"
+        utilization = fields.get(gpu + "utilization_percent")
+        used, total = fields.get(gpu + "memory_used_bytes"), fields.get(gpu + "memory_total_bytes")
+        for label, number in (
+                ("gpu_memory_usage", used / total if used is not None and total else None),
+                ("gpu_usage", None if utilization is None else utilization / 100),
+                ("gpu_temperature", fields.get(gpu + "temperature_c")),
+                ("gpu_power_usage", fields.get(gpu + "power_w"))):
+            if number is not None:
+                shown.append((label, number, None))
+        shown.extend((k, v, None) for k, v in fields.items() if k not in SYSTEM_NAMES)
+        return shown
+
+    @staticmethod
+    def _carbon(fields: dict[str, float]) -> Shown:
+        shown: Shown = []
+        emissions = fields.get("emissions_total_g")
+        if emissions is not None:
+            shown.append(("emissions", emissions / 1000, None))
+            if fields.get("duration_s"):
+                shown.append(("emissions_rate", emissions / 1000 / fields["duration_s"], None))
+        for unit, suffix, scale in (("power", "_power_w", 1.0),
+                                    ("energy", "_energy_total_j", 1 / J_PER_KWH)):
+            for ours, theirs in CARBON_PARTS:
+                if ours + suffix in fields:
+                    shown.append((f"{theirs}_{unit}", fields[ours + suffix] * scale, None))
+        if "energy_total_j" in fields:
+            shown.append(("energy_consumed", fields["energy_total_j"] / J_PER_KWH, None))
+        return shown
+
+
+# -- models as state_dicts, without running the journal's code ------------------------------------
+
+
+class _Stub:
+    """Stands in for a class of a pickled module, which is never imported: keeps its state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ values)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+def _stub_pickle_module() -> Any:
+    """A pickle module for `torch.load` whose unpickler gives the globals that weights-only
+    loading allows (tensors, storages, dtypes, containers) and an inert `_Stub` subclass for
+    any other class: a module's tree of `_parameters`, `_buffers` and `_modules` is rebuilt,
+    but nothing from the journal is imported or called."""
+    import _compat_pickle
+    import pickle
+
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = _get_allowed_globals()
+    stubs: dict[tuple[str, str], type] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            # the Python 2 names of protocol 2 pickles (torch.save's), as pickle maps them
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            found = allowed.get(f"{module}.{name}")
+            if found is not None:
+                return found
+            if (module, name) not in stubs:
+                stubs[(module, name)] = type(name, (_Stub,), {"__module__": module})
+            return stubs[(module, name)]
+
+    return SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="stub_pickle")
+
+
+def state_dict_from_module(file: Any) -> dict[str, Any] | None:
+    """The `state_dict()` of a `torch.save`d `nn.Module` (keys and tensors, in the order
+    `Module.state_dict` gives: parameters, persistent buffers, then submodules), rebuilt
+    from the pickle without importing the module's classes: the journal is untrusted input,
+    and the training code need not be importable where the sync runs. None when the file is
+    not a module. Modules that override `state_dict` (extra state, custom keys) are read as
+    plain modules."""
+    import torch
+
+    try:
+        root = torch.load(file, map_location="cpu", weights_only=False,
+                          pickle_module=_stub_pickle_module())
+    except Exception:  # noqa: BLE001 - not a torch.save file, or not one we can read
+        return None
+    if not isinstance(root, _Stub) or not isinstance(vars(root).get("_modules"), dict):
+        return None
+    state: dict[str, Any] = {}
+
+    def walk(module: Any, prefix: str) -> None:
+        attrs = vars(module)
+        transient = attrs.get("_non_persistent_buffers_set") or set()
+        for key, tensor in (attrs.get("_parameters") or {}).items():
+            if tensor is not None:
+                state[prefix + key] = tensor.detach()
+        for key, tensor in (attrs.get("_buffers") or {}).items():
+            if tensor is not None and key not in transient:
+                state[prefix + key] = tensor.detach()
+        for key, child in (attrs.get("_modules") or {}).items():
+            if isinstance(child, _Stub):
+                walk(child, f"{prefix}{key}.")
+
+    walk(root, "")
+    return state
 
 
 # -- after yprov4ml: the final document, the graph, the swap -----------------------------------

@@ -20,7 +20,8 @@ Kinds: metrics are scalars (`simple_value`, so float32 like `add_scalar`) with t
 step and its `time` as the event's wall time; images and matplotlib figures are image summaries
 of the journal's PNG bytes (size and colour type from the PNG header); plotly figures cannot be
 shown and are skipped with a note; text (inline or, when large, a blob) is a text-plugin string
-tensor; `histogram` records (the W&B-style `watch` capture) are HistogramProtos with the bin
+tensor of shape [1] under the tag `<name>/text_summary`, as `SummaryWriter.add_text` writes it;
+`histogram` records (the W&B-style `watch` capture) are HistogramProtos with the bin
 right edges as `bucket_limit` (an all-NaN tensor's histogram, without bins, is written empty).
 
 Records logged without a step: a watch histogram is written at step = the forward call it was
@@ -35,7 +36,12 @@ others, `events.out.tfevents.000000000000-hparams.itwinai`, holding every param 
 exported so far (last value per name). A batch with params merges them into it and replaces it
 atomically *before* its own events file is renamed into place, so a crash in between only
 means the same values are merged again. A TensorBoard that is already running needs a reload
-to see params that arrive after it read that file.
+to see params that arrive after it read that file. Values are what itwinai's
+TensorBoardLogger gives `add_hparams`: numbers and bools as numbers, strings as strings, None
+left out, anything else (lists, dicts) as Python's `str()` of it. Unlike `add_hparams`, which
+writes them into a run of their own (a sub-directory named after the time) with a fixed
+"success" status, they belong to the rank's run here, next to its scalars; no experiment
+summary is written, so TensorBoard infers the columns from every rank's params.
 
 Speed: one reused Event per metric name, serialized per record; the TFRecord framing (length,
 masked CRC-32C of the length, data, masked CRC-32C of the data) is done for a whole batch, the
@@ -69,6 +75,8 @@ HPARAMS_FILE = "events.out.tfevents.000000000000-hparams.itwinai"
 TMP_PREFIX = ".tmp-"
 FILE_VERSION = "brain.Event:2"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: What SummaryWriter.add_text appends to a text's tag.
+TEXT_SUFFIX = "/text_summary"
 #: PNG colour type -> Summary.Image colorspace (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
 PNG_COLORSPACE = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 #: Records longer than this get their CRC from TensorBoard's (pure Python) helper: vectorizing
@@ -99,6 +107,8 @@ def _tb() -> SimpleNamespace:
         crc_table=np.array(pywrap_tensorflow.CRC_TABLE, dtype=np.uint32),
         hparams=hparams_metadata, HParamsPluginData=plugin_data_pb2.HParamsPluginData,
         text_metadata=text_metadata.create_summary_metadata("", ""),
+        text_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]),
     )
 
 
@@ -172,6 +182,18 @@ def frame(records: list[bytes]) -> bytes:
     parts[1::3] = records
     parts[2::3] = [crcs[i:i + 4] for i in range(0, len(crcs), 4)]
     return b"".join(parts)  # type: ignore[arg-type]
+
+
+def hparam_value(text: str | None) -> float | str | None:
+    """A param's journal JSON as itwinai's TensorBoardLogger hands it to `add_hparams`: it
+    keeps None, bool, int, float and str and turns anything else into `str(value)`, and
+    `add_hparams` stores bools and numbers as numbers and leaves None out."""
+    value = json.loads(text) if text is not None else None
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    return str(value)
 
 
 # -- the exporter ------------------------------------------------------------------------------
@@ -301,9 +323,9 @@ class TensorBoardSink(RankSink):
         tb = _tb()
         if kind == "text":
             data = text.encode() if text is not None else self._blob(blob, name)
-            tensor = tb.TensorProto(dtype="DT_STRING", string_val=[data],
-                                    tensor_shape=tb.TensorShapeProto())
-            return tb.Summary.Value(tag=name, metadata=tb.text_metadata, tensor=tensor)
+            return tb.Summary.Value(tag=name + TEXT_SUFFIX, metadata=tb.text_metadata,
+                                    tensor=tb.TensorProto(dtype="DT_STRING", string_val=[data],
+                                                          tensor_shape=tb.text_shape))
         if kind == "histogram":
             return self._histogram(name, text)
         png = self._blob(blob, name)
@@ -359,16 +381,13 @@ class TensorBoardSink(RankSink):
         if not info.start_time_secs:
             info.start_time_secs = min(self._session_start(), *(t for t, _ in params.values()))
         for name, (_, text) in params.items():
-            value = json.loads(text) if text is not None else None
-            slot = info.hparams[name]
-            if isinstance(value, bool):
-                slot.bool_value = value
-            elif isinstance(value, (int, float)):
-                slot.number_value = value
+            value = hparam_value(text)
+            if value is None:
+                info.hparams.pop(name, None)
             elif isinstance(value, str):
-                slot.string_value = value
-            else:  # lists, dicts, null: their JSON text, as TensorBoard shows only scalars
-                slot.string_value = text or "null"
+                info.hparams[name].string_value = value
+            else:
+                info.hparams[name].number_value = value
         event = tb.Event(wall_time=info.start_time_secs, step=0)
         event.summary.value.add(tag=tb.hparams.SESSION_START_INFO_TAG,
                                 metadata=tb.hparams.create_summary_metadata(data),

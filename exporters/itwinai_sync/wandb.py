@@ -22,31 +22,43 @@ the exit record; and the wandb-core of a killed export outlives it by ~2 s and f
 a log without exit record is trusted only once unchanged for QUIET_SECONDS.
 
 W&B keeps one run at a time per process here (`parallel_runs = False`), and artifact staging
-(tables) goes to `<savedir>/wandb/.data` unless WANDB_DATA_DIR is set. System metrics, console
-capture, git and requirements of the sync machine are not recorded: they would be mistaken for
-the training job's.
+goes to `<savedir>/wandb/.data` unless WANDB_DATA_DIR is set. System metrics, console capture,
+git and requirements of the sync machine are not recorded: they would be mistaken for the
+training job's. What W&B shows about the machine instead comes from the rank's manifest: the run
+starts when the rank's first journal session started, on the compute node's host, and the
+run's environment record (W&B's `wandb-metadata.json`: OS, Python, program, arguments, host,
+user, executable, git commit, SLURM variables) is the training process's. wandb-core computes
+`_runtime` and the run's runtime from its own clock; the SDK offers no way to set them.
 
-Steps: W&B needs strictly increasing steps and one `log` call per step. Records of one step go
-into one row (`_timestamp` = the latest record time of that step). A record whose step is at or
-below the row already written, or whose name is already in the row of its step, cannot be
-stored: `--on-step-regression drop` (default) skips and reports it, `fail` stops the run.
-Records without step join the row being built when their name is not in it yet, else they open
-the next step (last step + 1); with no row being built they go to last step + 1. The row of the
-last step of a rank that is still running is held back until a later step arrives or the rank
-ends, because more records of that step may still be logged.
+Rows and steps, as itwinai's WandBLogger makes them: it ignores `step` and calls
+`wandb.log({identifier: item}, commit=True)`, one history row per call, so nothing is ever
+refused. Here too W&B's own `_step` counts rows in journal order (continuing from what the run
+holds), so every record is kept whatever steps the training used (batch metrics at the global
+step and epoch metrics at `step=epoch` included). The journal's step travels with each row as
+the metric `itwinai/step`, declared with `define_metric(key, step_metric="itwinai/step")` for
+every metric logged with a step (the convention of the Lightning and Hugging Face W&B
+loggers), so W&B charts use the training step as x axis. Consecutive records join one row
+while they add new keys at the same journal step (a record without step joins any row), which
+keeps the rows of a training loop as few as its steps; a row is written at the end of every
+exported batch.
 
-Kinds: metric -> history value; histogram (from `watch`) -> wandb.Histogram; image and
-matplotlib figure -> wandb.Image; plotly figure -> wandb.Plotly; text -> wandb.Html (escaped,
-in <pre>); dict -> wandb.Table (flattened key, JSON value); param -> config; watch -> a
-wandb.Graph in the summary (`graph_<name>`); dataset -> summary `datasets/<name>`; torch,
-artifact, model, best_model -> W&B artifacts referring to the journal's blob files in place
-(policy "immutable": blobs are content-addressed and never change, so nothing is copied).
+Kinds, as `wandb.log({identifier: item})` shows them: metric -> history value; text -> the
+string; dict -> nested keys (`identifier.key`); torch -> the object as wandb converts it (a
+tensor becomes a list, or a histogram above 32 values; a state_dict nested keys), when it loads
+with `torch.load(weights_only=True)`, and in any case a W&B artifact of the `torch.save` file.
+Where itwinai's calls fail or lose the picture, the export shows it: image (PIL, numpy, torch)
+-> wandb.Image (wandb.log makes a numpy array a histogram of its pixels and refuses PIL
+images); matplotlib figure -> wandb.Image of its PNG (wandb.log needs plotly to convert it, and
+fails without); plotly figure -> wandb.Plotly; histogram (from `watch`) -> wandb.Histogram; param
+(`save_hyperparameters` and `kind="param"`) -> config; watch -> a wandb.Graph in the summary
+(`graph_<name>`, when `log_graph`); dataset -> summary `datasets/<name>`; artifact, model,
+best_model -> W&B artifacts referring to the journal's blob files in place (policy "immutable":
+blobs are content-addressed and never change, so nothing is copied).
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import netrc
 import os
@@ -55,6 +67,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -74,8 +87,12 @@ CURSOR_KEY = "_itwinai_seq"
 #: *before* that row in the transaction log, so a summary `_itwinai_seq` can be on disk while
 #: its row is not (a kill in between); explicit summary writes are in order.
 TAIL_KEY = "_itwinai_seq_tail"
-#: Kinds that become values of a history row.
+#: History key carrying the journal's step, the x axis of the charts of metrics logged with one.
+STEP_KEY = "itwinai/step"
+#: Kinds that become values of a history row (torch as well, when its object loads safely).
 ROW_KINDS = frozenset({"metric", "histogram", "image", "figure", "text", "dict"})
+#: Kinds whose values are charted against the journal step.
+STEPPED_KINDS = frozenset({"metric", "dict"})
 ARTIFACT_KINDS = frozenset({"torch", "artifact", "model", "best_model"})
 PLOTLY = "application/vnd.plotly.v1+json"
 _BAD_PROJECT = re.compile(r"[/\\#?%:\s]")
@@ -90,7 +107,10 @@ def wandb_run_id(experiment: str, run_id: str, rank: int) -> str:
 
 def history_key(name: str) -> str:
     """W&B hides keys starting with '_' and owns _step, _timestamp, _runtime: such journal
-    names get an 'itwinai' prefix (`_loss` -> `itwinai_loss`)."""
+    names get an 'itwinai' prefix (`_loss` -> `itwinai_loss`); a journal name equal to the
+    step key gets a trailing '_'."""
+    if name == STEP_KEY:
+        return name + "_"
     return "itwinai" + name if name.startswith("_") else name
 
 
@@ -298,7 +318,10 @@ class WandbExporter(Exporter):
         super().__init__(savedir, options, notes)
         self.mode = self._mode(options.get("mode"))
         self.entity = options.get("entity") or os.environ.get("WANDB_ENTITY") or None
-        self.on_regression = options.get("on_step_regression") or "drop"
+        if options.get("on_step_regression"):
+            notes.add("wandb: --on-step-regression no longer has an effect: every record is "
+                      "kept (W&B's _step counts rows, the journal's step is the 'itwinai/step' "
+                      "metric)")
         self.root = savedir / "wandb"
         self._saved_env: dict[str, str | None] = {}
         #: Sinks of ranks still being written, kept open between passes of `--watch` (one W&B
@@ -316,10 +339,9 @@ class WandbExporter(Exporter):
                          help="W&B: offline run directories under SAVEDIR/wandb (upload with "
                               "`wandb sync`), or online. Default: online only when an API key "
                               "is configured and WANDB_MODE is not offline."),
+            # Accepted for command lines written for earlier versions; nothing is dropped now.
             click.Option(["--on-step-regression"], type=click.Choice(["drop", "fail"]),
-                         default=None,
-                         help="W&B: a record at or below a step already written is skipped "
-                              "and reported (drop, default) or stops that run (fail)."),
+                         default=None, hidden=True),
         ]
 
     @staticmethod
@@ -400,14 +422,14 @@ class WandbSink(RankSink):
                       f"of {run.key} rank {rank.rank} to finish before reading its cursor")
         self.committed, self.last_step = committed_state(exporter.root, self.wb_id, self.project)
         self.wb: Any = None
-        self.handled = self.committed  # every record up to here is written, dropped or skipped
-        self.row: dict[str, Any] = {}
+        self.handled = self.committed  # every record up to here is written or skipped
+        #: The row being built (None: none), its journal step and latest record time.
+        self.row: dict[str, Any] | None = None
         self.row_step: int | None = None
         self.row_time = 0.0
-        self.row_base = 0  # `handled` when the row being built was started
         self.config: dict[str, Any] = {}
-        self.dropped = 0
-        self.first_drop = ""
+        #: History keys already given the journal step as x axis in this W&B run directory.
+        self.defined: set[str] = set()
         self.unshown: dict[str, int] = {}
         self.broken = False
 
@@ -422,24 +444,28 @@ class WandbSink(RankSink):
 
         self.exp.stage_env()
         self.exp.root.mkdir(parents=True, exist_ok=True)
-        info = self.run.info
+        info, manifest = self.run.info, self.rank.manifest
         settings = wandb.Settings(
             silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
             x_disable_machine_info=True, disable_git=True, save_code=False,
-            x_save_requirements=False)
+            x_save_requirements=False, host=_text(manifest.get("host")),
+            git_commit=_text(manifest.get("git_commit")))
         journal = {"experiment": self.run.experiment, "run_id": self.run.run_id,
-                   "rank": self.rank.rank, "world_size": self.rank.manifest.get("world_size"),
-                   "host": self.rank.manifest.get("host")}
+                   "rank": self.rank.rank, "world_size": manifest.get("world_size"),
+                   "host": manifest.get("host")}
+        start = session_start(manifest)
         try:
-            self.wb = wandb.init(
-                project=self.project, entity=self.exp.entity, id=self.wb_id,
-                name=f"{info.get('run_name') or self.run.run_id}-rank{self.rank.rank}",
-                group=self.run.run_id, job_type="train", notes=info.get("description"),
-                config={"itwinai_journal": journal}, dir=str(self.exp.savedir),
-                mode=self.exp.mode, resume="allow", reinit="create_new", settings=settings)
+            with _run_clock(start):
+                self.wb = wandb.init(
+                    project=self.project, entity=self.exp.entity, id=self.wb_id,
+                    name=f"{info.get('run_name') or self.run.run_id}-rank{self.rank.rank}",
+                    group=self.run.run_id, job_type="train", notes=info.get("description"),
+                    config={"itwinai_journal": journal}, dir=str(self.exp.savedir),
+                    mode=self.exp.mode, resume="allow", reinit="create_new", settings=settings)
         except Exception as e:  # noqa: BLE001 - wandb raises many types; one line for the user
             raise ExportError(f"wandb.init failed for {self.run.key} rank {self.rank.rank}: "
                               f"{e}") from e
+        self._describe_machine(start)
         if self.exp.mode == "online":
             # A resumed online run knows what the server holds.
             summary = self.wb.summary
@@ -449,9 +475,22 @@ class WandbSink(RankSink):
             self.handled = max(self.handled, self.committed)
         return self.wb
 
+    def _describe_machine(self, start: float | None) -> None:
+        """The training's start time and environment record instead of the exporting
+        machine's, or a note saying which of them this wandb version did not take."""
+        if start is not None and abs(self.wb.start_time - start) > 1e-3:
+            self.notes.add("wandb: this wandb version did not take the journal's start time; "
+                           "the runs start when they were exported")
+        interface = getattr(self.wb, "_interface", None)
+        if interface is None or not hasattr(interface, "publish_environment"):
+            self.notes.add("wandb: this wandb version cannot take the training's environment "
+                           "(program, host, Python, OS, git); the runs have none")
+            return
+        interface.publish_environment(environment_record(self.rank.manifest, start))
+
     def cursor(self) -> int:
         """What the run holds, or, for a sink kept open from an earlier `--watch` pass, what it
-        has taken in (its last row may wait in memory for the rest of its step)."""
+        has taken in."""
         if self.exp.mode == "online" and not self.read_only:
             self._start()
         return self.handled
@@ -473,69 +512,69 @@ class WandbSink(RankSink):
                 continue  # already written (an online resume may know more than the files)
             meta_d = json.loads(meta) if meta else {}
             if kind in ROW_KINDS:
-                self._row_record(seq, t, kind, name, step, value, text, blob, meta_d)
+                item = self._history_item(kind, name, value, text, blob, meta_d)
+                self._add_to_row(kind, name, step, t, item)
             else:
                 self._side_record(seq, kind, name, step, text, blob, meta_d)
+                if kind == "torch":
+                    self._add_to_row(kind, name, step, t, self._torch_value(name, blob))
             self.handled = seq
+        self._flush_row()  # the batch's cursor goes with its last row
         self.handled = max(self.handled, cursor)
 
-    def _row_record(self, seq: int, t: float, kind: str, name: str, step: int | None,
-                    value: float | None, text: str | None, blob: str | None,
-                    meta: dict[str, Any]) -> None:
+    def _add_to_row(self, kind: str, name: str, step: int | None, t: float, item: Any) -> None:
+        """Put a value into the row being built, or into a new row when it has the key already
+        or another journal step (see the module docstring)."""
+        if item is None:
+            return
         key = history_key(name)
         if key != name:
             self.notes.add(f"wandb: history key {name!r} is stored as {key!r} (W&B reserves "
-                           "keys starting with '_')")
-        if step is None:
-            if self.row_step is None:
-                self._new_row(self.last_step + 1)
-            elif key in self.row:
-                self._new_row(self.row_step + 1)
-        elif self.row_step is not None and step == self.row_step:
-            if key in self.row:
-                return self._regression(seq, name, step, "twice at this step")
-        elif step > (self.last_step if self.row_step is None else self.row_step):
-            self._new_row(step)
-        else:
-            return self._regression(seq, name, step, "below the step already written")
-        item = self._history_item(kind, name, value, text, blob, meta)
-        if item is None:
-            return
-        self.row[key] = item
+                           f"keys starting with '_', and {STEP_KEY!r} holds the journal step)")
+        row = self.row
+        same_step = step is None or self.row_step is None or step == self.row_step
+        if row is not None and (key in row or not same_step):
+            self._flush_row()
+            row = None
+        if row is None:
+            row = self.row = {}
+            self.row_step, self.row_time = None, t
+        if step is not None:
+            self.row_step = step
+            if kind in STEPPED_KINDS:
+                self._define_step_metric(key, kind)
+        row[key] = item
         self.row_time = max(self.row_time, t)
 
-    def _new_row(self, step: int) -> None:
-        self._flush_row()
-        self.row_step = step
-        self.row_base = self.handled
+    def _define_step_metric(self, key: str, kind: str) -> None:
+        """Chart `key` against the journal step (for a dict, every nested key under it)."""
+        if key in self.defined:
+            return
+        wb = self._start()
+        if not self.defined:
+            wb.define_metric(STEP_KEY)
+        wb.define_metric(key if kind == "metric" else f"{key}.*", step_metric=STEP_KEY)
+        self.defined.add(key)
 
     def _flush_row(self) -> None:
-        """Write the row being built with the cursor in the same history record; pending config
-        goes first, so the cursor never covers data that is not written."""
+        """Write the row being built at the next W&B step, with the journal step and the cursor
+        in the same history record; pending config goes first, so the cursor never covers data
+        that is not written."""
         self._flush_config()
-        if self.row_step is None:
+        if self.row is None:
             return
-        if self.row:
-            data = {**self.row, "_timestamp": self.row_time, CURSOR_KEY: self.handled}
-            self._start().log(data, step=self.row_step, commit=True)
-            self.last_step = self.row_step
-            self.committed = self.handled
-        self.row, self.row_step, self.row_time = {}, None, 0.0
+        data = {**self.row, "_timestamp": self.row_time, CURSOR_KEY: self.handled}
+        if self.row_step is not None:
+            data[STEP_KEY] = self.row_step
+        step = self.last_step + 1
+        self._start().log(data, step=step, commit=True)
+        self.last_step, self.committed = step, self.handled
+        self.row, self.row_step = None, None
 
     def _flush_config(self) -> None:
         if self.config:
             self._start().config.update(self.config, allow_val_change=True)
             self.config = {}
-
-    def _regression(self, seq: int, name: str, step: int, why: str) -> None:
-        last = self.row_step if self.row_step is not None else self.last_step
-        where = (f"{self.run.key} rank {self.rank.rank} (W&B run {self.wb_id}): {name!r} at "
-                 f"step {step} (seq {seq}) is {why} (step {last})")
-        if self.exp.on_regression == "fail":
-            raise ExportError(f"step regression in {where}; W&B needs increasing steps "
-                              "(--on-step-regression drop skips such records)")
-        self.dropped += 1
-        self.first_drop = self.first_drop or where
 
     def _history_item(self, kind: str, name: str, value: float | None, text: str | None,
                       blob: str | None, meta: dict[str, Any]) -> Any:
@@ -546,8 +585,7 @@ class WandbSink(RankSink):
         if kind == "histogram":
             h = json.loads(text or "{}")
             if not h.get("bins"):
-                self.unshown["histogram without finite values"] = (
-                    self.unshown.get("histogram without finite values", 0) + 1)
+                self._unshown("histogram without finite values")
                 return None
             return wandb.Histogram(np_histogram=(h["counts"], h["bins"]))
         if kind in ("image", "figure"):
@@ -564,10 +602,26 @@ class WandbSink(RankSink):
                 im.load()
                 return wandb.Image(im)
         body = text if text is not None else self.blobs.read(blob).decode()
-        if kind == "text":
-            return wandb.Html(f"<pre>{html.escape(body)}</pre>", inject=False)
-        rows = [[k, json.dumps(v)] for k, v in _flatten(json.loads(body)).items()]
-        return wandb.Table(columns=["key", "value"], data=rows)
+        return body if kind == "text" else json.loads(body)
+
+    def _torch_value(self, name: str, blob: str | None) -> Any:
+        """The logged torch object as `wandb.log` would take it, when it is tensors and
+        containers only: `weights_only` loading cannot run code from the journal. Anything
+        else stays an artifact only."""
+        try:
+            import torch
+        except ImportError:
+            self._unshown("torch object (torch is not installed here; kept as artifacts)")
+            return None
+        try:
+            with self.blobs.open(blob or "") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any object weights_only loading refuses
+            self._unshown("torch object that is not tensors (kept as artifacts)")
+            return None
+
+    def _unshown(self, what: str) -> None:
+        self.unshown[what] = self.unshown.get(what, 0) + 1
 
     def _side_record(self, seq: int, kind: str, name: str, step: int | None, text: str | None,
                      blob: str | None, meta: dict[str, Any]) -> None:
@@ -616,9 +670,9 @@ class WandbSink(RankSink):
     # -- closing -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End of this pass over the rank. A rank still being written keeps its W&B run (and
-        the row of its last step) open for the next `--watch` pass; the exporter's close()
-        ends it. Any other rank is committed and finished now."""
+        """End of this pass over the rank. A rank still being written keeps its W&B run open
+        for the next `--watch` pass; the exporter's close() ends it. Any other rank is
+        committed and finished now."""
         if self.read_only:
             return
         if self.rank.status == "running" and not self.broken:
@@ -644,45 +698,101 @@ class WandbSink(RankSink):
                               "sync again to check what it holds")
 
     def _commit_tail(self) -> None:
-        """Write what is left: the last row (held back while the rank is still being written,
-        as more records of its step may come), pending config, and the cursor over trailing
-        records that are not history rows (a summary key, written after them)."""
-        if self.row_step is not None and self.rank.status == "running" and self.row:
-            self._flush_config()
-            target = self.row_base
-            self.notes.add(f"wandb: {self.run.key} rank {self.rank.rank} is still running (or "
-                           "was killed): the records of its last step wait for the next sync")
-        else:
-            self._flush_row()
-            target = self.handled
-        if target > self.committed and self.wb is not None:
+        """Write what is left (a row, pending config) and the cursor over trailing records
+        that are not history rows (a summary key, written after them)."""
+        self._flush_row()
+        if self.handled > self.committed and self.wb is not None:
             # Only when something was written: a sync that merely skipped records (other
             # kinds or destinations) reads them again next time rather than start a W&B run.
-            self.wb.summary[TAIL_KEY] = target
-            self.committed = target
+            self.wb.summary[TAIL_KEY] = self.handled
+            self.committed = self.handled
 
     def _report(self) -> None:
-        if self.dropped:
-            self.notes.add(f"wandb: {self.dropped} record(s) of {self.run.key} rank "
-                           f"{self.rank.rank} dropped, W&B needs increasing steps; first: "
-                           f"{self.first_drop}")
         for what, n in self.unshown.items():
             self.notes.add(f"wandb: {n} {what} of {self.run.key} rank {self.rank.rank} not "
-                           "shown")
+                           "shown in the history")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys (a non-dict value is one row under its key)."""
-    if not isinstance(d, dict):
-        return {prefix or "value": d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
+def session_start(manifest: dict[str, Any]) -> float | None:
+    """When the rank's first journal session started (the W&B run's start)."""
+    sessions = manifest.get("sessions") or []
+    start = sessions[0].get("start") if sessions else None
+    return float(start) if isinstance(start, (int, float)) else None
+
+
+def _text(value: Any) -> str | None:
+    return str(value) if value else None
+
+
+@contextmanager
+def _run_clock(start: float | None) -> Iterator[None]:
+    """While `wandb.init` runs, the clock W&B stamps the run's start with reads `start`.
+    wandb offers no setting for it (`x_start_time` is overwritten by `init`); the run takes
+    `time.time()` of its module when it is created. Only that module's view is changed, and
+    only for the call (W&B runs are started one at a time here)."""
+    if start is None:
+        yield
+        return
+    import types
+
+    import wandb.sdk.wandb_run as run_module
+
+    real = run_module.time
+
+    class Clock(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    clock = Clock("time")
+    clock.time = lambda: start  # type: ignore[attr-defined]
+    run_module.time = clock  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        run_module.time = real
+
+
+def environment_record(manifest: dict[str, Any], start: float | None) -> Any:
+    """W&B's environment record (its `wandb-metadata.json`) of the training process, from the
+    manifest: what W&B's own client would have recorded on the compute node, as far as the
+    journal knows it (no hardware inventory)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    env = pb.EnvironmentRecord()
+    sessions = manifest.get("sessions") or [{}]
+    first = sessions[0]
+    versions = manifest.get("versions") or {}
+    if manifest.get("os"):
+        env.os = str(manifest["os"])
+    if versions.get("python"):
+        impl = manifest.get("python_implementation")
+        env.python = f"{impl} {versions['python']}" if impl else str(versions["python"])
+    argv = [str(a) for a in first.get("argv") or []]
+    cwd = first.get("cwd")
+    if argv:
+        program = argv[0]
+        if cwd and not os.path.isabs(program):
+            program = os.path.normpath(os.path.join(cwd, program))
+        env.program = program
+        env.args.extend(argv[1:])
+        relative = os.path.relpath(program, cwd) if cwd else os.path.basename(program)
+        env.code_path = env.code_path_local = (
+            os.path.basename(program) if relative.startswith("..") else relative)
+    if cwd:
+        env.root = str(cwd)
+    for field_name, value in (("host", first.get("host") or manifest.get("host")),
+                              ("username", manifest.get("user")),
+                              ("executable", manifest.get("executable"))):
+        if value:
+            setattr(env, field_name, str(value))
+    if manifest.get("git_commit"):
+        env.git.commit = str(manifest["git_commit"])
+    for key, value in (manifest.get("job") or {}).items():
+        if key.startswith("SLURM_"):
+            env.slurm[key[len("SLURM_"):].lower()] = str(value)
+    if start is not None:
+        env.started_at.FromMicroseconds(int(start * 1e6))
+    return env
 
 
 def _graph(topo: dict[str, Any]) -> Any:

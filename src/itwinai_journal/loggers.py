@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from . import names
+from . import measure, names
 from .capture import CAPTURE, check_index, metric_value
 from .schema import ALL_KINDS
 from .writer import JournalWriteError, RankWriter, open_writer, release_writer
@@ -617,6 +617,15 @@ class Prov4MLLogger(Logger):
         self.save_after_n_logs = save_after_n_logs
         self.create_graph = create_graph
         self.create_svg = create_svg
+
+    @check_not_initialized
+    def create_logger_context(self, rank: int = 0, **kwargs: Any) -> Any:
+        """Initializes the logger context: opens this rank's journal of the run and, as
+        yprov4ml's `start_run` starts its trackers, takes the first CPU and energy readings
+        that the `system` and `carbon` records count from."""
+        self._open(rank, kwargs or None)
+        if self._writer is not None:
+            measure.begin_session(self._writer.blobs)
 
     def destination(self) -> dict[str, Any]:
         return {"prov_user_namespace": self.prov_user_namespace,

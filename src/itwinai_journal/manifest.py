@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -111,6 +112,11 @@ def new_manifest(rank: int, world_size: int) -> dict[str, Any]:
         "host": socket.gethostname(),
         "user": user,
         "versions": _versions(),
+        # What a tracker's own client records about the machine (W&B's run metadata): the
+        # exporters show these instead of the exporting machine's.
+        "os": platform.platform(aliased=True),
+        "python_implementation": platform.python_implementation(),
+        "executable": sys.executable,
         "git_commit": _git_commit(),
         "job": _job_environment(),
         "destinations": {},

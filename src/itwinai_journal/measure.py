@@ -2,6 +2,10 @@
 at that moment on the compute node and stored as numbers in the journal. No yprov4ml import, no
 tracker, no network: the exporter later only turns the numbers into provenance.
 
+Each kind has the meaning, units and names of what itwinai's `Prov4MLLogger` records with the
+yprov4ml it pins (2.0.9): the journal keeps the measurement (per call, SI units, explicit
+names), the Prov4ML exporter shows it as yprov4ml does (running totals, kWh, its metric names).
+
 Record formats (`context` and any other `log()` kwargs are added to meta by the logger):
 
 - `flops_pb`, item `(model, batch)`: FLOPs of one forward pass of `model` on `batch`.
@@ -10,40 +14,47 @@ Record formats (`context` and any other `log()` kwargs are added to meta by the 
   `DataLoader(data, batch_size=batch_size, shuffle=False)`, `batch_size=` kwarg, default 64:
   FLOPs are per-sample additive for nearly every layer, and a bigger batch is faster to count)
   or any other iterable of batches; `max_batches=` kwarg counts the first n batches only (the
-  value is then the sum over those, not an extrapolation). A plain number item is stored as
-  given. value: FLOPs of this call; meta: `method` ("FlopCounterMode" | "given"), `total`
-  (running sum of this kind and identifier in the session), `batches`, `samples` (when every
-  batch has a leading dimension), `batches_in_epoch` (when the loader has a length),
-  `dataloader_batch_size` (when a Dataset was wrapped).
-  Counting runs `torch.utils.flop_counter.FlopCounterMode` under `torch.no_grad()` with the
-  model in its current mode (train-only branches such as auxiliary heads are what training
-  executes), forward only (a training step is roughly 3x). It leaves no trace: buffers
-  (BatchNorm statistics) are restored, the torch/random/numpy RNGs are forked, `watch` hooks
-  neither count the call nor record histograms. A batch is fed as `model(batch)` for a tensor,
-  `model(batch[0])` for a tuple/list (`(inputs, targets)`, as Prov4ML reads it) and
-  `model(**batch)` for a mapping, moved to the model's device.
+  value is then the sum over those, not an extrapolation). yprov4ml counts one sample of a
+  Dataset and multiplies by its length (and cannot take a DataLoader): the same number for a
+  model whose FLOPs are per-sample additive. A plain number item is stored as given.
+  value: FLOPs of this call, in fvcore's convention (one FLOP per multiply-add), as yprov4ml
+  counts them; meta: `method` ("fvcore.nn.FlopCountAnalysis" | "FlopCounterMode/2" | both
+  joined by "+" | "given", see `FlopCounter`), `fvcore_unused` (why fvcore did not count,
+  when it did not), `batches`, `samples` (when every batch has a leading dimension),
+  `batches_in_epoch` (when the loader has a length), `dataloader_batch_size` (when a Dataset
+  was wrapped). yprov4ml logs the running sum of a kind's counts over the run; the exporter
+  makes it from the journal's per-call values.
+  Counting runs under `torch.no_grad()` with the model in its current mode (train-only
+  branches such as auxiliary heads are what training executes), forward only (a training step
+  is roughly 3x). It leaves no trace: buffers (BatchNorm statistics) are restored, the
+  torch/random/numpy RNGs are forked, `watch` hooks neither count the call nor record
+  histograms. A batch is fed as `model(batch)` for a tensor, `model(batch[0])` for a
+  tuple/list (`(inputs, targets)`, as Prov4ML reads it) and `model(**batch)` for a mapping,
+  moved to the model's device.
 - `system`: value None; text: JSON object of the numbers measured now (see `measure_system`);
   meta: `method` ("psutil" | "procfs"), `cpu_count`, `cpu_window`, `cpu_interval_s`,
-  `gpu_method` (when a GPU was read), `unavailable` ({group: reason}). Absent means not
-  measured, never zero.
-- `carbon`: energy of the node since the previous carbon record of the session (the first one
-  is the baseline), from codecarbon's OfflineEmissionsTracker when codecarbon is importable and
-  a country is configured (`country_iso_code=` kwarg or ITWINAI_CARBON_COUNTRY), else from the
+  `gpu_method` and `gpu_current` (when a GPU was read), `unavailable` ({group: reason}).
+  Absent means not measured, never zero.
+- `carbon`: energy of the node since the session started (or, when the counters could not be
+  read then, since the first carbon record, the baseline) and since the previous carbon
+  record, from codecarbon's OfflineEmissionsTracker when codecarbon is importable and a
+  country is configured (`country_iso_code=` kwarg or ITWINAI_CARBON_COUNTRY), else from the
   RAPL and NVML energy counters times a carbon intensity (`carbon_intensity_g_per_kwh=` kwarg,
   ITWINAI_CARBON_INTENSITY, or DEFAULT_CARBON_INTENSITY). value: emissions in gCO2eq since the
   baseline, None unless measured; text: JSON (see `capture_carbon`); meta: `method`, `energy`
   ("measured" | "baseline" | "unavailable"), `scope` ("node"), inputs and reasons.
-- `execution_time`: value: seconds since the journal session started (the rank's session in
-  the manifest, i.e. `create_logger_context`), or the number given; meta `method`
-  ("session_clock" | "given"), `session_start`.
+- `execution_time`: value: the time of the call in Unix seconds (`time.time()`, as
+  yprov4ml's `log_current_execution_time`), or the number given; meta `method` ("time.time" |
+  "given"), `session_start` (when the journal session started).
 - `prov_documents`: a marker asking the exporter to produce the documents at this point: value
   None, meta `{"marker": true}`.
 
-Per-session state (running FLOP totals, the previous CPU and energy readings, the codecarbon
-tracker) lives in a `Session` keyed weakly by the writer's `BlobStore`: the capture signature
-hands us that store, the writer creates exactly one per journal session of a rank, and it dies
-with the writer, so the state is shared by every logger of that journal, starts fresh when a run
-is resumed, and never outlives its session.
+Per-session state (the previous CPU and energy readings, the codecarbon tracker) lives in a
+`Session` keyed weakly by the writer's `BlobStore`: the capture signature hands us that store,
+the writer creates exactly one per journal session of a rank, and it dies with the writer, so
+the state is shared by every logger of that journal, starts fresh when a run is resumed, and
+never outlives its session. `begin_session` takes its first readings when a Prov4MLLogger
+opens the session, as yprov4ml's `start_run` starts its trackers.
 """
 
 from __future__ import annotations
@@ -129,20 +140,16 @@ class Session:
     `create_logger_context` to `destroy_logger_context`)."""
 
     start_wall: float
-    start_mono: float
     clock: str
     lock: threading.Lock = field(default_factory=threading.Lock)
-    flops_totals: dict[tuple[str, str], float] = field(default_factory=dict)
     cpu_prev: CpuSample | None = None
+    #: What `cpu_prev` is: the previous system record's sample, or the session's start's.
+    cpu_window: str = "previous_system_record"
     energy_prev: EnergyReading | None = None
+    energy_start: float | None = None  # monotonic time of the energy baseline
     energy_totals: dict[str, float] = field(default_factory=dict)
     tracker: Any = None
     tracker_prev: tuple[float, float, float] | None = None
-
-    def elapsed(self) -> float:
-        """Seconds since the session started, on the monotonic clock (immune to clock steps
-        after the first measurement)."""
-        return time.monotonic() - self.start_mono
 
     def close(self) -> None:
         """Stop the codecarbon tracker, if one was started, with its sampler thread. Called
@@ -165,7 +172,7 @@ def session_of(blobs: Any) -> Session:
         session = _sessions.get(blobs)
         if session is None:
             start, clock = _journal_session_start(blobs)
-            session = Session(start, time.monotonic() - (time.time() - start), clock)
+            session = Session(start, clock)
             _sessions[blobs] = session
             weakref.finalize(blobs, session.close)
         return session
@@ -225,10 +232,19 @@ def _exact(number: float) -> float | int:
 # -- FLOPs ------------------------------------------------------------------------------------
 
 
+#: How FLOPs are counted: fvcore's convention, one FLOP per multiply-add (what yprov4ml, and
+#: so itwinai's Prov4MLLogger, records), by fvcore itself when it is importable, else by
+#: torch's FlopCounterMode (two per multiply-add) halved.
+FVCORE = "fvcore.nn.FlopCountAnalysis"
+HALVED = "FlopCounterMode/2"
+
+
 class FlopCount(NamedTuple):
     flops: int
     batches: int
     samples: int | None
+    method: str
+    fallback: str | None = None  # why fvcore was not used, when it was not
 
 
 def capture_flops_pb(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Any:
@@ -244,26 +260,19 @@ def capture_flops_pe(item: Any, blobs: Any, name: str, options: dict[str, Any]) 
 def _capture_flops(kind: str, item: Any, blobs: Any, name: str, options: dict[str, Any]
                    ) -> Any:
     given = _given_number(item)
-    meta: Meta
     if given is not None:
-        flops: float = _non_negative(given, f"kind={kind!r} item")
-        meta = {"method": "given"}
+        return _result(_non_negative(given, f"kind={kind!r} item"), None, {"method": "given"})
+    model, data = _model_and_data(item, kind)
+    if kind == "flops_pb":
+        count, meta = count_flops(model, [data]), {}
     else:
-        model, data = _model_and_data(item, kind)
-        if kind == "flops_pb":
-            count = count_flops(model, [data])
-            meta = {}
-        else:
-            count, meta = _epoch_flops(model, data, options)
-        flops = count.flops
-        meta = {"method": "FlopCounterMode", "batches": count.batches, **meta}
-        if count.samples is not None:
-            meta["samples"] = count.samples
-    session = session_of(blobs)
-    with session.lock:
-        total = session.flops_totals.get((kind, name), 0) + flops
-        session.flops_totals[(kind, name)] = total
-    return _result(float(flops), None, {**meta, "total": _exact(total)})
+        count, meta = _epoch_flops(model, data, options)
+    meta = {"method": count.method, "batches": count.batches, **meta}
+    if count.samples is not None:
+        meta["samples"] = count.samples
+    if count.fallback:
+        meta["fvcore_unused"] = count.fallback
+    return _result(float(count.flops), None, meta)
 
 
 def _model_and_data(item: Any, kind: str) -> tuple[Any, Any]:
@@ -310,26 +319,108 @@ def epoch_batches(data: Any, options: Mapping[str, Any]) -> tuple[Iterable[Any],
 
 def count_flops(model: Any, batches: Iterable[Any], max_batches: int | None = None
                 ) -> FlopCount:
-    """Forward FLOPs of `model` over `batches` (the first `max_batches`), counted by
-    `FlopCounterMode` around the model call only, so data loading and transforms are not
-    counted."""
+    """Forward FLOPs of `model` over `batches` (the first `max_batches`), in fvcore's
+    convention (one per multiply-add; see FlopCounter), around the model call only, so data
+    loading and transforms are not counted."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = _model_device(model)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter(model)
     flops = n = 0
     samples: int | None = 0
     with _side_effects_undone(model), torch.no_grad():
         for batch in itertools.islice(batches, max_batches):
             args, kwargs = model_inputs(batch, device)
-            with counter:  # entering resets the counter: one batch at a time
-                model(*args, **kwargs)
-            flops += counter.get_total_flops()
+            flops += counter.count(args, kwargs)
             n += 1
             size = _leading_dim((args, kwargs))
             samples = None if samples is None or size is None else samples + size
-    return FlopCount(flops, n, samples)
+    return FlopCount(flops, n, samples, counter.method(), counter.fallback)
+
+
+class FlopCounter:
+    """FLOPs of one forward call of a model, counted once per distinct input signature
+    (shapes, dtypes, other arguments): the operators counted (matmul, convolution, norms, ...)
+    cost what their shapes say, so the batches of an epoch that look alike are not run again.
+
+    With fvcore importable (the `[prov4ml]` extra; imported here, at the first count, never
+    at import time) the count is fvcore's `FlopCountAnalysis`, which is what yprov4ml uses: it
+    traces the call and also counts norms and pooling. Otherwise, and for a call fvcore cannot
+    trace (keyword inputs, tracing errors), it is torch's FlopCounterMode halved, which counts
+    matmuls and convolutions only: the same number for models made of those, less for others.
+    `method()` says which counted; both when some batches needed the fallback."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.fvcore = _fvcore_analysis()
+        self.fallback: str | None = None if self.fvcore else "fvcore not importable"
+        self.used: set[str] = set()
+        self.cache: dict[Any, int] = {}
+
+    def method(self) -> str:
+        return "+".join(sorted(self.used, key=(FVCORE, HALVED).index)) or HALVED
+
+    def count(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        key = _signature((args, kwargs))
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        flops = None
+        if self.fvcore is not None:
+            if kwargs:
+                self.fallback = "keyword inputs cannot be traced by fvcore"
+            else:
+                flops = self._fvcore(args)
+        if flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                self.model(*args, **kwargs)
+            flops = counter.get_total_flops() // 2
+            self.used.add(HALVED)
+        self.cache[key] = flops
+        return flops
+
+    def _fvcore(self, args: tuple[Any, ...]) -> int | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about the model's code
+                analysis = self.fvcore(self.model, args)
+                analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+                analysis.tracer_warnings("none")
+                flops = int(analysis.total())
+        except Exception as e:  # noqa: BLE001 - tracing fails in many ways; counted otherwise
+            self.fallback = f"fvcore could not trace the model: {type(e).__name__}: {e}"[:300]
+            return None
+        self.used.add(FVCORE)
+        return flops
+
+
+def _fvcore_analysis() -> Any:
+    """fvcore's FlopCountAnalysis when fvcore is importable, else None (imported quietly: it
+    uses torch.jit.script at import, which torch deprecates with a warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = _optional("fvcore.nn")
+    return getattr(module, "FlopCountAnalysis", None)
+
+
+def _signature(obj: Any) -> Any:
+    """What a model call's FLOPs depend on: tensors by shape and dtype, other values by
+    themselves (their repr when unhashable)."""
+    torch = sys.modules["torch"]
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), str(obj.dtype))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__, *(_signature(o) for o in obj))
+    if isinstance(obj, Mapping):
+        return ("map", *((str(k), _signature(v)) for k, v in obj.items()))
+    try:
+        hash(obj)
+    except TypeError:
+        return ("repr", repr(obj))
+    return ("value", obj)
 
 
 def model_inputs(batch: Any, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -433,15 +524,21 @@ def measure_system(session: Session) -> tuple[Fields, Meta]:
     """System metrics now, as flat JSON numbers:
 
     - `cpu_percent_process` (this process, all threads; 0..100*cpu_count) and
-      `cpu_percent_system` (all CPUs busy, 0..100), over `cpu_window`: since the previous system
-      record of the session, or, for the first, since process start and since boot;
+      `cpu_percent_system` (all CPUs busy, 0..100, what yprov4ml's `cpu_usage` reads with
+      `psutil.cpu_percent()`), over `cpu_window`: since the previous system record of the
+      session, else since the session started (`begin_session`), else since process start and
+      since boot;
     - `process_rss_bytes`, `process_peak_rss_bytes`;
     - `memory_total_bytes`, `memory_available_bytes`, `memory_used_bytes` (total - available,
-      with both methods), `memory_percent`;
+      with both methods), `memory_percent` (yprov4ml's `memory_usage`);
+    - `disk_percent`: used space of the filesystem at `/` (yprov4ml's `disk_usage`, psutil's
+      `disk_usage('/').percent`: used / (used + available to users));
     - `process_read_bytes`, `process_write_bytes` (storage I/O of this process since it
       started), `disk_read_bytes`, `disk_write_bytes` (all block devices since boot);
     - per GPU i: `gpu{i}_utilization_percent`, `gpu{i}_memory_used_bytes`,
-      `gpu{i}_memory_total_bytes`, `gpu{i}_power_w`, `gpu{i}_temperature_c`.
+      `gpu{i}_memory_total_bytes`, `gpu{i}_power_w`, `gpu{i}_temperature_c`; meta
+      `gpu_current`: the process's current CUDA device (0 unless torch has initialised CUDA),
+      the one yprov4ml reports.
     psutil is used when importable, else /proc (Linux). What cannot be read is absent from the
     fields and explained in meta["unavailable"]."""
     psutil = _optional("psutil")
@@ -452,11 +549,13 @@ def measure_system(session: Session) -> tuple[Fields, Meta]:
     sample = cpu_sample(psutil)
     with session.lock:
         previous, session.cpu_prev = session.cpu_prev, sample
-    cpu_fields, cpu_meta = cpu_percentages(sample, previous, os.cpu_count() or 1)
+        window, session.cpu_window = session.cpu_window, "previous_system_record"
+    cpu_fields, cpu_meta = cpu_percentages(sample, previous, os.cpu_count() or 1, window)
     fields.update(cpu_fields)
     meta.update(cpu_meta)
     readers = (("process_memory", _process_memory), ("memory", _system_memory),
-               ("process_io", _process_io), ("disk_io", _disk_io))
+               ("disk_space", _disk_space), ("process_io", _process_io),
+               ("disk_io", _disk_io))
     for group, reader in readers:
         try:
             found = reader(psutil)
@@ -471,6 +570,7 @@ def measure_system(session: Session) -> tuple[Fields, Meta]:
     fields.update(gpu)
     if gpu_method:
         meta["gpu_method"] = gpu_method
+        meta["gpu_current"] = _current_gpu()
     if reason:
         unavailable["gpu"] = reason
     if "cpu_percent_system" not in fields:
@@ -516,11 +616,12 @@ def _procfs_process_start() -> float:
     return btime + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_percentages(now: CpuSample, previous: CpuSample | None, cpu_count: int
-                    ) -> tuple[Fields, Meta]:
-    """CPU percentages over the window since `previous`, or since start when there is no
-    usable previous sample. The process value is clamped to its physical bound (sampling the
-    two clocks is not atomic, which matters only for windows of microseconds)."""
+def cpu_percentages(now: CpuSample, previous: CpuSample | None, cpu_count: int,
+                    window: str = "previous_system_record") -> tuple[Fields, Meta]:
+    """CPU percentages over the window since `previous` (which `window` names), or since
+    start when there is no usable previous sample. The process value is clamped to its
+    physical bound (sampling the two clocks is not atomic, which matters only for windows of
+    microseconds)."""
     fields: Fields = {}
     limit = 100.0 * cpu_count
     if (previous is not None and now.wall > previous.wall and now.system_total is not None
@@ -530,7 +631,7 @@ def cpu_percentages(now: CpuSample, previous: CpuSample | None, cpu_count: int
         fields["cpu_percent_process"] = min(max(proc, 0.0), limit)
         busy = now.system_busy - previous.system_busy  # type: ignore[operator]
         fields["cpu_percent_system"] = 100 * busy / (now.system_total - previous.system_total)
-        return fields, {"cpu_window": "previous_system_record", "cpu_interval_s": interval}
+        return fields, {"cpu_window": window, "cpu_interval_s": interval}
     if now.process_start is not None and now.wall > now.process_start:
         proc = now.process_cpu_s / (now.wall - now.process_start) * 100
         fields["cpu_percent_process"] = min(max(proc, 0.0), limit)
@@ -570,6 +671,25 @@ def _system_memory(psutil: Any) -> Fields:
     return {"memory_total_bytes": total, "memory_available_bytes": available,
             "memory_used_bytes": total - available,
             "memory_percent": 100 * (total - available) / total}
+
+
+def _disk_space(psutil: Any) -> Fields:
+    """Used space of the filesystem at `/`, in percent, as psutil computes it (space reserved
+    for root counts neither as used nor as available)."""
+    if psutil is not None:
+        return {"disk_percent": float(psutil.disk_usage("/").percent)}
+    st = os.statvfs("/")
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    total = used + st.f_bavail * st.f_frsize
+    return {"disk_percent": round(100 * used / total, 1)} if total else {}
+
+
+def _current_gpu() -> int:
+    """The CUDA device this process computes on, when torch has initialised CUDA; else 0."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.current_device())
+    return 0
 
 
 def _process_io(psutil: Any) -> Fields:
@@ -709,11 +829,16 @@ def capture_carbon(item: Any, blobs: Any, name: str, options: dict[str, Any]) ->
     """`kind='carbon'`: energy and emissions since the previous carbon record of the session.
 
     text fields: `interval_s` (since the previous carbon record), `energy_j` and
-    `emissions_g` (over the interval), `energy_total_j` and `emissions_total_g` (since the
-    baseline, the session's first carbon record), per source category
-    `cpu_energy_j`/`dram_energy_j`/`platform_energy_j`/`gpu_energy_j` (counters only). The
-    energy is the node's (RAPL packages, visible GPUs), not this process's: ranks sharing a
-    node each report it, so do not sum them. `item` is ignored, as in itwinai."""
+    `emissions_g` (over the interval), `energy_total_j`, `emissions_total_g` and `duration_s`
+    (since the baseline: the counters read when the session started, see `begin_session`, or
+    else the session's first carbon record), and per source category (`cpu`, `dram`,
+    `platform`, `gpu`) `<category>_energy_j` (over the interval; counters only),
+    `<category>_energy_total_j` (since the baseline) and `<category>_power_w` (the interval's
+    average; codecarbon: its current estimate). These are what yprov4ml's
+    `log_carbon_metrics` reports (codecarbon's cumulative energies and current powers since
+    its tracker started with the run), in SI units. The energy is the node's (RAPL packages,
+    visible GPUs), not this process's: ranks sharing a node each report it, so do not sum
+    them. `item` is ignored, as in itwinai."""
     session = session_of(blobs)
     intensity, source = carbon_intensity(options)
     country = options.get("country_iso_code") or os.environ.get(COUNTRY_ENV) or None
@@ -762,21 +887,30 @@ def _counter_reading(session: Session, intensity: float) -> tuple[Fields, Meta]:
     meta: Meta = {"method": "+".join(kinds) or "none", "sources": sorted(counters)}
     if problems:
         meta["unavailable_reason"] = "; ".join(problems)
-    if previous is None:
+    if previous is None or (counters and not previous.counters):
+        # the first reading of the counters: the baseline the next records count from
         meta["energy"] = "baseline" if counters else "unavailable"
+        if counters:
+            session.energy_start = now
         return {}, meta
-    fields: Fields = {"interval_s": now - previous.time}
+    interval = now - previous.time
+    fields: Fields = {"interval_s": interval}
     deltas = energy_deltas(previous.counters, counters)
     if not deltas:
         meta["energy"] = "unavailable"
         return fields, meta
     for category, joules in deltas.items():
-        session.energy_totals[category] = session.energy_totals.get(category, 0.0) + joules
+        total = session.energy_totals.get(category, 0.0) + joules
+        session.energy_totals[category] = total
         fields[f"{category}_energy_j"] = joules
+        fields[f"{category}_energy_total_j"] = total
+        if interval > 0:
+            fields[f"{category}_power_w"] = joules / interval
     energy, total = sum(deltas.values()), sum(session.energy_totals.values())
     fields.update({"energy_j": energy, "energy_total_j": total,
                    "emissions_g": energy / J_PER_KWH * intensity,
-                   "emissions_total_g": total / J_PER_KWH * intensity})
+                   "emissions_total_g": total / J_PER_KWH * intensity,
+                   "duration_s": now - (session.energy_start or previous.time)})
     meta["energy"] = "measured"
     return fields, meta
 
@@ -892,6 +1026,7 @@ def _codecarbon_reading(session: Session, codecarbon: Any, country: str
     if tracker is None:
         tracker = session.tracker = _start_tracker(codecarbon, country)
         session.tracker_prev = (time.monotonic(), 0.0, 0.0)
+        session.energy_start = session.tracker_prev[0]
         meta["energy"] = "baseline"
     else:
         emissions_kg = tracker.flush()
@@ -903,12 +1038,28 @@ def _codecarbon_reading(session: Session, codecarbon: Any, country: str
         session.tracker_prev = (now, energy, emissions)
         fields = {"interval_s": now - then, "energy_j": energy - energy_before,
                   "energy_total_j": energy, "emissions_g": emissions - emissions_before,
-                  "emissions_total_g": emissions}
+                  "emissions_total_g": emissions,
+                  "duration_s": now - (session.energy_start or then)}
+        fields.update(_codecarbon_components(tracker))
         meta["energy"] = "measured"
     # How codecarbon got its numbers, e.g. "CPU(Cpu Load)": estimated from load and TDP,
     # not read from a counter.
     meta["codecarbon_hardware"] = getattr(tracker, "_conf", {}).get("hardware")
     return fields, meta
+
+
+def _codecarbon_components(tracker: Any) -> Fields:
+    """codecarbon's per-component totals (kWh) and current power (W), in the journal's units,
+    for the components it reports (RAM is the counters' `dram`)."""
+    fields: Fields = {}
+    for ours, theirs in (("cpu", "cpu"), ("gpu", "gpu"), ("dram", "ram")):
+        energy = getattr(getattr(tracker, f"_total_{theirs}_energy", None), "kWh", None)
+        if isinstance(energy, (int, float)):
+            fields[f"{ours}_energy_total_j"] = float(energy) * J_PER_KWH
+        power = getattr(getattr(tracker, f"_{theirs}_power", None), "W", None)
+        if isinstance(power, (int, float)):
+            fields[f"{ours}_power_w"] = float(power)
+    return fields
 
 
 def _start_tracker(codecarbon: Any, country: str) -> Any:
@@ -943,16 +1094,38 @@ def _start_tracker(codecarbon: Any, country: str) -> Any:
 
 
 def capture_execution_time(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Any:
-    """`kind='execution_time'`: seconds since the journal session started, or the number
-    given (seconds)."""
+    """`kind='execution_time'`: the current time in Unix seconds, as yprov4ml's
+    `log_current_execution_time` records it (`time.time()`), with the session's start in meta
+    so that the time elapsed can be read too; or the number given (seconds)."""
     given = _given_number(item)
     if given is not None:
         return _result(_non_negative(given, "kind='execution_time' item"), None,
                        {"method": "given"})
     session = session_of(blobs)
-    return _result(session.elapsed(), None,
-                   {"method": "session_clock", "session_start": session.start_wall,
-                    "clock": session.clock})
+    return _result(time.time(), None, {"method": "time.time",
+                                       "session_start": session.start_wall,
+                                       "clock": session.clock})
+
+
+def begin_session(blobs: Any) -> None:
+    """What yprov4ml's `start_run` starts with the run, done when a Prov4MLLogger opens its
+    journal session: the CPU and energy readings the first `system` and `carbon` records count
+    from (so that they cover the time since the session started, as yprov4ml's do), instead
+    of the first record being only a baseline. Cheap (a few /proc and sysfs reads); never
+    raises: a reading that fails leaves the first record as the baseline."""
+    session = session_of(blobs)
+    try:
+        sample = cpu_sample(_optional("psutil"))
+        counters, _ = energy_counters()
+    except Exception:  # noqa: BLE001 - measuring must never stop the training
+        return
+    now = time.monotonic()
+    with session.lock:
+        if session.cpu_prev is None:
+            session.cpu_prev, session.cpu_window = sample, "session_start"
+        if session.energy_prev is None and counters:
+            session.energy_prev = EnergyReading(now, counters)
+            session.energy_start = now
 
 
 def capture_prov_documents(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Any:
