@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,10 +54,26 @@ def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
 
 
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor of `path`, which must be a regular file. A journal is untrusted:
+    a file of it linked to /dev/zero or made a FIFO would make a reader wait or read for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def read_bytes(path: Path | str) -> bytes:
+    """The bytes of a regular file (see `open_regular`)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read()
+
+
 def read_json(path: Path | str) -> Any:
     """A small JSON file. `itwinai-sync ls` reads one manifest per rank, thousands of them:
     os.open/os.read cost a third of open(), whose buffering and text layer buy nothing here."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         chunks = []
         while chunk := os.read(fd, 1 << 16):

@@ -27,7 +27,7 @@ import pyarrow as pa
 from . import manifest as mf
 from . import segments
 from .blobs import BlobStore
-from .fsutil import read_json, write_atomic, write_json_atomic
+from .fsutil import write_atomic, write_json_atomic
 from .schema import FORMAT_VERSION
 
 DEFAULT_FLUSH_INTERVAL = 1.0
@@ -97,11 +97,10 @@ class RankWriter:
         self._bytes = 0
         self._file = open(self.seg_dir / segments.segment_name(self._segment, "jsonl"), "ab")
 
-        mpath = mf.manifest_path(self.rank_dir)
-        self.manifest = read_json(mpath) if mpath.exists() else mf.new_manifest(rank, world_size)
+        self.manifest = mf.load_for_session(self.rank_dir, rank, world_size, self._seq)
         self.manifest["world_size"] = world_size
-        self.manifest["sessions"].append(mf.new_session())
-        self.manifest["sessions"][-1]["first_seq"] = self._seq + 1
+        self.manifest["sessions"].append(
+            mf.new_session(self._seq + 1, segments.index_head(self.rank_dir)))
         self._dropped_before = self.manifest.get("dropped_records", 0)
         self.destinations = self.manifest.setdefault("destinations", {})
         self._write_manifest()
@@ -241,15 +240,18 @@ class RankWriter:
         if err is not None:
             raise JournalWriteError(f"journal write failed in {self.rank_dir}: {err}") from err
 
-    def _seal_active(self, reopen: bool) -> None:
-        """Seal the active segment. If that fails (disk full), the records stay safe in the
-        JSONL segment, which keeps receiving appends; sealing is retried later."""
-        if self._kept:
+    def _seal_active(self, reopen: bool, force: bool = False) -> None:
+        """Seal the active segment (even empty when `force`). If that fails (disk full), the
+        records stay safe in the JSONL segment, which keeps receiving appends; sealing is
+        retried later."""
+        if self._kept or force:
             if time.monotonic() < self._next_seal_try and reopen:
                 return
             self._rows_to_table()
+            table = pa.concat_tables(self._tables) if self._tables else segments.rows_to_table([])
             try:
-                segments.seal(self.rank_dir, self._segment, pa.concat_tables(self._tables))
+                segments.seal(self.rank_dir, self._segment, table,
+                              mf.anchors(self.run_dir, self.destinations))
                 pa.default_memory_pool().release_unused()
             except OSError as e:
                 self._fail(e, 0)
@@ -269,10 +271,19 @@ class RankWriter:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _unanchored(self) -> bool:
+        """Whether run.json or the destinations changed since the index last recorded them (a
+        logger declared after the last seal): the session's end then seals an empty segment,
+        so that the index vouches for what the manifest says."""
+        entries, _ = segments.read_index(self.rank_dir)
+        return segments.last_anchors(entries) != mf.anchors(self.run_dir, self.destinations)
+
     def _write_manifest(self) -> None:
+        """Written at session start and end and on declare: fsynced before the rename, so a
+        crash leaves the old manifest or the new one, never a cut one."""
         self.manifest["dropped_records"] = self._dropped_before + self._dropped
         try:
-            write_json_atomic(mf.manifest_path(self.rank_dir), self.manifest, fsync=False)
+            write_json_atomic(mf.manifest_path(self.rank_dir), self.manifest)
         except OSError as e:
             self._fail(e, 0)
 
@@ -293,7 +304,8 @@ class RankWriter:
             with self._flush_lock:
                 if self._file is not None:
                     empty = not self._kept and self._bytes == 0
-                    self._seal_active(reopen=False)
+                    self._seal_active(reopen=False, force=empty and self._seq > 0
+                                      and self._unanchored())
                     if empty:
                         _unlink_quiet(self.seg_dir / segments.segment_name(self._segment, "jsonl"))
         except Exception as e:  # noqa: BLE001
@@ -305,6 +317,10 @@ class RankWriter:
         session["end"] = time.time()
         session["status"] = status
         session["last_seq"] = self._seq
+        try:
+            session["index_end"] = segments.index_head(self.rank_dir)
+        except OSError:
+            pass  # verify then checks this session against the records only
         self._write_manifest()
         self._lock.release()
         _forget(self)
