@@ -71,13 +71,21 @@ def read_bytes(path: Path | str) -> bytes:
 
 
 def read_json(path: Path | str) -> Any:
-    """A small JSON file. `itwinai-sync ls` reads one manifest per rank, thousands of them:
-    os.open/os.read cost a third of open(), whose buffering and text layer buy nothing here."""
-    fd = open_regular(path)
+    """A small JSON file, which must be a regular file (see `open_regular`). `itwinai-sync ls`
+    reads one manifest per rank, thousands of them: os.open/os.read cost a third of open(),
+    whose buffering and text layer buy nothing here, and the size fstat gives (needed anyway
+    to refuse what is not a regular file) lets one read(2) take the whole file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = os.read(fd, st.st_size + 1)
+        if len(data) > st.st_size:  # it grew since fstat: read the rest
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            data = b"".join(chunks)
     finally:
         os.close(fd)
-    return json.loads(b"".join(chunks))
+    return json.loads(data)
