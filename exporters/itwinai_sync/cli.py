@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from itwinai_journal import Journal, __version__, verify
+from itwinai_journal import Journal, __version__, digest, verify
 from itwinai_journal.segments import JournalCorruption
 
 from .ledger import ledger_entries
@@ -132,7 +132,7 @@ def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], rank
             results = _follow(engine, interval)
         else:
             plan = engine.plan()
-            if not plan:
+            if not plan and not engine.damaged:
                 click.echo(f"nothing to sync in {savedir}: no runs"
                            + ("" if targets else " with declared destinations (use --to)"))
                 return
@@ -260,7 +260,13 @@ def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
         cursors = {int(k): v for k, v in entry.get("cursors", {}).items()}
         synced.setdefault(entry["run"], {})[entry["target_key"]] = cursors
     rows = []
-    for run in Journal(savedir).runs():
+    for run in Journal(savedir).scan():
+        if run.error:
+            rows.append({"experiment": run.experiment, "run_id": run.run_id, "run_name": None,
+                         "status": "damaged", "ranks": len(run.ranks), "records": 0,
+                         "destinations": [], "synced": {}, "path": str(run.path),
+                         "error": run.error})
+            continue
         records = {r.rank: r.last_seq for r in run.ranks}
         rows.append({
             "experiment": run.experiment,
@@ -275,6 +281,7 @@ def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
                              "ranks": len(cursors)}
                        for key, cursors in synced.get(run.key, {}).items()},
             "path": str(run.path),
+            "error": None,
         })
     return rows
 
@@ -286,7 +293,8 @@ def ls_cmd(savedir: Path, as_json: bool) -> None:
     """List experiments, runs, ranks, status, records and how far each target is synced.
 
     Record counts come from manifests and indexes (no segment is read), so a run still being
-    written may show fewer records than it holds."""
+    written may show fewer records than it holds. A damaged run (run.json or a manifest that
+    cannot be read) is listed as DAMAGED with the reason; sync skips it."""
     rows = _ls_rows(savedir)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -299,6 +307,9 @@ def ls_cmd(savedir: Path, as_json: bool) -> None:
         if row["experiment"] != experiment:
             experiment = row["experiment"]
             click.secho(experiment, bold=True)
+        if row["error"]:
+            click.secho(f"  {row['run_id']}  DAMAGED: {row['error']}", fg="red")
+            continue
         name = f" ({row['run_name']})" if row["run_name"] else ""
         click.echo(f"  {row['run_id']}{name}  {row['status']}  {row['ranks']} rank(s)  "
                    f"{row['records']} records  -> {', '.join(row['destinations']) or '-'}")
@@ -308,16 +319,36 @@ def ls_cmd(savedir: Path, as_json: bool) -> None:
 
 @main.command("verify")
 @click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def verify_cmd(savedir: Path) -> None:
-    """Check hash chains, checksums and seq continuity. Exit 0 when no error is found (warnings
-    such as a torn tail left by a crash are printed), 1 otherwise."""
-    runs = Journal(savedir).runs()
-    problems = verify(savedir)
+@click.option("--run", "run_ids", multiple=True, metavar="ID",
+              help="Only this run (id or experiment/id), repeatable.")
+@click.option("--expect", metavar="DIGEST",
+              help="The digest an earlier verify printed: an error if the journal changed.")
+def verify_cmd(savedir: Path, run_ids: tuple[str, ...], expect: str | None) -> None:
+    """Check a journal against its own record of itself: segments against the index, the index
+    chain and the sessions' records of it, seq continuity, sessions against the records,
+    run.json and destinations against the index, blobs against their names. Exit 0 when no
+    error is found (warnings such as a torn tail left by a crash are printed), 1 otherwise.
+
+    The digest printed last condenses the journal's state: anyone who can write the journal
+    can also rewrite it consistently, so keep the digest where they cannot (the job's output,
+    a notebook) and check it later with --expect."""
+    runs = [r for r in Journal(savedir).scan()
+            if not run_ids or r.run_id in run_ids or r.key in run_ids]
+    if run_ids and not runs:
+        _fail(f"no run {', '.join(run_ids)} in {savedir}", False)
+    problems = verify(savedir, run_ids)
     for p in problems:
         click.secho(str(p), fg="red" if p.severity == "error" else "yellow")
     errors = sum(p.severity == "error" for p in problems)
+    warned = len(problems) - errors
+    state = digest(savedir, run_ids)
+    if expect is not None and expect.strip().lower() != state:
+        click.secho(f"error: the digest is {state}, not the expected {expect}: the journal "
+                    "changed since that digest was taken", fg="red")
+        errors += 1
     click.echo(f"{len(runs)} run(s), {sum(len(r.ranks) for r in runs)} rank(s) checked: "
-               f"{errors} error(s), {len(problems) - errors} warning(s)")
+               f"{errors} error(s), {warned} warning(s)")
+    click.echo(f"digest: {state}")
     sys.exit(1 if errors else 0)
 
 
@@ -336,6 +367,8 @@ def show_cmd(savedir: Path, run_id: str) -> None:
         run = journal.run(run_id)
     except KeyError as e:
         _fail(str(e.args[0]), False)
+    except JournalCorruption as e:
+        _fail(str(e), False)
     click.secho(f"{run.experiment} / {run.run_id}", bold=True)
     for key in ("run_name", "description", "created"):
         if run.info.get(key) is not None:

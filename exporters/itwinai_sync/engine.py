@@ -67,20 +67,24 @@ class SyncEngine:
         self.notes = Notes()
         self._exporters: dict[str, Exporter] = {}
         self._lock = threading.Lock()
+        #: Runs found damaged by the last `runs()` (a bad run.json or manifest): reported as
+        #: failed by `run()`, never synced.
+        self.damaged: list[RunInfo] = []
         #: Set to stop after the batch in progress (Ctrl-C in --watch): what is committed stays.
         self.stop = threading.Event()
 
     # -- planning -----------------------------------------------------------------------------
 
     def runs(self) -> list[RunInfo]:
-        runs = Journal(self.req.savedir).runs()
+        runs = Journal(self.req.savedir).scan()
         if self.req.run_ids:
             wanted = set(self.req.run_ids)
             runs = [r for r in runs if r.run_id in wanted or r.key in wanted]
             missing = wanted - {r.run_id for r in runs} - {r.key for r in runs}
             if missing:
                 raise ExportError(f"no run {', '.join(sorted(missing))} in {self.req.savedir}")
-        return runs
+        self.damaged = [r for r in runs if r.error]
+        return [r for r in runs if not r.error]
 
     def targets_for(self, run: RunInfo) -> list[str]:
         if self.req.targets:
@@ -114,6 +118,9 @@ class SyncEngine:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
                 results.extend(pool.map(lambda rt: self.sync_run(*rt), parallel))
         results.extend(self.sync_run(r, t) for r, t in serial)
+        target = ", ".join(self.req.targets or ["-"])
+        results.extend(RunResult(r.key, target, status="failed", error=f"damaged, not synced: "
+                                 f"{r.error}") for r in self.damaged)
         return results
 
     def close(self) -> None:

@@ -390,8 +390,7 @@ class MlflowRankSink(RankSink):
         with tempfile.TemporaryDirectory(prefix="itwinai-mlflow-") as tmp:
             root = Path(tmp)
             if meta.get("type") == "directory":
-                listing = json.loads(self.blobs.read(sha))
-                for f in listing["files"]:
+                for f in self.blobs.tree(sha):
                     dest = root / f["path"]
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(self.blobs.read(f["sha256"]))

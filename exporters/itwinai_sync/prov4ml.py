@@ -589,8 +589,7 @@ class _Replay:
             self._torch_param(name, blob, meta)
         elif meta.get("type") == "directory":
             path = base / prov_name(str(meta.get("dir_name") or name), 100)
-            listing = json.loads(self.sink.blobs.read(blob))
-            for f in listing["files"]:
+            for f in self.sink.blobs.tree(blob):
                 self._write_blob(f["sha256"], path / f["path"])
             path.mkdir(parents=True, exist_ok=True)
         else:

@@ -641,10 +641,9 @@ class Tail:
     def runs(self) -> list[RunInfo]:
         runs = []
         for d in find_run_dirs(self.savedir):
-            try:
-                runs.append(load_run(d))
-            except (FileNotFoundError, ValueError):
-                continue  # removed or half-written while we looked: the next poll sees it
+            run = load_run(d)
+            if not run.error:  # damaged, or half-written while we looked: the next poll sees it
+                runs.append(run)
         if self.run_id is not None:
             runs = [r for r in runs if self.run_id in (r.run_id, r.key)]
             if len({r.key for r in runs}) > 1:

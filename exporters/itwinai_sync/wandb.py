@@ -655,8 +655,7 @@ class WandbSink(RankSink):
                              metadata={**info, "journal_kind": kind, "journal_seq": seq,
                                        "step": step})
         if meta.get("type") == "directory":
-            listing = json.loads(self.blobs.read(blob))
-            for f in listing["files"]:
+            for f in self.blobs.tree(blob):
                 art.add_file(str(self.blobs.path(f["sha256"])), name=f["path"],
                              policy="immutable")
         else:

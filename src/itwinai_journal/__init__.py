@@ -6,8 +6,8 @@ this package imports no tracker library and no torch.
 """
 
 from .reader import Journal, RankInfo, RunInfo
-from .verify import Problem, verify
+from .verify import Problem, digest, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["Journal", "RunInfo", "RankInfo", "verify", "Problem", "__version__"]
+__all__ = ["Journal", "RunInfo", "RankInfo", "verify", "digest", "Problem", "__version__"]

@@ -1,4 +1,10 @@
-"""Content-addressed payload store: `blobs/ab/abcdef...`, named by the sha256 of the bytes."""
+"""Content-addressed payload store: `blobs/ab/abcdef...`, named by the sha256 of the bytes.
+
+A reference read from a journal is checked before it names a file (`validate.check_blob_ref`):
+a record whose `blob` is `../../etc/hostname` never reaches the file system. A blob that is a
+symbolic link is refused too: the writer never makes one, and following it would hand a file
+from elsewhere to a tracker.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from .fsutil import JournalWriteError, create_temp
+from .fsutil import JournalWriteError, create_temp, open_regular, read_bytes
+from .validate import JournalCorruption, check_blob_ref, check_tree
 
 CHUNK = 1 << 20
 TMP_PREFIX = ".tmp-"
@@ -24,7 +32,12 @@ class BlobStore:
         self.root = root
 
     def path(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
+        """Where blob `sha` lives; `sha` must be a sha256 and the file must not be a link."""
+        check_blob_ref(sha, str(self.root))
+        path = self.root / sha[:2] / sha
+        if os.path.islink(path):
+            raise JournalCorruption(f"{path}: a blob is a symbolic link; refused")
+        return path
 
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -77,10 +90,19 @@ class BlobStore:
                     pass
 
     def open(self, sha: str):
-        return open(self.path(sha), "rb")
+        return os.fdopen(open_regular(self.path(sha)), "rb")
 
     def read(self, sha: str) -> bytes:
-        return self.path(sha).read_bytes()
+        return read_bytes(self.path(sha))
+
+    def tree(self, sha: str) -> list[dict[str, Any]]:
+        """The files of a directory stored by `put_tree` (path, sha256, size), each path checked
+        to stay inside the tree and each reference to be a sha256."""
+        try:
+            listing = json.loads(self.read(sha))
+        except ValueError as e:
+            raise JournalCorruption(f"{self.root}: blob {sha} is not a directory listing") from e
+        return check_tree(listing, f"{self.root}/{sha[:2]}/{sha}")
 
 
 class _Payload:
@@ -135,7 +157,7 @@ class _Payload:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()

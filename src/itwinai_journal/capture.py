@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from . import measure
 from .blobs import BlobStore
+from .redaction import redact_param
 
 #: Text longer than this goes to the blob store rather than into a JSONL line.
 INLINE_TEXT_LIMIT = 64 * 1024
@@ -112,7 +113,9 @@ def to_json(obj: Any, what: str) -> str:
 
 def capture_param(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
     """Params keep their JSON value; a value JSON cannot hold is logged as its `str()`
-    (documented mapping, as MLflow itself stringifies params) and flagged in meta."""
+    (documented mapping, as MLflow itself stringifies params) and flagged in meta. Secrets are
+    redacted first (see `redaction`)."""
+    item = redact_param(name, item)
     try:
         return Captured(text=json.dumps(item, default=_json_default, allow_nan=True))
     except (TypeError, ValueError):

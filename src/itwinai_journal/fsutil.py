@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,17 +85,41 @@ def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
 
 
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor of `path`, which must be a regular file. A journal is untrusted:
+    a file of it linked to /dev/zero or made a FIFO would make a reader wait or read for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def read_bytes(path: Path | str) -> bytes:
+    """The bytes of a regular file (see `open_regular`)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read()
+
+
 def read_json(path: Path | str) -> Any:
-    """A small JSON file. `itwinai-sync ls` reads one manifest per rank, thousands of them:
-    os.open/os.read cost a third of open(), whose buffering and text layer buy nothing here."""
-    fd = os.open(path, os.O_RDONLY)
+    """A small JSON file, which must be a regular file (see `open_regular`). `itwinai-sync ls`
+    reads one manifest per rank, thousands of them: os.open/os.read cost a third of open(),
+    whose buffering and text layer buy nothing here, and the size fstat gives (needed anyway
+    to refuse what is not a regular file) lets one read(2) take the whole file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = os.read(fd, st.st_size + 1)
+        if len(data) > st.st_size:  # it grew since fstat: read the rest
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            data = b"".join(chunks)
     finally:
         os.close(fd)
-    return json.loads(b"".join(chunks))
+    return json.loads(data)
 
 
 def lock_exclusively(path: Path, owner_file: Path) -> filelock.BaseFileLock:

@@ -1,78 +1,35 @@
 """What a rank records about itself: identity, environment, sessions, declared destinations.
 
-Secrets never reach disk: any environment-derived value whose name looks like a credential is
-replaced before the manifest is written.
+Secrets never reach disk: argv, job variables and declared destinations go through
+`redaction` before the manifest is written.
+
+The manifest and the index vouch for each other (see `verify`): each session records the index
+head (line count and hash of the last line) at its start and end, and each index entry records
+the digests of run.json and of the declared destinations at sealing time (`anchors`).
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
+import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-_SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL", re.IGNORECASE)
-REDACTED = "<redacted>"
+from . import segments
+from .fsutil import read_json
+from .redaction import redact, redact_argv
+from .validate import DAMAGED, check_manifest
+
 _VERSIONED = ("itwinai-sync", "torch", "numpy", "pyarrow")
-
-
-def _secret_values() -> set[str]:
-    return {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 4}
-
-
-def redact(obj: Any) -> Any:
-    """`obj` (JSON-like) with every secret environment value found in its strings replaced, and
-    the values of secret-looking keys hidden: what loggers declare (tracking URIs may embed
-    credentials) goes through here before it reaches the manifest."""
-    secrets = _secret_values()
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, str):
-            for s in secrets:
-                if s in value:
-                    value = value.replace(s, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {k: (REDACTED if _SECRET_NAME.search(str(k)) and v is not None else walk(v))
-                    for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v) for v in value]
-        return value
-
-    return walk(obj)
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """Hide values of secret-looking options (`--api-key X`, `--token=X`) and any argument that
-    contains the value of a secret environment variable."""
-    secret_values = _secret_values()
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if arg.startswith("-") and _SECRET_NAME.search(arg):
-            if "=" in arg:
-                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
-            else:
-                out.append(arg)
-                hide_next = True
-            continue
-        out.append(REDACTED if any(s in arg for s in secret_values) else arg)
-    return out
-
-
-def redact_mapping(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (REDACTED if _SECRET_NAME.search(k) else v) for k, v in values.items()}
 
 
 def _versions() -> dict[str, str]:
@@ -98,7 +55,7 @@ def _git_commit() -> str | None:
 def _job_environment() -> dict[str, str]:
     keep = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_JOB_NAME", "SLURM_NODELIST",
             "TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "ITWINAI_RUN_ID")
-    return redact_mapping({k: os.environ[k] for k in keep if k in os.environ})
+    return redact({k: os.environ[k] for k in keep if k in os.environ})
 
 
 def new_manifest(rank: int, world_size: int) -> dict[str, Any]:
@@ -125,7 +82,7 @@ def new_manifest(rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
-def new_session() -> dict[str, Any]:
+def new_session(first_seq: int, index_start: dict[str, Any]) -> dict[str, Any]:
     return {
         "start": time.time(),
         "end": None,
@@ -134,7 +91,64 @@ def new_session() -> dict[str, Any]:
         "host": socket.gethostname(),
         "argv": redact_argv(list(sys.argv)),
         "cwd": os.getcwd(),
+        "first_seq": first_seq,
+        "index_start": index_start,
     }
+
+
+def load_for_session(rank_dir: Path, rank: int, world_size: int, last_seq: int
+                     ) -> dict[str, Any]:
+    """The manifest a new session of this rank continues. A damaged one (cut by a crash before
+    manifests were fsynced, or edited) does not stop the job: it is kept aside as
+    `manifest.json.damaged-<time>-<pid>` and rebuilt, with one session of status `unknown`
+    standing for the lost ones (seq 1..`last_seq`, what the segments and index hold). What only
+    the damaged file knew (host, argv, destinations of earlier sessions) is in the copy."""
+    path = manifest_path(rank_dir)
+    try:
+        return check_manifest(read_json(path))
+    except FileNotFoundError:
+        return new_manifest(rank, world_size)
+    except DAMAGED as e:
+        reason = str(e).split("\n")[0][:200]
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-"
+                           f"{os.getpid()}")
+    os.replace(path, aside)
+    manifest = new_manifest(rank, world_size)
+    manifest["rebuilt"] = {"time": time.time(), "damaged_copy": aside.name, "reason": reason}
+    if last_seq:
+        manifest["sessions"].append({"status": "unknown", "start": None, "end": None,
+                                     "first_seq": 1, "last_seq": last_seq,
+                                     "index_end": segments.index_head(rank_dir)})
+    warnings.warn(f"itwinai-journal: {path} was damaged ({reason}); it is kept as {aside.name} "
+                  f"and rebuilt from the index and segments (records 1..{last_seq} kept)",
+                  RuntimeWarning, stacklevel=4)
+    return manifest
+
+
+def anchors(run_dir: Path, destinations: dict[str, Any]) -> dict[str, str]:
+    """What an index entry records about the files the hash chain does not cover otherwise:
+    the sha256 of run.json and of the declared destinations (canonical JSON)."""
+    try:
+        with open(run_dir / "run.json", "rb") as f:
+            run = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        run = ""
+    return {"run_sha256": run, "destinations_sha256": destinations_digest(destinations)}
+
+
+def destinations_digest(destinations: Any) -> str:
+    text = json.dumps(destinations, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def session_ended(session: dict[str, Any]) -> bool:
+    """Whether a session has ended and says where its records end (`last_seq`): its writer
+    recorded how (finished, failed, interrupted, each with an end time), or it stands for
+    sessions rebuilt from a damaged manifest (`unknown`). A session SIGTERM marked `interrupted`
+    without an end is still open: its process may go on writing (a SIGTERM handler of the
+    user's let training continue) until it ends or is killed."""
+    status = session.get("status")
+    return status != "running" and (status != "interrupted" or session.get("end") is not None)
 
 
 def session_status(manifest: dict[str, Any]) -> str:

@@ -1,9 +1,16 @@
-"""Reading journals without any tracker: runs from manifests, records as pyarrow Tables."""
+"""Reading journals without any tracker: runs from manifests, records as pyarrow Tables.
+
+A journal is untrusted input: `load_run` checks run.json, rank directory names and manifests
+(`validate`) and never raises for damaged content. A run it cannot trust carries the reason in
+`RunInfo.error`; `Journal.runs()` leaves such runs out with a warning, `Journal.scan()` returns
+them too, for the commands that report them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +20,14 @@ import pyarrow as pa
 
 from . import segments
 from .fsutil import read_json
+from .validate import (
+    DAMAGED,
+    RANK_DIR,
+    JournalCorruption,
+    check_manifest,
+    check_run_info,
+)
 
-#: Directories never searched for runs: they are inside runs, or hold tracker exports.
-_NOT_RUNS = {"segments", "blobs", "__pycache__"}
 METRIC_COLUMNS = ["seq", "time", "name", "step", "batch_idx", "value"]
 
 
@@ -24,6 +36,8 @@ class RankInfo:
     rank: int
     path: Path
     manifest: dict[str, Any]
+    #: Why the manifest cannot be trusted (then `manifest` is empty), else None.
+    error: str | None = None
 
     @property
     def status(self) -> str:
@@ -48,6 +62,9 @@ class RunInfo:
     path: Path
     info: dict[str, Any]
     ranks: list[RankInfo] = field(default_factory=list)
+    #: Why this run cannot be listed or synced (a damaged run.json or manifest), else None.
+    #: A damaged run's experiment and run_id are its directory names, for messages only.
+    error: str | None = None
 
     @property
     def key(self) -> str:
@@ -94,45 +111,92 @@ def _index_last_seq(rank_dir: Path) -> int:
     for line in reversed(tail):
         if line.strip():
             try:
-                return int(json.loads(line).get("last_seq") or 0)
-            except ValueError:
+                last = json.loads(line).get("last_seq")
+            except (ValueError, AttributeError):
                 continue
+            return last if type(last) is int else 0
     return 0
 
 
 def load_run(run_dir: Path) -> RunInfo:
-    info = read_json(run_dir / "run.json")
-    run = RunInfo(info.get("experiment", run_dir.parent.name), info.get("run_id", run_dir.name),
-                  run_dir, info)
-    with os.scandir(run_dir) as entries:
-        rank_entries = sorted((e for e in entries if e.name.startswith("rank-") and e.is_dir()),
-                              key=lambda e: e.name)
+    """The run in `run_dir`, checked: never raises for damaged content (see `RunInfo.error`)."""
+    error = None
+    try:
+        info = read_json(run_dir / "run.json")
+        experiment, run_id = check_run_info(info, run_dir)
+    except FileNotFoundError:
+        error = f"{run_dir}: run.json is missing (the next session of this run writes it)"
+    except DAMAGED as e:
+        error = f"{run_dir / 'run.json'}: damaged ({_reason(e)})"
+    if error is not None:
+        info, experiment, run_id = {}, run_dir.parent.name, run_dir.name
+    run = RunInfo(experiment, run_id, run_dir, info, error=error)
+    try:
+        with os.scandir(run_dir) as entries:
+            rank_entries = sorted((e for e in entries if RANK_DIR.fullmatch(e.name) and e.is_dir()),
+                                  key=lambda e: e.name)
+    except OSError as e:
+        run.error = run.error or f"{run_dir}: unreadable ({_reason(e)})"
+        return run
     for entry in rank_entries:
+        rank = RankInfo(int(entry.name[5:]), Path(entry.path), {})
+        path = os.path.join(entry.path, "manifest.json")
         try:
-            manifest = read_json(os.path.join(entry.path, "manifest.json"))
+            rank.manifest = check_manifest(read_json(path))
         except FileNotFoundError:
-            manifest = {}
-        run.ranks.append(RankInfo(int(entry.name[5:]), Path(entry.path), manifest))
+            pass  # the process was stopped while opening the rank: no session yet
+        except DAMAGED as e:
+            rank.error = f"{path}: damaged ({_reason(e)}); the next session of this rank " \
+                         "rebuilds it"
+            run.error = run.error or rank.error
+        run.ranks.append(rank)
     return run
 
 
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return str(e).split("\n")[0][:200] or type(e).__name__
+
+
 def find_run_dirs(savedir: Path) -> Iterator[Path]:
-    """Every directory holding a run.json below `savedir`, at any depth, in sorted order.
-    A run directory is not listed here (it may hold thousands of ranks), nor searched further;
-    unreadable directories and symlinks to directories are skipped, as `os.walk` does."""
-    savedir = Path(savedir)
-    if os.path.isfile(savedir / "run.json"):
-        yield savedir
-        return
+    """Every run directory below `savedir`, at any depth, in sorted order: a directory holding
+    a run.json, or rank directories with segments but no run.json (listed so that the missing
+    run.json is reported, not the run hidden). A run directory is not listed here (it may hold
+    thousands of ranks), nor searched further. Symbolic links to directories are followed (a
+    savedir may link experiments to other file systems), each directory once, so a link loop
+    ends; hidden and unreadable directories are skipped."""
+    yield from _find_run_dirs(Path(savedir), set())
+
+
+def _find_run_dirs(d: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
     try:
-        with os.scandir(savedir) as entries:
-            subdirs = sorted(e.name for e in entries
-                             if e.is_dir(follow_symlinks=False) and e.name not in _NOT_RUNS
-                             and not e.name.startswith("."))
+        st = os.stat(d)
     except OSError:
         return
-    for name in subdirs:
-        yield from find_run_dirs(savedir / name)
+    if (st.st_dev, st.st_ino) in seen:
+        return
+    seen.add((st.st_dev, st.st_ino))
+    if os.path.isfile(d / "run.json"):
+        yield d
+        return
+    subdirs = []
+    try:
+        with os.scandir(d) as entries:
+            for e in entries:
+                try:
+                    if not e.name.startswith(".") and e.is_dir():
+                        subdirs.append(e.name)
+                except OSError:
+                    continue
+    except OSError:
+        return
+    rank = next((n for n in subdirs if RANK_DIR.fullmatch(n)), None)
+    if rank is not None and os.path.isdir(d / rank / "segments"):
+        yield d  # a run whose run.json is missing
+        return
+    for name in sorted(subdirs):
+        yield from _find_run_dirs(d / name, seen)
 
 
 class Journal:
@@ -143,17 +207,34 @@ class Journal:
         if not self.savedir.is_dir():
             raise FileNotFoundError(f"no journal directory at {self.savedir}")
 
-    def runs(self) -> list[RunInfo]:
+    def scan(self) -> list[RunInfo]:
+        """Every run found, damaged ones included with their `error` set (never synced or read
+        from: their names come from directory names and may not be the run's)."""
         return [load_run(d) for d in find_run_dirs(self.savedir)]
 
+    def runs(self) -> list[RunInfo]:
+        """The runs that can be read. A damaged run is left out with a RuntimeWarning naming it
+        and saying why; `scan()` returns it too."""
+        runs = []
+        for run in self.scan():
+            if run.error:
+                warnings.warn(f"itwinai-journal: skipping a damaged run: {run.error}",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                runs.append(run)
+        return runs
+
     def run(self, run_id: str) -> RunInfo:
-        """A run by id, or by 'experiment/run_id' when ids repeat across experiments."""
-        found = [r for r in self.runs() if run_id in (r.run_id, r.key)]
+        """A run by id, or by 'experiment/run_id' when ids repeat across experiments. A KeyError
+        when there is no such run, JournalCorruption when it is damaged."""
+        found = [r for r in self.scan() if run_id in (r.run_id, r.key)]
         if not found:
             raise KeyError(f"no run {run_id!r} in {self.savedir}")
         if len(found) > 1:
             raise KeyError(f"run id {run_id!r} exists in several experiments; use "
                            f"experiment/run_id: {', '.join(r.key for r in found)}")
+        if found[0].error:
+            raise JournalCorruption(f"run {found[0].key} is damaged: {found[0].error}")
         return found[0]
 
     def _select(self, experiment: str | None, run_id: str | None, rank: int | None

@@ -21,18 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .blobs import file_sha256
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, read_bytes
 from .schema import ARROW_SCHEMA
+from .validate import BLOB_REF, JournalCorruption, check_records
 
 SEGMENT_RE = re.compile(r"^(\d{6,})\.(jsonl|parquet)$")
 INDEX_NAME = "index.jsonl"
 
 #: A row as the writer and the JSONL reader hold it, in `COLUMNS` order.
 Row = tuple
-
-
-class JournalCorruption(Exception):
-    """A segment or index cannot be read as the format says; names the file and the reason."""
 
 
 #: JSON tokens (those Python's json reads) for the floats JSON itself cannot express.
@@ -115,8 +112,7 @@ class JsonlRead:
 def read_jsonl(path: Path, strict: bool = True) -> JsonlRead:
     """Rows of an active segment. A torn last line is ignored; a bad line before it is
     corruption (raised when `strict`, skipped otherwise)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_bytes(path)
     lines = data.split(b"\n")
     torn = lines[-1] != b""  # no newline after the last line: torn mid-write
     complete = lines[:-1]
@@ -248,7 +244,7 @@ def segment_name(number: int, ext: str) -> str:
 def read_sealed(path: Path, sha256: str | None) -> pa.Table:
     """A sealed segment, checked against the sha256 its index entry recorded (when it has one
     yet): a modified segment is corruption, never data to export."""
-    data = path.read_bytes()
+    data = read_bytes(path)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise JournalCorruption(f"{path}: sha256 differs from the index: the sealed segment was "
                                 "modified")
@@ -294,6 +290,7 @@ def iter_tables(seg_dir: Path, after_seq: int = 0, index: list[dict] | None = No
 
             table = table.filter(pc.greater(table["seq"], after_seq))
         if table.num_rows:
+            check_records(table, f"{seg_dir}/{segment_name(number, '*')}")
             yield table
 
 
@@ -306,29 +303,72 @@ def line_hash(line: bytes) -> str:
 
 def read_index(rank_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Index entries and a list of problems found while reading them (chain breaks, bad lines)."""
+    entries, _, problems = read_index_lines(rank_dir)
+    return entries, problems
+
+
+def read_index_lines(rank_dir: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Valid index entries, the hash of every complete line (what `index_head` and the
+    manifest's anchors count), and the problems found: chain breaks, lines that are not valid
+    entries (left out of the entries), a torn last line."""
     path = rank_dir / INDEX_NAME
     entries: list[dict[str, Any]] = []
+    hashes: list[str] = []
     problems: list[str] = []
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
     except FileNotFoundError:
-        return entries, problems
+        return entries, hashes, problems
+    except OSError as e:
+        problems.append(f"{path}: unreadable ({e.strerror})")
+        return entries, hashes, problems
     prev = ""
     lines = data.split(b"\n")
     if lines[-1] != b"":
         problems.append(f"{path}: torn last line (ignored)")
     for i, line in enumerate(lines[:-1]):
+        hashes.append(line_hash(line))
         try:
             entry = json.loads(line)
-        except ValueError:
-            problems.append(f"{path}: line {i + 1} is not JSON")
+        except (ValueError, RecursionError):
+            entry = None
+        if not _valid_entry(entry):
+            problems.append(f"{path}: line {i + 1} is not a valid index entry")
+            prev = hashes[-1]
             continue
         if entry.get("prev") != prev:
             problems.append(f"{path}: hash chain broken at line {i + 1} (segment "
                             f"{entry.get('segment')}): 'prev' does not match the line before")
-        prev = line_hash(line)
+        prev = hashes[-1]
         entries.append(entry)
-    return entries, problems
+    return entries, hashes, problems
+
+
+def _valid_entry(e: Any) -> bool:
+    return (isinstance(e, dict) and type(e.get("segment")) is int and e["segment"] >= 0
+            and all(v is None or type(v) is int for v in (e.get("first_seq"), e.get("last_seq")))
+            and type(e.get("count")) is int and isinstance(e.get("sha256"), str)
+            and BLOB_REF.fullmatch(e["sha256"]) is not None)
+
+
+#: Fields of an index entry that vouch for files outside the chain (see `manifest.anchors`).
+ANCHOR_KEYS = ("run_sha256", "destinations_sha256")
+
+
+def last_anchors(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The anchors of the last index entry that has them (older entries have none)."""
+    for e in reversed(entries):
+        if ANCHOR_KEYS[1] in e:
+            return {k: e.get(k) for k in ANCHOR_KEYS}
+    return None
+
+
+def index_head(rank_dir: Path) -> dict[str, Any]:
+    """The index as it stands: its number of complete lines and the hash of the last one. A
+    session records it at its start and end in the manifest, so that the index and the manifest
+    vouch for each other (see `verify`)."""
+    _, hashes, _ = read_index_lines(rank_dir)
+    return {"lines": len(hashes), "head": hashes[-1] if hashes else ""}
 
 
 def append_index(rank_dir: Path, entry: dict[str, Any]) -> None:
@@ -355,15 +395,18 @@ def append_index(rank_dir: Path, entry: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def seal(rank_dir: Path, number: int, table: pa.Table) -> dict[str, Any]:
-    """Write `table` as segment `number`'s Parquet file atomically, index it, drop its JSONL."""
+def seal(rank_dir: Path, number: int, table: pa.Table,
+         anchors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write `table` as segment `number`'s Parquet file atomically, index it, drop its JSONL.
+    `anchors` (digests of the run.json and the declared destinations at sealing time) go into
+    the index entry, where the hash chain covers them."""
     seg_dir = rank_dir / "segments"
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=max(table.num_rows, 1))
     data = buf.getvalue()
     final = seg_dir / segment_name(number, "parquet")
     tmp = seg_dir / f".{final.name}.tmp"
-    entry = index_entry(number, table, hashlib.sha256(data).hexdigest())
+    entry = {**index_entry(number, table, hashlib.sha256(data).hexdigest()), **(anchors or {})}
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -38,7 +38,6 @@ from .blobs import BlobStore
 from .fsutil import (
     JournalWriteError,
     lock_exclusively,
-    read_json,
     write_atomic,
     write_json_atomic,
 )
@@ -146,12 +145,10 @@ class RankWriter:
         self._bytes = 0
         self._file = self._open_active()
 
-        mpath = mf.manifest_path(self.rank_dir)
-        self.manifest = read_json(mpath) if mpath.exists() else mf.new_manifest(
-            self.rank, world_size)
+        self.manifest = mf.load_for_session(self.rank_dir, self.rank, world_size, self._seq)
         self.manifest["world_size"] = world_size
-        self.manifest["sessions"].append(mf.new_session())
-        self.manifest["sessions"][-1]["first_seq"] = self._seq + 1
+        self.manifest["sessions"].append(
+            mf.new_session(self._seq + 1, segments.index_head(self.rank_dir)))
         self._dropped_before = self.manifest.get("dropped_records", 0)
         self._dropped_saved = 0
         self.destinations = self.manifest.setdefault("destinations", {})
@@ -471,15 +468,18 @@ class RankWriter:
             self._warned.add(what)
             warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
-    def _seal_active(self, reopen: bool) -> None:
-        """Seal the active segment. If that fails (disk full), the records stay safe in the
-        JSONL segment, which keeps receiving appends; sealing is retried later."""
-        if self._kept:
+    def _seal_active(self, reopen: bool, force: bool = False) -> None:
+        """Seal the active segment (even empty when `force`). If that fails (disk full), the
+        records stay safe in the JSONL segment, which keeps receiving appends; sealing is
+        retried later."""
+        if self._kept or force:
             if time.monotonic() < self._next_seal_try and reopen:
                 return
             self._rows_to_table()
+            table = pa.concat_tables(self._tables) if self._tables else segments.rows_to_table([])
             try:
-                segments.seal(self.rank_dir, self._segment, pa.concat_tables(self._tables))
+                segments.seal(self.rank_dir, self._segment, table,
+                              mf.anchors(self.run_dir, self.destinations))
                 pa.default_memory_pool().release_unused()
             except OSError as e:
                 self._fail(e, 0)
@@ -496,20 +496,32 @@ class RankWriter:
             self._segment += 1
             self._file = self._open_active()
 
+    def _unanchored(self) -> bool:
+        """Whether run.json or the destinations changed since the index last recorded them (a
+        logger declared after the last seal): the session's end then seals an empty segment,
+        so that the index vouches for what the manifest says."""
+        entries, _ = segments.read_index(self.rank_dir)
+        return segments.last_anchors(entries) != mf.anchors(self.run_dir, self.destinations)
+
     def _write_manifest(self, ending: str | None = None) -> None:
-        """Write the manifest; the session's status and end are recorded once known (SIGTERM
-        marks it interrupted at once, in case SIGKILL follows before the end)."""
+        """Write the manifest, fsynced before the rename (a crash leaves the old manifest or the
+        new one, never a cut one). SIGTERM marks the session interrupted at once, in case
+        SIGKILL follows; its end, last seq and the index head it leaves are recorded with
+        `ending`, when it has ended (see `manifest.session_ended`)."""
         manifest = self.manifest  # declare() may replace it meanwhile: write one of them whole
         session = manifest["sessions"][-1]
         status = ending or self._status
         if status is not None:
             session["status"] = status
+        if ending is not None:
             session["end"] = time.time()
             session["last_seq"] = self._seq
+            with suppress(OSError):  # verify then checks the session against the records only
+                session["index_end"] = segments.index_head(self.rank_dir)
         dropped = self._dropped
         manifest["dropped_records"] = self._dropped_before + dropped
         try:
-            write_json_atomic(mf.manifest_path(self.rank_dir), manifest, fsync=False)
+            write_json_atomic(mf.manifest_path(self.rank_dir), manifest)
             self._dropped_saved = dropped
         except OSError as e:
             self._fail(e, 0)
@@ -524,7 +536,8 @@ class RankWriter:
             if self._file is not None:
                 try:
                     empty = not self._kept and self._bytes == 0
-                    self._seal_active(reopen=False)
+                    self._seal_active(reopen=False, force=empty and self._seq > 0
+                                      and self._unanchored())
                     if empty:
                         _unlink_quiet(self.seg_dir / segments.segment_name(self._segment,
                                                                            "jsonl"))
