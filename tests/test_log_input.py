@@ -15,7 +15,12 @@ import pytest
 from click.testing import CliRunner
 
 from itwinai_journal import Journal, verify
-from itwinai_journal.loggers import JournalWarning, MLFlowLogger, TensorBoardLogger
+from itwinai_journal.loggers import (
+    JournalWarning,
+    LoggersCollection,
+    MLFlowLogger,
+    TensorBoardLogger,
+)
 from itwinai_sync.cli import main
 
 INT64_MAX = 2**63 - 1
@@ -56,6 +61,17 @@ def test_steps_outside_int64_or_not_whole_are_kept_in_meta(tmp_path):
         (6.0, None, None, {"step": "7"}),
     ]
     assert verify(tmp_path) == []
+
+
+def test_a_collection_keeps_steps_beyond_int64_too(tmp_path):
+    coll = LoggersCollection([MLFlowLogger(savedir=tmp_path, log_freq="batch"),
+                              TensorBoardLogger(savedir=tmp_path, log_freq="batch")])
+    with coll.start_logging():
+        with pytest.warns(JournalWarning, match="within int64"):
+            coll.log(1.0, "loss", step=2**63, batch_idx=3)
+        coll.log(2.0, "loss", step=2**40, batch_idx=2**40)
+    got = [(r["value"], r["step"], r["batch_idx"], r["meta"]) for r in records(tmp_path)]
+    assert got == [(1.0, None, 3, {"step": 2**63}), (2.0, 2**40, 2**40, {})]
 
 
 def test_a_bad_step_in_a_large_batch_drops_nothing(tmp_path):

@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 from . import names
 from .capture import (
     CAPTURE,
+    INT64_MAX,
+    INT64_MIN,
     NotAPlainMetric,
     capture_image,
     index_value,
@@ -67,6 +69,8 @@ PROV4ML_CONTEXTS = ("training", "validation", "testing", "datasets", "models")
 #: once for the members that override none of the five, and calls the others' own methods.
 _FAST_PATH_HOOKS = ("should_log", "log", "create_logger_context", "destroy_logger_context")
 _HOOKS = _FAST_PATH_HOOKS + ("save_hyperparameters",)
+#: Attributes should_log reads besides log_freq (whose setter says so itself).
+_STATE = frozenset({"is_initialized", "worker_rank", "log_on_workers"})
 
 
 class LogMixin(ABC):
@@ -292,10 +296,9 @@ class _JournalLogger(Logger):
         self._writer: RankWriter | None = None
         self._append: Callable[[tuple], None] | None = None
         self._pending: Any = None
-        self._fast = False
+        #: "metric" when the hot path is open to this logger, else None (see _state_changed)
+        self._fast: str | None = None
         self._every = 0
-        self._initialized = False
-        self._rank = 0
         self._observers: list[LoggersCollection] = []
         self._warned: set[str] = set()
         self._names_ok: set[str] = set()
@@ -315,13 +318,17 @@ class _JournalLogger(Logger):
 
     # -- state read by should_log: the fast path is recomputed when it changes ----------------
 
-    @property
-    def log_on_workers(self) -> Any:
-        return self._log_on_workers
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Plain attributes, read at plain-attribute speed by should_log; setting one that
+        should_log or the fast path depends on recomputes the fast path (log() itself never
+        sets attributes)."""
+        object.__setattr__(self, name, value)
+        if name in _STATE:
+            if name == "log_on_workers":
+                self._check_workers(value)
+            self._state_changed()
 
-    @log_on_workers.setter
-    def log_on_workers(self, value: Any) -> None:
-        self._log_on_workers = value
+    def _check_workers(self, value: Any) -> None:
         if isinstance(value, (list, tuple)) and -1 in value:
             self._warn_once("workers-1", f"{type(self).__name__}: log_on_workers={value!r} "
                             "does not mean 'all ranks' (as in itwinai, only -1 given alone "
@@ -330,34 +337,19 @@ class _JournalLogger(Logger):
             self._warn_once("workers-tuple", f"{type(self).__name__}: log_on_workers is a "
                             f"tuple ({value!r}); as in itwinai, only an int or a list selects "
                             "ranks, so no rank logs: give a list")
-        self._state_changed()
-
-    @property
-    def worker_rank(self) -> int:  # type: ignore[override]
-        return self._rank
-
-    @worker_rank.setter
-    def worker_rank(self, value: int) -> None:
-        self._rank = value
-        self._state_changed()
-
-    @property
-    def is_initialized(self) -> bool:  # type: ignore[override]
-        return self._initialized
-
-    @is_initialized.setter
-    def is_initialized(self, value: bool) -> None:
-        self._initialized = value
-        self._state_changed()
 
     def _state_changed(self) -> None:
         freq = getattr(self, "_log_freq", "epoch")
         self._every = freq if isinstance(freq, int) else (1 if freq == "batch" else 0)
-        self._fast = (self._writer is not None and self._initialized
-                      and not self.strict and not self.echoes
-                      and "metric" in self.supported_kinds
-                      and not overridden(type(self)) & set(_FAST_PATH_HOOKS)
-                      and Logger.should_log(self))
+        fast = (self._writer is not None and self.is_initialized
+                and not self.strict and not self.echoes
+                and "metric" in self.supported_kinds
+                and not overridden(type(self)) & set(_FAST_PATH_HOOKS)
+                and Logger.should_log(self))
+        # The kind string itself: `kind is self._fast` tests both at once in log(). The
+        # default kind and literals are this very (interned) object; an equal string built at
+        # run time takes _log, which gives the same result.
+        self._fast = "metric" if fast else None
         for collection in self._observers:
             collection._metric_plans.clear()
 
@@ -506,18 +498,20 @@ class _JournalLogger(Logger):
             batch_idx: DataLoader batch counter, used with `log_freq`.
             kwargs: kept with the record (e.g. `context`) for the exporters.
         """
-        # The hot path: one real number, plain arguments, a class that overrides nothing
-        # should_log depends on (decided when the state changes, see _state_changed).
-        # Everything else, and every message, is in _log.
-        if (self._fast and kind == "metric" and type(identifier) is str and not kwargs
+        # The hot path: one real number, plain arguments (step and batch_idx ints below 2**30
+        # in magnitude: CPython compares such ints fastest; larger ones take _log, which
+        # checks the int64 range), a class that overrides nothing should_log depends on
+        # (decided when the state changes, see _state_changed). Everything else, and every
+        # message, is in _log.
+        if (kind is self._fast and type(identifier) is str and not kwargs
                 and (batch_idx is None or type(batch_idx) is int)
                 and (step is None or type(step) is int)):
             if batch_idx is not None:
                 if not self._every or batch_idx % self._every:
                     return
-                if not -9223372036854775808 <= batch_idx <= 9223372036854775807:
+                if not -1073741823 <= batch_idx <= 1073741823:
                     return self._log(item, identifier, kind, step, batch_idx, kwargs)
-            if step is not None and not -9223372036854775808 <= step <= 9223372036854775807:
+            if step is not None and not -1073741823 <= step <= 1073741823:
                 return self._log(item, identifier, kind, step, batch_idx, kwargs)
             if type(item) is not float:
                 try:
@@ -527,7 +521,7 @@ class _JournalLogger(Logger):
             if identifier not in self._names_ok:
                 self._names_ok.add(names.check_name(identifier, "metric name"))
             self._append((_now(), identifier, step, batch_idx, item, self._route))
-            if len(self._pending) > BACKLOG:
+            if len(self._pending) > 20_000:  # BACKLOG, inlined
                 self._writer.flush()
             return
         self._log(item, identifier, kind, step, batch_idx, kwargs)
@@ -563,11 +557,14 @@ class _JournalLogger(Logger):
                 f"{self.__class__.__name__} has not been initialized. Use either the"
                 " ``start_logging`` context or the ``create_logger_context`` method."
             )
-        if (not self.should_log(batch_idx) or not self._accepts(kind)
-                or self._ignores(item, kind)):
+        if not self.should_log(batch_idx) or (kind not in self.supported_kinds
+                                              and not self._accepts(kind)):
             return
-        self._say_if_reference_fails(self, item, kind)
-        writer = self._journal()
+        if kind != "metric":
+            if self._ignores(item, kind):
+                return
+            self._say_if_reference_fails(self, item, kind)
+        writer = self._writer or self._journal()
         if self.strict:
             writer.check_healthy()
         call = _Call(self, item, identifier, kind, step, batch_idx, kwargs)
@@ -638,29 +635,50 @@ class _Call:
     exact value in meta when they cannot), the identifier as a record name, the keyword
     arguments as meta, and the (item, name) pairs to record."""
 
+    __slots__ = ("kind", "options", "meta", "step", "batch_idx", "given", "pairs")
+
     def __init__(self, logger: _JournalLogger, item: Any, identifier: Any, kind: str,
                  step: Any, batch_idx: Any, kwargs: dict[str, Any]) -> None:
         self.kind = kind
         self.options = kwargs
-        meta = _kwargs_meta(kwargs)
-        self.step, exact_step = index_value(step)
-        self.batch_idx, exact_batch = index_value(batch_idx)
-        for field, exact, given in (("step", exact_step, step),
-                                    ("batch_idx", exact_batch, batch_idx)):
-            if exact is not None:
-                meta[field] = exact
-                logger._warn_once(f"index:{field}", f"{type(logger).__name__}: {field}="
-                                  f"{given!r} is not a whole number within int64; the record "
-                                  f"has no {field} and keeps the value in meta[{field!r}]")
+        meta = _kwargs_meta(kwargs) if kwargs else {}
+        self.step, self.batch_idx = step, batch_idx
+        if not (step is None or type(step) is int and INT64_MIN <= step <= INT64_MAX):
+            self.step = self._index(logger, "step", step, meta)
+        if not (batch_idx is None
+                or type(batch_idx) is int and INT64_MIN <= batch_idx <= INT64_MAX):
+            self.batch_idx = self._index(logger, "batch_idx", batch_idx, meta)
         self.meta = meta or None
         #: (item, identifier as given): ConsoleLogger's lines show what itwinai's would
-        self.given = pairs(item, identifier)
+        self.given = self.pairs = pairs(item, identifier)
+        ok = logger._names_ok  # str names only: None, ints, ... are never in it
+        try:
+            for _, name in self.given:
+                if name not in ok:
+                    break
+            else:
+                return  # every name is a metric name seen before: the lists' hot path
+        except TypeError:  # an unhashable identifier: _name makes it a str
+            pass
         self.pairs = [(one, _name(logger, name, kind)) for one, name in self.given]
         for _, name in self.pairs:
-            if name not in logger._names_ok:
+            if name not in ok:
                 names.check_name(name, f"{kind} identifier")
                 if kind == "metric":
-                    logger._names_ok.add(name)
+                    ok.add(name)
+
+    @staticmethod
+    def _index(logger: _JournalLogger, field: str, given: Any, meta: dict[str, Any]
+               ) -> int | None:
+        """A step or batch_idx for its int64 column; its exact value in meta (said once)
+        when the column cannot hold it."""
+        number, exact = index_value(given)
+        if exact is not None:
+            meta[field] = exact
+            logger._warn_once(f"index:{field}", f"{type(logger).__name__}: {field}={given!r} "
+                              f"is not a whole number within int64; the record has no {field} "
+                              f"and keeps the value in meta[{field!r}]")
+        return number
 
     def records(self, logger: _JournalLogger, route: str, any_object: bool = False
                 ) -> list[tuple]:
@@ -1199,18 +1217,18 @@ class LoggersCollection(_JournalLogger):
             step: int | None = None, batch_idx: int | None = None, **kwargs: Any) -> None:
         """Log on all loggers: once per journal for the plain members that accept the call,
         then through each other member's own `log`."""
-        if (kind == "metric" and type(identifier) is str and not kwargs and self._initialized
-                and (step is None or type(step) is int
-                     and -9223372036854775808 <= step <= 9223372036854775807)
-                and (batch_idx is None or type(batch_idx) is int
-                     and -9223372036854775808 <= batch_idx <= 9223372036854775807)):
-            # The hot path: which journals get the record, with which route, depends only on
-            # batch_idx while the members' state stays (a change clears the plans).
+        if (kind == "metric" and type(identifier) is str and not kwargs and self.is_initialized
+                and (batch_idx is None
+                     or type(batch_idx) is int and -1073741823 <= batch_idx <= 1073741823)
+                and (step is None or type(step) is int and -1073741823 <= step <= 1073741823)):
+            # The hot path (see _JournalLogger.log): which journals get the record, with which
+            # route, depends only on batch_idx while the members' state stays (a change
+            # clears the plans).
             plan = self._metric_plans.get(batch_idx)
             if plan is None:
                 plan = self._metric_plan(batch_idx)
-            writes, echoes = plan
-            if writes or echoes:
+            writes, then = plan
+            if writes:
                 value = item
                 if type(value) is not float:
                     try:
@@ -1224,12 +1242,8 @@ class LoggersCollection(_JournalLogger):
                     writer.append((t, identifier, step, batch_idx, value, route))
                     if len(writer.pending) > BACKLOG:
                         writer.flush()
-                for lg in echoes:
-                    lg._echo(item, identifier, kind, step)
-            if self._custom:
-                for lg in self._custom:
-                    lg.log(item=item, identifier=identifier, kind=kind, step=step,
-                           batch_idx=batch_idx)
+            for follow in then:
+                follow(item, identifier, kind, step, batch_idx)
             return
         self._log(item, identifier, kind, step, batch_idx, kwargs)
 
@@ -1271,13 +1285,33 @@ class LoggersCollection(_JournalLogger):
         return found
 
     def _metric_plan(self, batch_idx: int | None) -> tuple[list, list]:
+        """(writer, route) of each journal the metric goes to, and what follows the writes:
+        the console lines of accepting members that echo, then the other members' own
+        log()."""
         accepting = self._accepting("metric", batch_idx)
         writes = [(group[0]._writer, _route(group)) for group in _by_writer(accepting)]
-        plan = (writes, [lg for lg in accepting if lg.echoes])
+        then = [_echo_of(lg) for lg in accepting if lg.echoes]
+        then += [_log_of(lg) for lg in self._custom]
+        plan = (writes, then)
         if len(self._metric_plans) > 100_000:  # bounded: batch_idx values are few in practice
             self._metric_plans.clear()
         self._metric_plans[batch_idx] = plan
         return plan
+
+
+def _echo_of(logger: _JournalLogger) -> Callable[..., None]:
+    def echo(item: Any, identifier: str, kind: str, step: Any, batch_idx: Any) -> None:
+        logger._echo(item, identifier, kind, step)
+
+    return echo
+
+
+def _log_of(logger: Logger) -> Callable[..., None]:
+    def log(item: Any, identifier: str, kind: str, step: Any, batch_idx: Any) -> None:
+        logger.log(item=item, identifier=identifier, kind=kind, step=step,
+                   batch_idx=batch_idx)
+
+    return log
 
 
 def _route(loggers: list[_JournalLogger]) -> str:
