@@ -86,6 +86,13 @@ DEVIATIONS: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """MLFlowLogger creates `<savedir>/mlflow` when constructed, as itwinai's does, and some
+    tests construct loggers with the default, relative savedir: they run in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def deviation(cls: str, case: str) -> tuple[str, str] | None:
     """The listed deviation of a call; "*" stands for every class but EmptyLogger, which
     does nothing with any call, as itwinai's."""

@@ -34,6 +34,13 @@ from itwinai_journal.loggers import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """MLFlowLogger creates `<savedir>/mlflow` when constructed, as itwinai's does, and some
+    tests construct loggers with the default, relative savedir: they run in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def records(root: Path) -> list[dict]:
     return Journal(root).records().to_pylist()
 
