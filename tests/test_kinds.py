@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -28,23 +29,16 @@ from itwinai_journal.loggers import (
     WandBLogger,
 )
 
-#: Every kind of the itwinai logger API (Table 1 of the reference documentation).
-REFERENCE_KINDS = (
-    "metric", "torch", "artifact", "figure", "image", "param", "text", "dict", "model",
-    "best_model", "dataset", "watch", "flops_pb", "flops_pe", "system", "carbon",
-    "execution_time", "prov_documents",
-)
-
-
 
 @pytest.fixture
 def mlf(tmp_path):
     """An initialized MLFlowLogger that logs every batch; destroyed at teardown if a test
-    did not read it back (destroy is idempotent)."""
+    did not read it back."""
     logger = MLFlowLogger(savedir=tmp_path / "mllogs", experiment_name="kinds", log_freq="batch")
     logger.create_logger_context()
     yield logger
-    logger.destroy_logger_context()
+    if logger.is_initialized:
+        logger.destroy_logger_context()
 
 
 @pytest.fixture
@@ -53,13 +47,14 @@ def prov(tmp_path):
                            experiment_name="prov-kinds", log_freq="batch")
     logger.create_logger_context()
     yield logger
-    logger.destroy_logger_context()
+    if logger.is_initialized:
+        logger.destroy_logger_context()
 
 
 def read_back(logger) -> list[dict]:
     """Close the logger's session (flush + seal) and return every record of its journal."""
     logger.destroy_logger_context()
-    return Journal(logger.savedir).records().to_pylist()
+    return Journal(logger.journal_savedir).records().to_pylist()
 
 
 def only(records: list[dict], name: str) -> dict:
@@ -75,7 +70,7 @@ def meta(record: dict) -> dict | None:
 def blob(logger, sha: str) -> bytes:
     """Bytes of a blob of the logger's (single) run, checked against its content address."""
     assert isinstance(sha, str) and len(sha) == 64
-    (run,) = Journal(logger.savedir).runs()
+    (run,) = Journal(logger.journal_savedir).runs()
     data = (run.rank(0).path / "blobs" / sha[:2] / sha).read_bytes()
     assert hashlib.sha256(data).hexdigest() == sha
     return data
@@ -155,28 +150,64 @@ def test_metric_without_step_and_with_numpy_indices(mlf):
                    ("torch_index", 5, 0, 3.5)]
 
 
-@pytest.mark.parametrize(
-    ("bad", "identifier"),
-    [
-        pytest.param("0.5", "loss", id="string"),
-        pytest.param([1.0, 2.0], "loss", id="list-item-str-identifier"),
-        pytest.param(torch.tensor([1.0, 2.0]), "loss", id="2-element-tensor"),
-        pytest.param(torch.tensor([0.5]), "loss", id="1-d-one-element-tensor"),
-        pytest.param(np.array([1.0, 2.0]), "loss", id="numpy-vector"),
-        pytest.param(None, "loss", id="none"),
-    ],
-)
+#: Metric items that are not one real number: kept losslessly as a `text` record holding
+#: their JSON (W&B and Prov4ML take such values; MLflow and TensorBoard refuse them).
+NOT_A_NUMBER = [
+    pytest.param("abc", '"abc"', "builtins.str", id="word"),
+    pytest.param([1.0, 2.0], "[1.0, 2.0]", "builtins.list", id="list"),
+    pytest.param(torch.tensor([1.0, 2.0]), "[1.0, 2.0]", "torch.Tensor", id="2-element-tensor"),
+    pytest.param(np.array([1.0, 2.0]), "[1.0, 2.0]", "numpy.ndarray", id="numpy-vector"),
+    pytest.param(None, "null", "builtins.NoneType", id="none"),
+    pytest.param(Opaque(), '"Opaque(lr=3)"', "test_kinds.Opaque", id="not-json"),
+]
+
+
+@pytest.mark.parametrize(("item", "text", "qualname"), NOT_A_NUMBER)
 @pytest.mark.parametrize("path", ["plain", "with-kwargs"])
-def test_metric_type_errors_keep_earlier_records(mlf, bad, identifier, path):
-    mlf.log(1.0, "before", step=0)
+def test_metric_that_is_not_a_number_is_a_text_record(mlf, item, text, qualname, path):
     extra = {} if path == "plain" else {"step": np.int64(1), "note": "x"}
-    with pytest.raises(TypeError):
-        mlf.log(bad, identifier, **extra)
+    mlf.log(1.0, "before", step=0)
+    with pytest.warns(UserWarning, match="is not a number"):
+        mlf.log(item, "odd", **extra)
     mlf.log(2.0, "after", step=2)
     records = read_back(mlf)
-    assert [(r["name"], r["step"], r["value"]) for r in records] == [
-        ("before", 0, 1.0), ("after", 2, 2.0)]
-    assert [r["seq"] for r in records] == [1, 2]
+    assert [(r["kind"], r["name"], r["step"], r["value"], r["text"]) for r in records] == [
+        ("metric", "before", 0, 1.0, None), ("text", "odd", extra.get("step"), None, text),
+        ("metric", "after", 2, 2.0, None)]
+    odd = meta(records[1])
+    assert odd["logged_as"] == "metric" and odd["type"] == qualname
+    if path == "with-kwargs":
+        assert odd["kwargs"] == {"note": "x"}
+    assert [r["seq"] for r in records] == [1, 2, 3]
+
+
+def test_one_element_arrays_and_every_numeric_type_are_metrics(mlf):
+    import decimal
+    import fractions
+
+    values = [torch.tensor([0.5]), torch.tensor([[0.25]]), np.array([0.5]), np.array([[2.0]]),
+              torch.tensor(3), torch.tensor(True), np.bool_(True), np.float16(0.5),
+              np.uint64(2**63), np.int8(-3), np.longdouble(0.5), decimal.Decimal("0.25"),
+              fractions.Fraction(1, 4), "0.5", np.complex128(1.5 + 0j), 1.5 + 0j, 2**70]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, value in enumerate(values):
+            mlf.log(value, f"m{i}", step=i)
+    records = read_back(mlf)
+    assert [r["value"] for r in records] == [
+        0.5, 0.25, 0.5, 2.0, 3.0, 1.0, 1.0, 0.5, 9.223372036854776e18, -3.0, 0.5, 0.25, 0.25,
+        0.5, 1.5, 1.5, 1.1805916207174113e21]
+    assert all(r["kind"] == "metric" and r["meta"] is None for r in records)
+
+
+@pytest.mark.parametrize("item", [np.complex128(1.5 + 2j), 1.5 + 2j, torch.tensor(1.5 + 2j)],
+                         ids=["numpy", "python", "torch"])
+def test_complex_metric_keeps_its_imaginary_part(mlf, item):
+    with pytest.warns(UserWarning, match="complex"):
+        mlf.log(item, "z", step=3)
+    (record,) = read_back(mlf)
+    assert (record["kind"], record["value"], record["step"]) == ("metric", 1.5, 3)
+    assert meta(record) == {"imag": 2.0}
 
 
 def test_metric_nan_and_inf_are_stored_as_such(mlf):
@@ -202,11 +233,11 @@ def test_nan_and_inf_readable_from_the_active_segment(tmp_path):
         logger.log(float("-inf"), "b", step=np.int64(3))
         deadline = time.monotonic() + 10
         while True:
-            records = Journal(logger.savedir).records().to_pylist()
+            records = Journal(logger.journal_savedir).records().to_pylist()
             if len(records) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        seg_dir = Journal(logger.savedir).runs()[0].rank(0).path / "segments"
+        seg_dir = Journal(logger.journal_savedir).runs()[0].rank(0).path / "segments"
         assert [p.suffix for p in seg_dir.iterdir()] == [".jsonl"]
         assert [r["name"] for r in records] == ["a", "b"]
         assert math.isnan(records[0]["value"])
@@ -487,10 +518,18 @@ def test_model(mlf):
     assert meta(record)["parameters"] == n_params
 
 
-def test_model_must_be_a_module(mlf):
-    with pytest.raises(TypeError):
+def test_mlflow_ignores_a_model_that_is_not_a_module(mlf, caplog):
+    """As itwinai's MLFlowLogger: a warning through its logger, nothing logged."""
+    with caplog.at_level(logging.WARNING, logger="itwinai_journal.loggers"):
         mlf.log({"w": torch.zeros(2)}, "net", kind="model")
+    assert [r.getMessage() for r in caplog.records] == ["Unrecognized model type."]
     assert read_back(mlf) == []
+
+
+def test_prov4ml_model_must_be_a_module(prov):
+    with pytest.raises(TypeError):
+        prov.log({"w": torch.zeros(2)}, "net", kind="model")
+    assert read_back(prov) == []
 
 
 def test_best_model_with_context(prov):
@@ -525,44 +564,6 @@ def test_prov_context_none_is_not_the_string_none(prov):
 # --------------------------------------------------------------------------------------------
 
 
-def test_dataset_pandas(mlf):
-    import pandas as pd
-
-    df = pd.DataFrame({"a": [1, 2, 3], "b": [0.5, 1.5, 2.5], "c": ["x", "y", "z"]})
-    other = df.assign(b=[0.5, 1.5, 9.5])
-    mlf.log(df, "train_df", kind="dataset")
-    mlf.log(df, "train_df", kind="dataset", step=1)
-    mlf.log(df.copy(), "copy_df", kind="dataset")
-    mlf.log(other, "other_df", kind="dataset")
-    records = read_back(mlf)
-    descs = [json.loads(r["text"]) for r in records]
-    first = descs[0]
-    assert first["name"] == "train_df"
-    assert first["shape"] == [3, 3]
-    assert first["schema"] == {str(c): str(t) for c, t in df.dtypes.items()}
-    assert list(first["schema"]) == ["a", "b", "c"]
-    assert first["schema"]["a"] == "int64" and first["schema"]["b"] == "float64"
-    assert descs[1] == first  # stable across two logs of the same frame
-    assert descs[2]["digest"] == first["digest"] and descs[2]["name"] == "copy_df"
-    assert descs[3]["digest"] != first["digest"]
-    assert all(r["kind"] == "dataset" and r["blob"] is None for r in records)
-    assert meta(records[0]) == {"dataset": "pandas"}
-
-
-def test_dataset_numpy(mlf):
-    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
-    mlf.log(arr, "features", kind="dataset")
-    mlf.log(arr.copy(), "features", kind="dataset")
-    mlf.log(arr.T, "transposed", kind="dataset")
-    records = read_back(mlf)
-    first, second, third = (json.loads(r["text"]) for r in records)
-    assert first["name"] == "features"
-    assert first["shape"] == [3, 4]
-    assert first["schema"] == {"dtype": "float32"}
-    assert second == first
-    assert third["shape"] == [4, 3] and third["digest"] != first["digest"]
-
-
 @pytest.mark.filterwarnings("ignore")  # mlflow/pandas deprecation and schema hints
 def test_dataset_mlflow(mlf):
     import mlflow.data
@@ -582,9 +583,13 @@ def test_dataset_mlflow(mlf):
     assert meta(record) == {"dataset": "mlflow"}
 
 
-def test_dataset_rejects_other_objects(mlf):
-    with pytest.raises(TypeError):
-        mlf.log([1, 2, 3], "ds", kind="dataset")
+@pytest.mark.parametrize("item", [[1, 2, 3], np.zeros((3, 2))], ids=["list", "numpy"])
+def test_mlflow_ignores_a_dataset_that_is_not_an_mlflow_dataset(mlf, caplog, item):
+    """As itwinai's MLFlowLogger: a warning through its logger, nothing logged."""
+    with caplog.at_level(logging.WARNING, logger="itwinai_journal.loggers"):
+        mlf.log(item, "ds", kind="dataset")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Unrecognized dataset type. Must be an MLFlow dataset"]
     assert read_back(mlf) == []
 
 
@@ -594,15 +599,17 @@ def test_dataset_rejects_other_objects(mlf):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["metrics", "Metric", "", "histogram"])
-def test_unknown_kind_lists_the_valid_kinds(mlf, kind):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize("kind", ["metrics", "Metric", "", "histogram", "model_version"])
+def test_unknown_kind_is_ignored_with_one_warning(mlf, kind):
+    """itwinai ignores kinds it does not know (its 3DGAN use case logs 'model_version')."""
+    mlf.log(0.5, "before")
+    with pytest.warns(UserWarning, match=f"kind={kind!r} is an unknown kind"):
         mlf.log(1.0, "x", kind=kind)
-    message = str(info.value)
-    assert repr(kind) in message
-    for valid in REFERENCE_KINDS:
-        assert valid in message
-    assert read_back(mlf) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per kind, not at every call
+        mlf.log(1.0, "x", kind=kind, step=1)
+    mlf.log(0.5, "after")
+    assert [r["name"] for r in read_back(mlf)] == ["before", "after"]
 
 
 @pytest.mark.parametrize(

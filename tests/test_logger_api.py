@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import pickle
 import re
 import sys
@@ -24,12 +25,20 @@ from itwinai_journal.loggers import (
     EmptyLogger,
     Logger,
     LoggersCollection,
+    LogMixin,
     MLFlowLogger,
     Prov4MLLogger,
     TensorBoardLogger,
     WandBLogger,
     get_mlflow_logger,
 )
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """MLFlowLogger creates `<savedir>/mlflow` when constructed, as itwinai's does, and some
+    tests construct loggers with the default, relative savedir: they run in tmp_path."""
+    monkeypatch.chdir(tmp_path)
 
 
 def records(root: Path) -> list[dict]:
@@ -140,7 +149,7 @@ def test_log_freq_applies_to_prov4ml(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [0, -1, "foo", 1.5, "Epoch", None])
-@pytest.mark.parametrize("logger_cls", [Logger, ConsoleLogger, MLFlowLogger, WandBLogger,
+@pytest.mark.parametrize("logger_cls", [ConsoleLogger, MLFlowLogger, WandBLogger,
                                         TensorBoardLogger, Prov4MLLogger, EmptyLogger])
 def test_log_freq_validation(logger_cls, bad):
     with pytest.raises(ValueError, match=re.escape("Wrong value for 'log_freq'")):
@@ -175,16 +184,24 @@ def _loggers(tmp_path: Path) -> list[Logger]:
     ]
 
 
+NOT_INITIALIZED = ("has not been initialized. Use either the ``start_logging`` context or the "
+                   "``create_logger_context`` method.")
+
+
 @pytest.mark.parametrize("index", range(6))
-def test_log_before_init_is_a_runtime_error(tmp_path, index):
+def test_use_before_init_is_a_runtime_error(tmp_path, index):
+    """itwinai's check_initialized guards log, save_hyperparameters and destroy."""
     logger = _loggers(tmp_path)[index]
-    with pytest.raises(RuntimeError, match="create_logger_context"):
+    message = re.escape(f"{type(logger).__name__} {NOT_INITIALIZED}")
+    with pytest.raises(RuntimeError, match=message):
         logger.log(0.5, "loss")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=message):
         logger.log(0.5, "loss", step=np.int64(1), kind="metric", extra=1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=message):
         logger.save_hyperparameters({"lr": 0.1})
-    assert not (tmp_path / "mllogs").exists()
+    with pytest.raises(RuntimeError, match=message):
+        logger.destroy_logger_context()
+    assert list(tmp_path.rglob("run.json")) == [] and list(tmp_path.rglob("rank-*")) == []
 
 
 def test_log_after_destroy_is_a_runtime_error(tmp_path):
@@ -192,19 +209,22 @@ def test_log_after_destroy_is_a_runtime_error(tmp_path):
     logger.create_logger_context()
     logger.log(1.0, "x")
     logger.destroy_logger_context()
-    with pytest.raises(RuntimeError):
-        logger.log(2.0, "x")
-    with pytest.raises(RuntimeError):
-        logger.save_hyperparameters({"a": 1})
+    for call in (lambda: logger.log(2.0, "x"), lambda: logger.save_hyperparameters({"a": 1}),
+                 logger.destroy_logger_context):
+        with pytest.raises(RuntimeError, match=re.escape(NOT_INITIALIZED)):
+            call()
     assert [r["value"] for r in records(tmp_path)] == [1.0]
 
 
-def test_double_create_logger_context_warns_and_keeps_one_session(tmp_path):
+def test_double_create_logger_context_warns_and_keeps_one_session(tmp_path, caplog):
     logger = MLFlowLogger(savedir=tmp_path / "mllogs", experiment_name="twice")
     logger.create_logger_context()
     run_id = logger.run_id
-    with pytest.warns(UserWarning, match="already initialized"):
+    with caplog.at_level(logging.WARNING, logger="itwinai_journal.loggers"):
         logger.create_logger_context()
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("itwinai_journal.loggers", "WARNING",
+         "Trying to initialize MLFlowLogger twice.. Skipping initialization.")]
     assert logger.run_id == run_id and logger.is_initialized
     logger.log(1.0, "x")
     logger.destroy_logger_context()
@@ -365,19 +385,70 @@ def test_supported_kinds_match_reference(cls):
     assert cls().supported_kinds == REFERENCE_KINDS[cls]
 
 
-def test_mlflow_attributes():
+def test_mlflow_attributes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     logger = MLFlowLogger(savedir="somewhere")
     assert logger.active_run is None
-    assert logger.tracking_uri == f"sqlite:///{Path('somewhere').resolve()}/mlflow.db"
-    assert MLFlowLogger(tracking_uri="http://host:5000").tracking_uri == "http://host:5000"
-    assert logger.savedir == Path("somewhere")
+    # as in itwinai: savedir/mlflow, created at construction, is the default tracking URI
+    assert logger.savedir == Path("somewhere/mlflow") and logger.savedir.is_dir()
+    assert logger.journal_savedir == Path("somewhere")
+    assert logger.tracking_uri == (tmp_path / "somewhere" / "mlflow").as_uri()
     assert logger.is_initialized is False and logger.worker_rank == 0
 
 
+@pytest.mark.parametrize(("given", "env", "expected"), [
+    ("http://host:5000", None, "http://host:5000"),
+    ("mlruns", None, "file://{cwd}/mlruns"),
+    ("file:./mlruns", None, "file://{cwd}/mlruns"),
+    ("sqlite:///rel.db", None, "sqlite:///rel.db"),
+    (None, "sqlite:///env.db", "sqlite:///env.db"),
+    (None, "envruns", "file://{cwd}/envruns"),
+    (None, "", "file://{cwd}/mllogs/mlflow"),
+    ("http://given:5000", "sqlite:///env.db", "http://given:5000"),
+])
+def test_mlflow_tracking_uri_as_itwinai_resolves_it(tmp_path, monkeypatch, given, env, expected):
+    """The argument, else MLFLOW_TRACKING_URI, else savedir/mlflow; paths made absolute
+    `file:` URIs (itwinai.utils.normalize_tracking_uri). Only the argument is declared."""
+    monkeypatch.chdir(tmp_path)
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    logger = MLFlowLogger(tracking_uri=given)
+    assert logger.tracking_uri == expected.format(cwd=tmp_path)
+    with logger.start_logging():
+        logger.log(1.0, "x")
+    _, rank = single_rank(tmp_path)
+    assert rank.manifest["destinations"]["mlflow"]["tracking_uri"] == given
+
+
 def test_tensorboard_framework():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Accepted values for TensorBoardLogger framework"):
         TensorBoardLogger(framework="jax")
     assert TensorBoardLogger(framework="tensorflow").framework == "tensorflow"
+    assert TensorBoardLogger(framework="PyTorch").framework == "pytorch"
+
+
+def test_logger_and_logmixin_are_abstract():
+    for cls in (Logger, LogMixin):
+        with pytest.raises(TypeError, match="abstract"):
+            cls()
+
+
+@pytest.mark.parametrize(("cls", "sub"), [(MLFlowLogger, "mlflow"), (WandBLogger, "wandb"),
+                                          (TensorBoardLogger, "tensorboard"),
+                                          (ConsoleLogger, "simple-logger")])
+def test_savedir_attribute_is_itwinais(tmp_path, cls, sub):
+    """`savedir` is where itwinai's logger keeps its files; the journal stays at
+    `<journal_savedir>/<experiment>/<run_id>/`."""
+    logger = cls(savedir=tmp_path / "mllogs")
+    assert logger.savedir == tmp_path / "mllogs" / sub
+    assert logger.journal_savedir == tmp_path / "mllogs"
+    with logger.start_logging():
+        logger.log(1.0, "x")
+    (run,) = Journal(tmp_path / "mllogs").runs()
+    assert run.path.parent.parent == tmp_path / "mllogs"
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,8 +460,7 @@ def test_experiment_id():
     assert MLFlowLogger(experiment_name="exp-a").experiment_id == "exp-a"
     assert MLFlowLogger(experiment_name="exp-a").resolve_experiment_id() == "exp-a"
     assert MLFlowLogger().experiment_id == "unnamed-experiment"
-    assert Logger(experiment_id="base-exp").experiment_id == "base-exp"
-    assert Logger().experiment_id is None
+    assert EmptyLogger().experiment_id is None
 
 
 def test_run_id_is_the_journal_run_directory(tmp_path):
@@ -434,7 +504,7 @@ def test_run_id_from_environment(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", ["../up", "a/b", ".hidden"])
 def test_unsafe_run_id_is_refused(tmp_path, bad):
-    logger = MLFlowLogger(savedir=tmp_path / "mllogs", run_id=bad)
+    logger = TensorBoardLogger(savedir=tmp_path / "mllogs", run_id=bad)
     with pytest.raises(ValueError):
         logger.create_logger_context()
     assert not logger.is_initialized
@@ -545,23 +615,31 @@ def test_collection_save_hyperparameters_once(tmp_path):
         ("param", "optim", "adam", None)]
 
 
-def test_collection_hyperparameters_skip_console(tmp_path, capsys):
+def console_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "itwinai_journal.loggers" and r.levelno == logging.INFO]
+
+
+def test_collection_hyperparameters_skip_console(tmp_path, caplog):
     savedir = tmp_path / "mllogs"
     coll = LoggersCollection([ConsoleLogger(savedir=savedir), MLFlowLogger(savedir=savedir)])
-    with coll.start_logging():
-        coll.save_hyperparameters({"lr": 0.1})
-        coll.log(0.5, "loss")
+    with caplog.at_level(logging.INFO, logger="itwinai_journal.loggers"):
+        with coll.start_logging():
+            coll.save_hyperparameters({"lr": 0.1})
+            coll.log(0.5, "loss")
     got = records(tmp_path)
     assert [(r["kind"], r["name"], meta(r)) for r in got] == [
         ("param", "lr", {"targets": ["mlflow"]}), ("metric", "loss", None)]
-    assert capsys.readouterr().out == "ConsoleLogger: loss = 0.5\n"
+    assert console_lines(caplog) == ["ConsoleLogger: loss = 0.5"]
 
 
-def test_collection_double_init_warns(tmp_path):
+def test_collection_double_init_warns(tmp_path, caplog):
     coll = _collection(tmp_path)
     coll.create_logger_context()
-    with pytest.warns(UserWarning, match="already initialized"):
+    with caplog.at_level(logging.WARNING, logger="itwinai_journal.loggers"):
         coll.create_logger_context()
+    assert [r.getMessage() for r in caplog.records] == [
+        "Trying to initialize LoggersCollection twice.. Skipping initialization."]
     coll.destroy_logger_context()
     _, rank = single_rank(tmp_path)
     assert len(rank.manifest["sessions"]) == 1
@@ -624,7 +702,7 @@ def test_serialize_returns_a_path_under_savedir(tmp_path):
     obj = {"a": [1, 2, 3], "b": ("x", None)}
     path = logger.serialize(obj, "sub/x.pkl")
     assert isinstance(path, str)
-    assert Path(path).resolve() == (savedir / "sub" / "x.pkl").resolve()
+    assert Path(path).resolve() == (savedir / "mlflow" / "sub" / "x.pkl").resolve()
     with open(path, "rb") as f:
         assert pickle.load(f) == obj
 
@@ -656,8 +734,9 @@ def test_empty_logger_writes_nothing(tmp_path):
     logger = EmptyLogger(savedir=tmp_path / "mllogs", log_freq="batch")
     assert logger.supported_kinds == ()
     logger.log(1.0, "before-init")
+    logger.destroy_logger_context()
     with logger.start_logging():
-        assert logger.is_initialized
+        assert not logger.is_initialized  # as in itwinai: its methods do nothing at all
         logger.log(1.0, "loss", step=1, batch_idx=0)
         logger.log({"a": 1}, "d", kind="dict")
         logger.save_hyperparameters({"lr": 0.1})
@@ -667,16 +746,32 @@ def test_empty_logger_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_console_logger_prints_and_journals(tmp_path, capsys):
+def test_console_logger_logs_lines_and_journals(tmp_path, caplog):
+    import torch
+
     logger = ConsoleLogger(savedir=tmp_path / "mllogs", log_freq=2)
-    with logger.start_logging():
-        logger.log(0.5, "loss", step=3)
-        logger.log(0.75, "acc", batch_idx=1)  # filtered by log_freq: neither printed nor kept
-        logger.save_hyperparameters({"lr": 0.1})  # a no-op for ConsoleLogger
-    assert capsys.readouterr().out == "ConsoleLogger: loss = 0.5\n"
+    with caplog.at_level(logging.INFO, logger="itwinai_journal.loggers"):
+        with logger.start_logging():
+            logger.log(0.5, "loss", step=3)
+            logger.log(torch.tensor([0.25]), "t_loss", step=3)  # the line shows the item given
+            logger.log(0.75, "acc", batch_idx=1)  # filtered by log_freq: no line, not kept
+            logger.save_hyperparameters({"lr": 0.1})  # a no-op for ConsoleLogger
+            logger.log({"not": "a path"}, "obj", kind="artifact")  # ignored, as in itwinai
+    assert console_lines(caplog) == [
+        "ConsoleLogger: loss = 0.5", "ConsoleLogger: t_loss = tensor([0.2500])",
+        "The ConsoleLogger expects an artifact to be either a path or a directory Received "
+        "instead an item of type <class 'dict'>. The item will be ignored and not logged."]
     got = records(tmp_path)
     assert [(r["kind"], r["name"], r["step"], r["value"]) for r in got] == [
-        ("metric", "loss", 3, 0.5)]
+        ("metric", "loss", 3, 0.5), ("metric", "t_loss", 3, 0.25)]
+    # itwinai's ConsoleLogger stays initialized after destroy and can still log
+    assert logger.is_initialized
+    with pytest.warns(UserWarning, match="the journal is opened now"):
+        logger.log(1.0, "later")
+    logger.destroy_logger_context()
+    _, rank = single_rank(tmp_path)
+    assert [s["status"] for s in rank.manifest["sessions"]] == ["finished", "finished"]
+    assert [r["name"] for r in records(tmp_path)][-1] == "later"
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,12 +47,13 @@ def prov(tmp_path):
                            experiment_name="measured", log_freq="batch", run_id="run-1")
     logger.create_logger_context()
     yield logger
-    logger.destroy_logger_context()
+    if logger.is_initialized:
+        logger.destroy_logger_context()
 
 
 def read_back(logger, kinds=MEASURED) -> list[dict]:
     logger.destroy_logger_context()
-    records = Journal(logger.savedir).records(kinds=list(kinds)).to_pylist()
+    records = Journal(logger.journal_savedir).records(kinds=list(kinds)).to_pylist()
     for r in records:
         r["meta"] = json.loads(r["meta"]) if r["meta"] else {}
         r["fields"] = json.loads(r["text"]) if r["text"] else None
@@ -413,7 +414,7 @@ def test_system_gpu_fields_through_nvml(prov, monkeypatch):
 
 
 def _session_start(logger) -> float:
-    (run,) = Journal(logger.savedir).runs()
+    (run,) = Journal(logger.journal_savedir).runs()
     manifest = json.loads((run.rank(0).path / "manifest.json").read_text())
     return manifest["sessions"][-1]["start"]
 

@@ -127,7 +127,10 @@ def test_every_kind_arrives_in_the_embedded_store(tmp_path, monkeypatch):
     lg.log(torch.arange(4), "tensors/t", kind="torch")
     model = torch.nn.Linear(3, 2)
     lg.log(model, "model", kind="model")
-    lg.log(pd.DataFrame({"x": [1, 2], "y": [0.5, 1.5]}), "train_df", kind="dataset")
+    import mlflow.data
+
+    frame = pd.DataFrame({"x": [1, 2], "y": [0.5, 1.5]})
+    lg.log(mlflow.data.from_pandas(frame, name="train_df"), "train_df", kind="dataset")
     lg.destroy_logger_context()
 
     out = sync(savedir)
@@ -171,7 +174,8 @@ def test_every_kind_arrives_in_the_embedded_store(tmp_path, monkeypatch):
     assert torch.equal(loaded.weight, model.weight)
     (inp,) = client.get_run(rid).inputs.dataset_inputs
     assert inp.dataset.name == "train_df"
-    assert json.loads(inp.dataset.schema) == {"x": "int64", "y": "float64"}
+    assert json.loads(inp.dataset.schema) == json.loads(
+        mlflow.data.from_pandas(frame, name="train_df").to_dict()["schema"])
 
     # a second sync exports nothing and changes nothing
     before = _snapshot(client, savedir)

@@ -110,8 +110,8 @@ def test_a_bad_item_in_a_list_fails_the_call_and_logs_none_of_it(tmp_path):
     lg = MLFlowLogger(savedir=tmp_path, experiment_name="e", run_id="r", log_freq="batch")
     lg.create_logger_context()
     lg.log(1.0, "before", step=0)
-    with pytest.raises(TypeError, match="metric"):
-        lg.log([1.0, "not a number"], ["a", "b"], step=1)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        lg.log([1.0, 2.0], ["a", "b\udcff"], step=1)
     lg.log([2.0, 3.0], ["a", "b"], step=2)
     lg.destroy_logger_context()
     table = Journal(tmp_path).metrics()

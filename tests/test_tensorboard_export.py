@@ -148,11 +148,13 @@ def test_every_kind_round_trips(tmp_path):
     for step, value in enumerate([float("nan"), float("inf"), 0.1, -0.0, 1e300, 5e-324]):
         logger.log(value, "special", step=step)
     rng = np.random.default_rng(0)
+    # numpy images in TensorBoard's layout, CHW, as itwinai's TensorBoardLogger takes them
     images = {"rgb": rng.integers(0, 256, (6, 7, 3), np.uint8),
               "grey": rng.integers(0, 256, (5, 4), np.uint8),
               "rgba": rng.integers(0, 256, (3, 2, 4), np.uint8)}
     for name, array in images.items():
-        logger.log(array, name, kind="image", step=2)
+        logger.log(np.moveaxis(array, -1, 0) if array.ndim == 3 else array, name,
+                   kind="image", step=2)
     fig = plt.figure(figsize=(3, 2), dpi=50)
     plt.plot([1, 3, 2])
     logger.log(fig, "curve", kind="figure", step=3)

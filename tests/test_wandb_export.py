@@ -309,7 +309,10 @@ def test_artifacts_models_and_datasets_of_an_mlflow_journal(tmp_path):
     logger.log(str(src), "checkpoints", kind="artifact")
     logger.log(str(src / "a.txt"), "notes/a.txt", kind="artifact")
     logger.log(torch.nn.Linear(2, 1), "net", kind="model", step=3)
-    logger.log(np.zeros((4, 2)), "train-set", kind="dataset")
+    import mlflow.data
+
+    logger.log(mlflow.data.from_numpy(np.zeros((4, 2)), name="train-set"), "train-set",
+               kind="dataset")
     logger.destroy_logger_context()
     assert "'notes/a.txt' is stored as 'notes-a.txt'" in sync(savedir)
     records = wr.read_records(wandb_files(savedir, wandb_run_id("arts", "a", 0))[0])
@@ -320,7 +323,8 @@ def test_artifacts_models_and_datasets_of_an_mlflow_journal(tmp_path):
     assert tree == {"a.txt": b"alpha", "sub/b.bin": b"\0\1"}
     assert (arts["net"].type, sorted(arts["net"].aliases)) == ("model", ["latest", "step-3"])
     assert [c.path for c in arts["net"].manifest.contents] == ["model.pt"]
-    assert wr.summary(records)["datasets/train-set"]["shape"] == [4, 2]
+    described = wr.summary(records)["datasets/train-set"]
+    assert json.loads(described["profile"])["features_shape"] == [4, 2]
 
 
 def test_steps_that_go_back_lose_nothing(tmp_path):

@@ -7,7 +7,6 @@ library is ever imported: the exporters decide later how each kind is shown in e
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any, NamedTuple
 
 from . import measure
 from .blobs import BlobStore
+from .names import SURROGATE
 from .redaction import redact_param
 
 #: Text longer than this goes to the blob store rather than into a JSONL line.
@@ -40,58 +40,153 @@ def _module_of(obj: Any) -> str:
     return type(obj).__module__.split(".", 1)[0]
 
 
-def metric_value(item: Any) -> float:
-    """A metric as float64: Python/numpy numbers and 0-d (one-element) torch tensors."""
-    if isinstance(item, bool):
-        return float(item)
-    if isinstance(item, (int, float)):
-        return float(item)
+#: Range of the journal's int64 `step` and `batch_idx` columns.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class NotAPlainMetric(TypeError):
+    """`metric_value` got something that is not one real number: a complex number with an
+    imaginary part, or not a number at all. `metric_fields` says how such a metric is kept."""
+
+
+def _one_element(item: Any) -> Any:
+    """The element of a one-element numpy array or torch tensor (any shape), as a numpy or
+    Python scalar; anything else unchanged. Trackers take these as numbers: MLflow through
+    float(), TensorBoard and W&B by squeezing them."""
     mod = _module_of(item)
     if mod == "numpy":
-        import numpy as np
-
-        if isinstance(item, np.generic) and np.issubdtype(item.dtype, np.number) or (
-            isinstance(item, np.ndarray) and item.ndim == 0
-            and np.issubdtype(item.dtype, np.number)
-        ):
-            return float(item)
+        if getattr(item, "ndim", 0) and item.size == 1:
+            return item.reshape(()).item() if item.dtype.kind in "biufc" else item.flat[0]
     elif mod == "torch":
         import torch
 
-        if isinstance(item, torch.Tensor) and item.numel() == 1 and item.ndim == 0:
-            if item.is_complex():
-                raise TypeError("a metric must be a real number, got a complex tensor")
-            return float(item.detach().cpu().item())
-        if isinstance(item, torch.Tensor):
-            raise TypeError(
-                f"a metric must be a number or a 0-d tensor, got a tensor of shape "
-                f"{tuple(item.shape)}; reduce it first (e.g. loss.mean())"
-            )
-    raise TypeError(
-        f"a metric must be a number (int, float, numpy scalar or 0-d torch tensor), "
-        f"got {type(item).__name__}"
-    )
+        if isinstance(item, torch.Tensor) and item.numel() == 1:
+            return item.detach().reshape(()).cpu().item()
+    return item
 
 
-def check_index(value: Any, what: str) -> int | None:
-    """`step` and `batch_idx`: None or an integer (numpy/torch integer scalars accepted)."""
-    if value is None or type(value) is int:
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or None, got bool")
+def _is_complex(number: Any) -> bool:
+    return isinstance(number, complex) or (
+        _module_of(number) == "numpy" and getattr(number, "dtype", None) is not None
+        and number.dtype.kind == "c")
+
+
+def metric_value(item: Any) -> float:
+    """A metric as float64: anything MLflow's `float()` takes (Python and numpy numbers of
+    every width, bool, Decimal, Fraction, numeric strings), one-element arrays and tensors of
+    any shape and dtype, and complex numbers whose imaginary part is 0. Anything else raises
+    NotAPlainMetric (a TypeError)."""
+    if isinstance(item, (int, float)):
+        try:
+            return float(item)
+        except OverflowError:
+            raise NotAPlainMetric(f"the int {item} is beyond float64") from None
+    number = _one_element(item)
+    if _is_complex(number):
+        if number.imag == 0:
+            return float(number.real)
+        raise NotAPlainMetric(f"a complex number with an imaginary part: {number!r}")
+    if not isinstance(number, (list, tuple, dict, set)) and number is not None:
+        try:
+            return float(number)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise NotAPlainMetric(f"not a number: {type(item).__name__}")
+
+
+def metric_fields(item: Any, blobs: BlobStore) -> tuple[str, Captured, str | None]:
+    """(kind, fields, why) of a metric record. A real number is a plain metric (why is None).
+    A complex number keeps its real part as the value and its imaginary part in
+    meta['imag']: trackers get the real part, as MLflow's float() gives it. Anything else
+    (a string, a list, a tensor of several elements, None...) is journaled losslessly as a
+    `text` record holding its JSON (its str() when JSON cannot hold it), with
+    meta['logged_as'] = 'metric': W&B and Prov4ML take such values, MLflow and TensorBoard
+    refuse them, and the journal refuses nothing it can store."""
+    try:
+        return "metric", Captured(value=metric_value(item)), None
+    except NotAPlainMetric:
+        pass
+    number = _one_element(item)
+    if _is_complex(number):
+        return ("metric", Captured(value=float(number.real), meta={"imag": float(number.imag)}),
+                "is a complex number: its real part is the value, meta['imag'] keeps the "
+                "imaginary part")
+    return ("text", json_text_fields(item, blobs, "metric"),
+            f"is not a number ({type(item).__name__}): journaled as a text record of its JSON "
+            "(meta['logged_as'] = 'metric'), which W&B and TensorBoard show as text and MLflow "
+            "as a text artifact")
+
+
+def json_text_fields(item: Any, blobs: BlobStore, logged_as: str) -> Captured:
+    """The fields of a `text` record holding `item`'s JSON (its str() when JSON cannot hold
+    it), for an object logged as `logged_as` that the journal cannot keep as that kind."""
+    text, meta = _json_or_str(item)
+    cap = _text_fields(text, blobs, "application/json")
+    meta = {**(cap.meta or {}), **meta, "logged_as": logged_as, "type": _qualname(item)}
+    return Captured(cap.value, cap.text, cap.blob, meta)
+
+
+def index_value(value: Any) -> tuple[int | None, Any]:
+    """`step` or `batch_idx` for the journal's int64 column: (the integer, None); or, when the
+    value is not a whole number within int64 (1.5, 2**63, '3'), (None, its exact form) for
+    the record's meta. Whole floats and numpy/torch integers are integers."""
+    if value is None:
+        return None, None
     if isinstance(value, int):
-        return int(value)
-    if hasattr(value, "__index__"):
-        return int(value.__index__())
-    raise TypeError(f"{what} must be an int or None, got {type(value).__name__}")
+        number: int | None = int(value)
+    elif isinstance(value, (str, bytes)):
+        number = None
+    else:
+        number = _whole(value)
+    if number is not None and INT64_MIN <= number <= INT64_MAX:
+        return number, None
+    return None, _exact(value)
+
+
+def _whole(value: Any) -> int | None:
+    index = getattr(value, "__index__", None)
+    if index is not None:
+        try:
+            return int(index())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(f) if f.is_integer() else None
+
+
+def _exact(value: Any) -> Any:
+    """A JSON-able exact form of a step or batch_idx that the int64 column cannot hold."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if _module_of(value) in ("numpy", "torch") and hasattr(value, "tolist"):
+        return value.tolist()
+    return repr(value)
+
+
+def storable_text(text: str) -> tuple[str, dict[str, Any] | None]:
+    """`text` as UTF-8 can hold it. Lone surrogates (os.fsdecode's escapes for bytes that
+    are not UTF-8) have no UTF-8 form: each is replaced by U+FFFD, and meta['surrogates']
+    lists [position, code point] of each in the stored text, so the original is restored
+    exactly by putting the code points back."""
+    if text.isascii():
+        return text, None
+    found = [[m.start(), ord(m.group())] for m in SURROGATE.finditer(text)]
+    if not found:
+        return text, None
+    return SURROGATE.sub("\ufffd", text), {"surrogates": found}
 
 
 def _text_fields(text: str, blobs: BlobStore, media_type: str) -> Captured:
+    """A text inline, or in the blob store when long; lone surrogates made storable."""
+    text, marks = storable_text(text)
     if len(text) <= INLINE_TEXT_LIMIT:
-        return Captured(text=text)
+        return Captured(text=text, meta=marks)
     data = text.encode()
     return Captured(blob=blobs.put_bytes(data), meta={"media_type": media_type,
-                                                      "size": len(data)})
+                                                      "size": len(data), **(marks or {})})
 
 
 def _json_default(obj: Any) -> Any:
@@ -105,21 +200,38 @@ def _json_default(obj: Any) -> Any:
 
 
 def to_json(obj: Any, what: str) -> str:
+    """JSON text of `obj` (numpy/torch values as lists, sets and tuples as lists, paths as
+    strings). Characters are kept as they are, so that lone surrogates can be found and made
+    storable by `storable_text`."""
     try:
-        return json.dumps(obj, default=_json_default, allow_nan=True)
+        return json.dumps(obj, default=_json_default, allow_nan=True, ensure_ascii=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what} cannot be logged as JSON: {e}") from None
 
 
-def capture_param(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
-    """Params keep their JSON value; a value JSON cannot hold is logged as its `str()`
-    (documented mapping, as MLflow itself stringifies params) and flagged in meta. Secrets are
-    redacted first (see `redaction`)."""
-    item = redact_param(name, item)
+def _json_or_str(item: Any) -> tuple[str, dict[str, Any]]:
+    """The JSON of `item`, or, when JSON cannot hold it, the JSON of its `str()` flagged in
+    meta (the documented mapping; MLflow itself stringifies params)."""
     try:
-        return Captured(text=json.dumps(item, default=_json_default, allow_nan=True))
-    except (TypeError, ValueError):
-        return Captured(text=json.dumps(str(item)), meta={"stringified": type(item).__name__})
+        return to_json(item, "value"), {}
+    except TypeError:
+        return to_json(str(item), "value"), {"stringified": type(item).__name__}
+
+
+def capture_param(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
+    """Params keep their JSON value (see `_json_or_str`). MLflow and TensorBoard store a
+    param as its str(): when that is not the str() of the JSON value (a tuple, a numpy
+    number, a Path...), meta['str'] keeps it, so an export can send what itwinai sent.
+    Secrets are redacted first (see `redaction`)."""
+    item = redact_param(name, item)
+    text, meta = _json_or_str(item)
+    if not meta:
+        as_str = str(item)
+        if as_str != str(json.loads(text)):
+            meta["str"] = as_str
+    text, marks = storable_text(text)
+    meta = {**meta, **(marks or {})}
+    return Captured(text=text, meta=meta or None)
 
 
 def capture_text(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
@@ -207,8 +319,7 @@ def _array_to_pil(arr: Any, layout: str) -> Any:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise ValueError(
-            f"an image array must be HW, HWC (C in 1, 3, 4) or, for torch, CHW; got shape "
-            f"{arr.shape}"
+            f"an image array must be HW, HWC or CHW (C in 1, 3, 4); got shape {arr.shape}"
         )
     if np.issubdtype(arr.dtype, np.floating):
         if arr.size and (np.nanmin(arr) < 0 or np.nanmax(arr) > 1):
@@ -223,14 +334,28 @@ def _array_to_pil(arr: Any, layout: str) -> Any:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def capture_image(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
-    """Lossless PNG from a PIL image, a numpy HW/HWC array or a torch CHW tensor. Floats must be
-    in [0, 1] and are scaled to 0..255, as MLflow's log_image does."""
+def numpy_image_layout(arr: Any, preferred: str) -> str:
+    """How a 3-D numpy image is read: in the tracker's own layout (`preferred`: HWC for
+    MLflow's log_image, CHW for TensorBoard's add_image), unless only the other one fits
+    (1, 3 or 4 channels)."""
+    if getattr(arr, "ndim", 0) != 3:
+        return "HWC"  # HW: nothing to move
+    fits = {"CHW": arr.shape[0] in (1, 3, 4), "HWC": arr.shape[-1] in (1, 3, 4)}
+    if fits[preferred] or not any(fits.values()):
+        return preferred
+    return "HWC" if preferred == "CHW" else "CHW"
+
+
+def capture_image(item: Any, blobs: BlobStore, name: str, options: Options,
+                  numpy_layout: str = "HWC") -> Captured:
+    """Lossless PNG from a PIL image, a numpy HW/HWC/CHW array (see `numpy_image_layout`) or
+    a torch HW/CHW tensor. Floats must be in [0, 1] and are scaled to 0..255, as MLflow's
+    log_image does."""
     mod = _module_of(item)
     if mod == "PIL":
         image = item
     elif mod == "numpy":
-        image = _array_to_pil(item, "HWC")
+        image = _array_to_pil(item, numpy_image_layout(item, numpy_layout))
     elif mod == "torch":
         t = item.detach().cpu()
         image = _array_to_pil(t.numpy(), "CHW" if t.ndim == 3 else "HW")
@@ -264,56 +389,19 @@ def capture_figure(item: Any, blobs: BlobStore, name: str, options: Options) -> 
                     f"{type(item).__name__}")
 
 
-def _frame_description(df: Any, name: str) -> dict[str, Any]:
-    import pandas as pd
-
-    digest = hashlib.sha256(pd.util.hash_pandas_object(df, index=True).values.tobytes())
-    return {
-        "name": name,
-        "digest": digest.hexdigest()[:16],
-        "source_type": "pandas",
-        "schema": {str(c): str(t) for c, t in df.dtypes.items()},
-        "shape": list(df.shape),
-    }
-
-
-def _array_description(arr: Any, name: str) -> dict[str, Any]:
-    import numpy as np
-
-    arr = np.ascontiguousarray(arr)
-    return {
-        "name": name,
-        "digest": hashlib.sha256(arr.tobytes()).hexdigest()[:16],
-        "source_type": "numpy",
-        "schema": {"dtype": str(arr.dtype)},
-        "shape": list(arr.shape),
-    }
-
-
 def capture_dataset(item: Any, blobs: BlobStore, name: str, options: Options
                     ) -> Captured:
-    """A dataset is described, never copied: an `mlflow.data.Dataset` by its own dict form,
-    pandas and numpy data by name, digest, schema and shape."""
-    mod = _module_of(item)
-    if mod == "mlflow" and hasattr(item, "to_dict"):
-        desc = {**item.to_dict(), "source_type_class": _qualname(item)}
-        kind = "mlflow"
-    elif mod == "pandas":
-        desc, kind = _frame_description(item, name), "pandas"
-    elif mod == "numpy":
-        desc, kind = _array_description(item, name), "numpy"
-    elif isinstance(item, dict) and {"name", "digest"} <= item.keys():
-        desc, kind = dict(item), "dict"
-    else:
-        raise TypeError(
-            f"kind='dataset' needs an mlflow.data.Dataset, a pandas DataFrame, a numpy array "
-            f"or a dict with 'name' and 'digest', got {type(item).__name__}"
-        )
-    return Captured(text=to_json(desc, "dataset description"), meta={"dataset": kind})
+    """A dataset is described, never copied: an `mlflow.data.Dataset` by its own dict form
+    (what MLflow's log_input sends; itwinai's MLFlowLogger ignores other datasets)."""
+    if _module_of(item) != "mlflow" or not hasattr(item, "to_dict"):
+        raise TypeError(f"kind='dataset' needs an mlflow.data.Dataset, got "
+                        f"{type(item).__name__}")
+    desc = {**item.to_dict(), "source_type_class": _qualname(item)}
+    return Captured(text=to_json(desc, "dataset description"), meta={"dataset": "mlflow"})
 
 
 def capture_metric(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
-    return Captured(value=metric_value(item))
+    return metric_fields(item, blobs)[1]
 
 
 def not_yet(feature: str) -> Callable[..., Captured]:

@@ -115,8 +115,9 @@ class JournalLogger(_LightningLogger):
 
     @property
     def root_dir(self) -> str:
-        """The journal savedir."""
-        return str(self._logger.savedir)
+        """The directory the journal is written under (the wrapped logger's `savedir`
+        argument; its `savedir` attribute is itwinai's, e.g. `<savedir>/mlflow`)."""
+        return str(getattr(self._logger, "journal_savedir", self._logger.savedir))
 
     @property
     def log_dir(self) -> str:

@@ -1,36 +1,54 @@
 """Drop-in replacements for `itwinai.loggers` that write a local journal instead of calling a
-tracker. Same classes, constructor parameters, defaults, `supported_kinds` and `should_log`
-semantics; the journal is replayed into the trackers later by `itwinai-sync`.
+tracker. Same classes, constructor parameters, defaults, attributes, `supported_kinds`,
+`should_log`, errors and warnings as itwinai 0.4.2; the journal is replayed into the trackers
+later by `itwinai-sync`.
 
-Differences from itwinai, all deliberate and documented in the README:
-- nothing is sent anywhere at `log()` time; constructor arguments are recorded as the run's
-  declared destinations and used by `itwinai-sync` when no `--to` is given;
-- `serialize` returns the path it wrote and refuses identifiers that would leave savedir;
-- lists of items with lists of identifiers are logged pairwise (mismatched lengths: ValueError);
-- an unknown kind is a ValueError naming the valid kinds; a known kind that the logger does not
-  support is skipped (with one warning per kind), as in itwinai.
+The rule: whatever a call does with itwinai's loggers, it does here at `log()` time, except
+contact a tracker. A call itwinai accepts is journaled as what the tracker would have received;
+a call itwinai ignores is ignored (with one warning per kind or name where itwinai is silent);
+where itwinai raises, the journal may be more forgiving, says so in one warning, and journals
+something faithful. Only what would corrupt the journal or leave savedir raises. The remaining
+differences are listed in the README ("Migrating from itwinai.loggers").
 """
 
 from __future__ import annotations
 
+import enum
 import functools
+import logging
 import os
 import pickle
 import sys
 import time
 import warnings
-from abc import ABCMeta, abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from . import measure, names
-from .capture import CAPTURE, check_index, metric_value
+from .capture import (
+    CAPTURE,
+    INT64_MAX,
+    INT64_MIN,
+    NotAPlainMetric,
+    capture_image,
+    index_value,
+    json_text_fields,
+    metric_fields,
+    metric_value,
+    numpy_image_layout,
+)
 from .schema import ALL_KINDS
 from .writer import JournalWriteError, RankWriter, open_writer, release_writer
 
 BASE_EXP_NAME: str = "unnamed-experiment"
+
+#: The module's logger, as itwinai's: the double-initialisation notice and ConsoleLogger's
+#: output go through it, so log levels and handlers control them.
+py_logger = logging.getLogger(__name__)
 
 LogFreq = int | Literal["epoch", "batch"]
 #: Records queued beyond this are flushed by the logging thread itself: a loop that logs faster
@@ -38,8 +56,24 @@ LogFreq = int | Literal["epoch", "batch"]
 BACKLOG = 20_000
 _now = time.time
 
+#: Kinds whose tracker call takes no label in itwinai (Prov4ML measures the system and the
+#: carbon footprint and writes its documents; W&B's watch and MLflow's log_input name nothing):
+#: with `identifier=None` they are journaled under the kind's name, silently.
+LABEL_FREE_KINDS = ("system", "carbon", "prov_documents", "watch", "dataset")
 
-class LogMixin(metaclass=ABCMeta):
+#: The contexts of yProv4ML (`yprov4ml.Context`), by the lower-case name the journal stores.
+PROV4ML_CONTEXTS = ("training", "validation", "testing", "datasets", "models")
+
+#: Methods a user subclass may override. The metric fast path inlines the first four, so a
+#: class overriding any of them always goes through them; a LoggersCollection writes a record
+#: once for the members that override none of the five, and calls the others' own methods.
+_FAST_PATH_HOOKS = ("should_log", "log", "create_logger_context", "destroy_logger_context")
+_HOOKS = _FAST_PATH_HOOKS + ("save_hyperparameters",)
+#: Attributes should_log reads besides log_freq (whose setter says so itself).
+_STATE = frozenset({"is_initialized", "worker_rank", "log_on_workers"})
+
+
+class LogMixin(ABC):
     @abstractmethod
     def log(self, item: Any | list[Any], identifier: str | list[str], kind: str = "metric",
             step: int | None = None, batch_idx: int | None = None, **kwargs: Any) -> None:
@@ -47,15 +81,15 @@ class LogMixin(metaclass=ABCMeta):
 
 
 def check_initialized(method: Callable) -> Callable:
-    """Decorator: the logger must have been initialized before `method` is called."""
+    """Decorator for logger methods to check whether the logger was correctly initialized
+    before calling the method (itwinai's wording)."""
 
     @functools.wraps(method)
     def wrapper(self: Logger, *args: Any, **kwargs: Any) -> Any:
         if not self.is_initialized:
             raise RuntimeError(
-                f"{type(self).__name__}.{method.__name__}() called before the logger was "
-                "initialized: call create_logger_context() first or use "
-                "`with logger.start_logging():`"
+                f"{self.__class__.__name__} has not been initialized. Use either the"
+                " ``start_logging`` context or the ``create_logger_context`` method."
             )
         return method(self, *args, **kwargs)
 
@@ -63,20 +97,30 @@ def check_initialized(method: Callable) -> Callable:
 
 
 def check_not_initialized(method: Callable) -> Callable:
-    """Decorator for create_logger_context: a second initialization warns and does nothing."""
+    """Decorator for `create_logger_context`: a second initialization logs a warning through
+    `py_logger` and does nothing, as in itwinai."""
 
     @functools.wraps(method)
     def wrapper(self: Logger, *args: Any, **kwargs: Any) -> Any:
         if self.is_initialized:
-            warnings.warn(
-                f"{type(self).__name__} is already initialized; ignoring the second "
-                f"{method.__name__}() call",
-                stacklevel=2,
-            )
+            py_logger.warning(f"Trying to initialize {self.__class__.__name__} twice.. "
+                              "Skipping initialization.")
             return None
         return method(self, *args, **kwargs)
 
     return wrapper
+
+
+@functools.cache
+def overridden(cls: type) -> frozenset[str]:
+    """Which of the hook methods `cls` takes from outside this module (a user subclass, or a
+    Logger that is not one of ours)."""
+    found = set()
+    for name in _HOOKS:
+        owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+        if owner is not None and owner.__module__ != __name__:
+            found.add(name)
+    return frozenset(found)
 
 
 def _world_size() -> int:
@@ -88,73 +132,57 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-class Logger(LogMixin, metaclass=ABCMeta):
-    """Base class for loggers.
+class JournalWarning(UserWarning):
+    """A call handled differently from itwinai 0.4.2's loggers, said once per logger and kind
+    or name (filter with `warnings.filterwarnings("ignore", category=JournalWarning)`)."""
+
+
+def _warn(message: str) -> None:
+    """Warn, pointing at the first caller outside this package (the training code)."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, JournalWarning, stacklevel=level)
+
+
+class Logger(LogMixin):
+    """Base class for loggers (abstract, as in itwinai).
 
     Args:
-        savedir: where the journal is written. Defaults to 'mllogs'.
+        savedir: filesystem location where logs are stored. Defaults to 'mllogs'.
         log_freq: 'epoch' (log only calls without batch_idx), 'batch' (log always) or an int n
             (log calls whose batch_idx is a multiple of n, and calls without batch_idx).
         log_on_workers: -1 for all ranks, an int for that rank, a list of ranks. Defaults to 0.
-        experiment_id: experiment the run belongs to (its directory in the journal).
-        run_id: journal run id; by default taken from ITWINAI_RUN_ID, the launcher (torchrun,
-            SLURM), rank 0 through torch.distributed, or a new time-sortable id.
-        flush_interval: seconds after which a logged record is safe against SIGKILL (default 1).
-        strict: raise on journal write errors instead of warning and counting dropped records.
+        experiment_id: experiment the run belongs to.
+        run_id: id of the run.
     """
 
+    #: Location on filesystem where to store data.
+    savedir: Path
     #: Supported logging 'kind's.
-    supported_kinds: tuple[str, ...] = ()
+    supported_kinds: tuple[str, ...]
     #: Current worker global rank
     worker_rank: int = 0
     #: Flag to check whether the logger was correctly initialized
     is_initialized: bool = False
-    #: Location on filesystem where to store data.
-    savedir: Path
-    #: Name of the tracker this logger declares as a destination (None: no export target).
-    target: str = "journal"
-    #: Whether save_hyperparameters records anything (ConsoleLogger's does nothing).
-    saves_hyperparameters: bool = True
-    #: Whether `_echo` does something (then metrics skip the inlined hot path).
-    echoes: bool = False
-    #: Kinds recorded although they are not in `supported_kinds` (which must match the
-    #: reference): the reference documents 'prov_documents' as used by Prov4MLLogger, whose
-    #: log() handles it, yet leaves it out of its supported_kinds.
-    extra_kinds: tuple[str, ...] = ()
 
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, experiment_id: str | None = None,
-                 run_id: int | str | None = None, *, flush_interval: float | None = None,
-                 strict: bool = False) -> None:
+                 run_id: int | str | None = None) -> None:
         self.savedir = Path(savedir)
         self.log_freq = log_freq
         self.log_on_workers = log_on_workers
         self._experiment_id = experiment_id
-        self._run_id = None if run_id is None else str(run_id)
-        self.flush_interval = 1.0 if flush_interval is None else float(flush_interval)
-        if self.flush_interval <= 0:
-            raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval}")
-        self.strict = strict
-        self._writer: RankWriter | None = None
-        self._append: Callable[[tuple], None] | None = None
-        self._pending: Any = None
-        self._route: str = self.target
-        self._journal_experiment: str | None = None
-        self._run_info_extra: dict[str, Any] = {}
-        self._fast = False
-        self._names_ok: set[str] = set()
-        self._warned_kinds: set[str] = set()
-
-    # -- properties ---------------------------------------------------------------------------
+        self._run_id = run_id
 
     @property
     def experiment_id(self) -> str | None:
-        """Return the experiment id (the experiment's name in the journal)."""
+        """Return the experiment id."""
         return self._experiment_id
 
     @property
     def run_id(self) -> int | str | None:
-        """Return the id of the current run (the journal run id once initialized)."""
+        """Return the id of the current run."""
         return self._run_id
 
     @property
@@ -165,54 +193,167 @@ class Logger(LogMixin, metaclass=ABCMeta):
 
     @log_freq.setter
     def log_freq(self, val: LogFreq) -> None:
-        if val in ("epoch", "batch") or (type(val) is int and val > 0):
+        if val in ("epoch", "batch") or (isinstance(val, int) and val > 0):
             self._log_freq = val
-            #: 0: never log calls with a batch_idx; n: log when batch_idx % n == 0.
-            self._every = 0 if val == "epoch" else (1 if val == "batch" else val)
+            self._state_changed()
         else:
             raise ValueError(
                 "Wrong value for 'log_freq'. Supported values are: "
                 f"['epoch', 'batch'] or int > 0. Received: {val}"
             )
 
-    # -- should_log ---------------------------------------------------------------------------
-
-    def _worker_allowed(self) -> bool:
-        workers = self.log_on_workers
-        if isinstance(workers, int):
-            return workers == -1 or workers == self.worker_rank
-        return -1 in workers or self.worker_rank in workers
-
-    def should_log(self, batch_idx: int | None = None) -> bool:
-        """Whether a `log()` call is fulfilled: first the rank must be one of `log_on_workers`,
-        then, when `batch_idx` is given, `log_freq` decides ('epoch': no, 'batch': yes, int n:
-        when batch_idx is a multiple of n). Calls without `batch_idx` are always logged."""
-        if not self._worker_allowed():
-            return False
-        if batch_idx is not None:
-            return bool(self._every) and batch_idx % self._every == 0
-        return True
-
-    # -- context ------------------------------------------------------------------------------
+    def _state_changed(self) -> None:
+        """Something `should_log` reads changed (journal loggers recompute their fast path)."""
 
     @contextmanager
     def start_logging(self, rank: int = 0) -> Iterator[None]:
-        """Start logging context; the session ends 'failed' (or 'interrupted' on Ctrl-C) if the
-        block raises.
+        """Start logging context.
 
         >>> with my_logger.start_logging():
         >>>     my_logger.log(123, 'value', kind='metric', step=0)
         """
-        self.create_logger_context(rank=rank)
         try:
+            self.create_logger_context(rank=rank)
             yield
-        except KeyboardInterrupt:
-            self._close("interrupted")
-            raise
-        except BaseException:
-            self._close("failed")
-            raise
-        self.destroy_logger_context()
+        finally:
+            self.destroy_logger_context()
+
+    @abstractmethod
+    def create_logger_context(self, rank: int = 0, **kwargs: Any) -> Any:
+        """Initializes the logger context."""
+
+    @abstractmethod
+    def destroy_logger_context(self) -> None:
+        """Destroy logger."""
+
+    @abstractmethod
+    def save_hyperparameters(self, params: dict[str, Any]) -> None:
+        """Save hyperparameters."""
+
+    def serialize(self, obj: Any, identifier: str) -> str:
+        """Pickle `obj` to `savedir/identifier` and return that path (itwinai returns None).
+        Refuses identifiers that would write outside savedir (absolute paths, '..')."""
+        rel = names.safe_relpath(identifier, "serialize identifier")
+        path = self.savedir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+        return str(path)
+
+    def should_log(self, batch_idx: int | None = None) -> bool:
+        """Whether a `log()` call is fulfilled, exactly as in itwinai: the rank must be allowed
+        by `log_on_workers` (-1 or the rank itself given as an int, or a list holding the
+        rank: a list does not read -1 as 'all', and a tuple allows no rank); then a call
+        without `batch_idx` is logged, and one with it when `log_freq` is 'batch' or an int
+        dividing it ('epoch': never)."""
+        workers = self.log_on_workers
+        worker_ok = (
+            isinstance(workers, int) and (workers == -1 or workers == self.worker_rank)
+        ) or (isinstance(workers, list) and self.worker_rank in workers)
+        if not worker_ok:
+            return False
+        if batch_idx is None:
+            return True
+        if isinstance(self.log_freq, int):
+            return batch_idx % self.log_freq == 0
+        return self.log_freq == "batch"
+
+
+class _JournalLogger(Logger):
+    """What every logger of this module shares: the journal of one rank of one run, opened by
+    `create_logger_context` when itwinai would initialise its tracker, and the `log()` path.
+
+    The journal is `<journal_savedir>/<experiment>/<run_id>/rank-<r>/`; `journal_savedir` is
+    the `savedir` given to the constructor, while the `savedir` attribute is itwinai's (for
+    example `<savedir>/mlflow`), so code that reads it finds what it found with itwinai.
+    Extra keyword-only options: `run_id` (else ITWINAI_RUN_ID, the launcher, rank 0 through
+    torch.distributed, or a new time-sortable id), `flush_interval` (seconds after which a
+    record survives SIGKILL, default 1), `strict` (raise on journal write errors).
+    """
+
+    supported_kinds: tuple[str, ...] = ()
+    #: Name of the tracker this logger declares as a destination.
+    target: str = "journal"
+    #: Whether save_hyperparameters records anything (ConsoleLogger's does nothing).
+    saves_hyperparameters: bool = True
+    #: Whether `_echo` does something (then metrics skip the inlined hot path).
+    echoes: bool = False
+    #: Kinds recorded although they are not in `supported_kinds` (which must match the
+    #: reference): itwinai's Prov4MLLogger.log handles 'prov_documents' without listing it.
+    extra_kinds: tuple[str, ...] = ()
+    #: Subdirectory of savedir that itwinai's logger uses as its `savedir`.
+    savedir_name: str | None = None
+    #: How a 3-D numpy image is read (the tracker's convention; see numpy_image_layout).
+    numpy_image_layout = "HWC"
+    #: Whether itwinai's tracker takes any object for every supported kind (W&B logs whatever
+    #: it is given): then an object a kind's capture cannot take is journaled as its JSON.
+    takes_any_object = False
+
+    def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
+                 log_on_workers: int | list[int] = 0, experiment_id: str | None = None,
+                 run_id: int | str | None = None, *, flush_interval: float | None = None,
+                 strict: bool = False) -> None:
+        self._writer: RankWriter | None = None
+        self._append: Callable[[tuple], None] | None = None
+        self._pending: Any = None
+        #: "metric" when the hot path is open to this logger, else None (see _state_changed)
+        self._fast: str | None = None
+        self._every = 0
+        self._observers: list[LoggersCollection] = []
+        self._warned: set[str] = set()
+        self._names_ok: set[str] = set()
+        self._context: dict[str, Any] | None = None
+        self._route: str = self.target
+        self._journal_experiment: str | None = None
+        self._run_info_extra: dict[str, Any] = {}
+        self.flush_interval = 1.0 if flush_interval is None else float(flush_interval)
+        if self.flush_interval <= 0:
+            raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval}")
+        self.strict = strict
+        self.journal_savedir = Path(savedir)
+        sub = self.journal_savedir / self.savedir_name if self.savedir_name else savedir
+        super().__init__(savedir=sub, log_freq=log_freq, log_on_workers=log_on_workers,
+                         experiment_id=experiment_id,
+                         run_id=None if run_id is None else str(run_id))
+
+    # -- state read by should_log: the fast path is recomputed when it changes ----------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Plain attributes, read at plain-attribute speed by should_log; setting one that
+        should_log or the fast path depends on recomputes the fast path (log() itself never
+        sets attributes)."""
+        object.__setattr__(self, name, value)
+        if name in _STATE:
+            if name == "log_on_workers":
+                self._check_workers(value)
+            self._state_changed()
+
+    def _check_workers(self, value: Any) -> None:
+        if isinstance(value, (list, tuple)) and -1 in value:
+            self._warn_once("workers-1", f"{type(self).__name__}: log_on_workers={value!r} "
+                            "does not mean 'all ranks' (as in itwinai, only -1 given alone "
+                            "does): only ranks listed log")
+        if isinstance(value, tuple):
+            self._warn_once("workers-tuple", f"{type(self).__name__}: log_on_workers is a "
+                            f"tuple ({value!r}); as in itwinai, only an int or a list selects "
+                            "ranks, so no rank logs: give a list")
+
+    def _state_changed(self) -> None:
+        freq = getattr(self, "_log_freq", "epoch")
+        self._every = freq if isinstance(freq, int) else (1 if freq == "batch" else 0)
+        fast = (self._writer is not None and self.is_initialized
+                and not self.strict and not self.echoes
+                and "metric" in self.supported_kinds
+                and not overridden(type(self)) & set(_FAST_PATH_HOOKS)
+                and Logger.should_log(self))
+        # The kind string itself: `kind is self._fast` tests both at once in log(). The
+        # default kind and literals are this very (interned) object; an equal string built at
+        # run time takes _log, which gives the same result.
+        self._fast = "metric" if fast else None
+        for collection in self._observers:
+            collection._metric_plans.clear()
+
+    # -- identity -----------------------------------------------------------------------------
 
     def journal_experiment(self) -> str:
         """The experiment directory this logger's records go to."""
@@ -233,25 +374,53 @@ class Logger(LogMixin, metaclass=ABCMeta):
             run_id = names.broadcast_run_id(names.new_run_id())
         return names.check_path_component(str(run_id), "run id")
 
-    def _open(self, rank: int, context: dict[str, Any] | None = None) -> None:
-        """Shared body of create_logger_context: resolve the run and open its journal."""
+    # -- context ------------------------------------------------------------------------------
+
+    def _begin(self, rank: int, context: dict[str, Any] | None = None) -> None:
+        """Shared body of create_logger_context. Every rank resolves the run id (on rank 0 it
+        may be broadcast through torch.distributed, which every rank must join); the journal
+        is opened exactly when itwinai would start its tracker run: when `should_log()`
+        (honouring a subclass's override) allows this rank."""
         self.worker_rank = rank
         self._run_id = self._resolve_run_id()
-        if self._worker_allowed():
-            experiment = self.journal_experiment()
-            run_dir = self.savedir / names.experiment_dirname(experiment) / self._run_id
-            run_dir.mkdir(parents=True, exist_ok=True)
-            info = {"experiment": experiment, "run_id": self._run_id, "run_name": None,
-                    "description": None, **self.run_info(), **self._run_info_extra}
-            self._writer = open_writer(run_dir, rank, _world_size(), info,
-                                       flush_interval=self.flush_interval, strict=self.strict)
-            self._append = self._writer.append
-            self._pending = self._writer.pending
-            dest = {**self.destination(), **(context or {})}
-            self._writer.declare(self.target, dest)
+        self._context = context
+        if self.should_log():
+            self._open_journal()
         self.is_initialized = True
-        self._fast = (self._writer is not None and not self.strict and not self.echoes
-                      and "metric" in self.supported_kinds)
+
+    def _open_journal(self) -> None:
+        if self._writer is not None:
+            return
+        experiment = self.journal_experiment()
+        run_dir = self.journal_savedir / names.experiment_dirname(experiment) / str(self._run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = {"experiment": experiment, "run_id": self._run_id, "run_name": None,
+                "description": None, **self.run_info(), **self._run_info_extra}
+        self._writer = open_writer(run_dir, self.worker_rank, _world_size(), info,
+                                   flush_interval=self.flush_interval, strict=self.strict)
+        self._append = self._writer.append
+        self._pending = self._writer.pending
+        self._writer.declare(self.target, {**self.destination(), **(self._context or {})})
+        self._journal_opened()
+        self._state_changed()
+
+    def _journal_opened(self) -> None:
+        """Called once this logger's journal is open (Prov4ML takes its first readings)."""
+
+    def _journal(self) -> RankWriter:
+        """The open journal, opened now if create_logger_context opened none: a call that
+        `should_log` accepts on such a rank (a should_log override that says no without a
+        batch_idx, log_on_workers changed later, use after ConsoleLogger's destroy) is
+        journaled, never dropped. itwinai's MLflow starts a run of its own then; its other
+        trackers fail. Warned once."""
+        if self._writer is None:
+            self._warn_once("lazy-open", f"{type(self).__name__}: a call accepted by "
+                            "should_log() on a rank where create_logger_context() opened no "
+                            "journal (should_log() said no then, or the journal was closed); "
+                            "the journal is opened now")
+            self._open_journal()
+        assert self._writer is not None
+        return self._writer
 
     @check_not_initialized
     def create_logger_context(self, rank: int = 0, **kwargs: Any) -> Any:
@@ -260,19 +429,51 @@ class Logger(LogMixin, metaclass=ABCMeta):
         Args:
             rank: global rank of current process, used in distributed environments.
         """
-        self._open(rank, kwargs or None)
+        self._begin(rank, kwargs or None)
 
     def _close(self, status: str) -> None:
+        """End this logger's journal session with `status` (the last logger of a shared
+        journal closes it)."""
         if self._writer is not None:
             release_writer(self._writer, status)
             self._writer = None
             self._append = None
-        self._fast = False
         self.is_initialized = False
 
+    def _mark(self, status: str) -> None:
+        """The status the journal session ends with when it is next closed (for start_logging:
+        a user's own destroy_logger_context still runs)."""
+        writer = self._writer
+        if writer is not None and writer._status is None:
+            writer._status = status
+
+    @check_initialized
     def destroy_logger_context(self) -> None:
-        """Destroy logger: flush and close this rank's journal session."""
+        """Destroy logger: flush and close this rank's journal session. As in itwinai, does
+        nothing on a rank that `should_log()` refuses (the logger stays initialized)."""
+        if not self.should_log():
+            return
         self._close("finished")
+
+    @contextmanager
+    def start_logging(self, rank: int = 0) -> Iterator[None]:
+        """Start logging context; the journal session ends 'failed' (or 'interrupted' on
+        Ctrl-C) if the block raises. `destroy_logger_context` is called either way.
+
+        >>> with my_logger.start_logging():
+        >>>     my_logger.log(123, 'value', kind='metric', step=0)
+        """
+        self.create_logger_context(rank=rank)
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._mark("interrupted")
+            raise
+        except BaseException:
+            self._mark("failed")
+            raise
+        finally:
+            self.destroy_logger_context()
 
     @check_initialized
     def save_hyperparameters(self, params: dict[str, Any]) -> None:
@@ -281,20 +482,11 @@ class Logger(LogMixin, metaclass=ABCMeta):
         Args:
             params: hyperparameters dictionary.
         """
-        if not self.saves_hyperparameters or self._writer is None or not self._worker_allowed():
+        if not self.should_log() or not self.saves_hyperparameters:
             return
-        for name, value in params.items():
-            self._emit(value, name, "param", None, None, {}, self._route)
-
-    def serialize(self, obj: Any, identifier: str) -> str:
-        """Pickle `obj` to `savedir/identifier` and return that path. Refuses identifiers that
-        would write outside savedir (absolute paths, '..')."""
-        rel = names.safe_relpath(identifier, "serialize identifier")
-        path = self.savedir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
-        return str(path)
+        records = [self._record(value, name, "param", None, None, None, self._route)
+                   for name, value in params.items()]
+        self._journal().pending.extend(records)
 
     # -- logging ------------------------------------------------------------------------------
 
@@ -310,108 +502,254 @@ class Logger(LogMixin, metaclass=ABCMeta):
             batch_idx: DataLoader batch counter, used with `log_freq`.
             kwargs: kept with the record (e.g. `context`) for the exporters.
         """
-        # The hot path: one scalar metric with plain arguments. Everything else, and every
-        # error message, is in _log.
-        if (self._fast and kind == "metric" and type(identifier) is str and not kwargs
+        # The hot path: one real number, plain arguments (step and batch_idx ints below 2**30
+        # in magnitude: CPython compares such ints fastest; larger ones take _log, which
+        # checks the int64 range), a class that overrides nothing should_log depends on
+        # (decided when the state changes, see _state_changed). Everything else, and every
+        # message, is in _log.
+        if (kind is self._fast and type(identifier) is str and not kwargs
                 and (batch_idx is None or type(batch_idx) is int)
                 and (step is None or type(step) is int)):
-            if batch_idx is not None and (not self._every or batch_idx % self._every):
-                return
+            if batch_idx is not None:
+                if not self._every or batch_idx % self._every:
+                    return
+                if not -1073741823 <= batch_idx <= 1073741823:
+                    return self._log(item, identifier, kind, step, batch_idx, kwargs)
+            if step is not None and not -1073741823 <= step <= 1073741823:
+                return self._log(item, identifier, kind, step, batch_idx, kwargs)
             if type(item) is not float:
-                item = metric_value(item)
+                try:
+                    item = metric_value(item)
+                except NotAPlainMetric:
+                    return self._log(item, identifier, kind, step, batch_idx, kwargs)
             if identifier not in self._names_ok:
                 self._names_ok.add(names.check_name(identifier, "metric name"))
             self._append((_now(), identifier, step, batch_idx, item, self._route))
-            if len(self._pending) > BACKLOG:
+            if len(self._pending) > 20_000:  # BACKLOG, inlined
                 self._writer.flush()
             return
         self._log(item, identifier, kind, step, batch_idx, kwargs)
 
-    def _check_call(self, kind: str) -> None:
-        if not self.is_initialized:
-            raise RuntimeError(
-                f"{type(self).__name__}.log() called before the logger was initialized: call "
-                "create_logger_context() first or use `with logger.start_logging():`"
-            )
-        if kind not in ALL_KINDS:
-            raise ValueError(f"unknown kind {kind!r}; valid kinds are: {', '.join(ALL_KINDS)}")
+    def _say_if_reference_fails(self, logger: _JournalLogger, item: Any, kind: str) -> None:
+        why = logger._reference_fails(item, kind)
+        if why is not None:
+            self._warn_once(f"fails:{type(logger).__name__}:{kind}",
+                            f"{type(logger).__name__}: {why}, so itwinai's "
+                            f"{type(logger).__name__} fails on this kind={kind!r} call; the "
+                            "journal keeps it")
 
-    def _supports(self, kind: str) -> bool:
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _warn(message)
+
+    def _accepts(self, kind: str) -> bool:
+        """Whether itwinai's logger of this class does something with `kind`; other kinds are
+        ignored, as itwinai ignores them (one warning per kind)."""
         if kind in self.supported_kinds or kind in self.extra_kinds:
             return True
-        if kind not in self._warned_kinds:
-            self._warned_kinds.add(kind)
-            warnings.warn(f"{type(self).__name__} does not support kind={kind!r}; such calls "
-                          f"are skipped (supported: {', '.join(self.supported_kinds)})",
-                          stacklevel=4)
+        known = "an unknown kind" if kind not in ALL_KINDS else "a kind it does not support"
+        self._warn_once(f"kind:{kind}", f"{type(self).__name__}: kind={kind!r} is {known}; "
+                        "such calls are ignored, as in itwinai (supported: "
+                        f"{', '.join(self.supported_kinds)})")
         return False
 
     def _log(self, item: Any, identifier: Any, kind: str, step: Any, batch_idx: Any,
              kwargs: dict[str, Any]) -> None:
-        self._check_call(kind)
-        step = check_index(step, "step")
-        batch_idx = check_index(batch_idx, "batch_idx")
-        if not self.should_log(batch_idx) or not self._supports(kind):
+        if not self.is_initialized:
+            raise RuntimeError(
+                f"{self.__class__.__name__} has not been initialized. Use either the"
+                " ``start_logging`` context or the ``create_logger_context`` method."
+            )
+        if not self.should_log(batch_idx) or (kind not in self.supported_kinds
+                                              and not self._accepts(kind)):
             return
-        if self._writer is not None and self.strict:
-            self._writer.check_healthy()
-        items = pairs(item, identifier)
-        if kind == "metric" and not kwargs:
-            self._emit_metrics(items, step, batch_idx, self._route)
-        else:
-            for one_item, one_name in items:
-                self._emit(one_item, one_name, kind, step, batch_idx, kwargs, self._route)
+        if kind != "metric":
+            if self._ignores(item, kind):
+                return
+            self._say_if_reference_fails(self, item, kind)
+        writer = self._writer or self._journal()
+        if self.strict:
+            writer.check_healthy()
+        call = _Call(self, item, identifier, kind, step, batch_idx, kwargs)
+        writer.pending.extend(call.records(self, self._route, self.takes_any_object))
+        if len(writer.pending) > BACKLOG:
+            writer.flush()
         if self.echoes:
-            for one_item, one_name in items:
-                self._echo(one_item, one_name, kind, step)
+            call.echo(self)
 
-    def _emit_metrics(self, items: list[tuple[Any, str]], step: int | None,
-                      batch_idx: int | None, route: str) -> None:
-        """Plain metrics from lists and collections: the hot path's compact records, queued
-        together (one timestamp for the call). Every item is checked before any is queued, so
-        a bad one fails the call without logging half of it."""
-        ok = self._names_ok
-        for _, name in items:
-            if name not in ok:
-                ok.add(names.check_name(name, "metric name"))
-        t = _now()
-        pending = self._writer.pending
-        pending.extend([(t, name, step, batch_idx,
-                         value if type(value) is float else metric_value(value), route)
-                        for value, name in items])
-        if len(pending) > BACKLOG:
-            self._writer.flush()
+    def _ignores(self, item: Any, kind: str) -> bool:
+        """Whether itwinai's logger of this class would ignore this object of an accepted
+        kind."""
+        return False
 
-    def _emit(self, item: Any, identifier: str, kind: str, step: int | None,
-              batch_idx: int | None, kwargs: dict[str, Any], route: str) -> None:
-        """Capture one object and queue its record (every kind but plain metrics)."""
-        names.check_name(identifier, f"{kind} identifier")
-        if kind == "artifact":
-            names.safe_relpath(identifier, "artifact identifier")
-        writer = self._writer
-        assert writer is not None
-        try:
-            cap = CAPTURE[kind](item, writer.blobs, identifier, kwargs)
-        except JournalWriteError as e:  # the blob store could not keep the payload (disk full)
-            writer.drop(e)  # counted and warned once, as metrics are; raises when strict
-            return
-        meta = cap.meta
-        if kwargs:
-            meta = {**(meta or {}), **_kwargs_meta(kwargs)}
-        writer.append((_now(), kind, identifier, step, batch_idx, cap.value, cap.text, cap.blob,
-                       meta, route))
+    def _reference_fails(self, item: Any, kind: str) -> str | None:
+        """Why itwinai's logger of this class fails on an object the journal keeps, if it
+        does (said once per kind)."""
+        return None
+
+    def _record(self, item: Any, identifier: str, kind: str, step: int | None,
+                batch_idx: int | None, meta: dict[str, Any] | None, route: str,
+                options: dict[str, Any] | None = None, any_object: bool = False) -> tuple:
+        """Capture one object; return its queued record (nothing is queued here, so that a
+        call of several items queues all of them or none). With `any_object` (a W&B
+        destination), an object the kind's capture refuses is journaled as its JSON."""
+        if kind == "metric":
+            if type(item) is float and not meta:
+                return (_now(), identifier, step, batch_idx, item, route)
+            record_kind, cap, why = metric_fields(item, self._journal().blobs)
+            if why is not None:
+                self._warn_once(f"metric:{identifier}", f"{type(self).__name__}: metric "
+                                f"{identifier!r} {why}")
+            if record_kind == "metric" and not cap.meta and not meta:
+                return (_now(), identifier, step, batch_idx, cap.value, route)
+        else:
+            if kind == "artifact":
+                names.safe_relpath(identifier, "artifact identifier")
+            record_kind = kind
+            blobs = self._journal().blobs
+            try:
+                if kind == "image":
+                    cap = capture_image(item, blobs, identifier, options or {},
+                                        numpy_layout=self.numpy_image_layout)
+                else:
+                    cap = CAPTURE[kind](item, blobs, identifier, options or {})
+            except TypeError as e:
+                if not any_object or kind == "watch":  # wandb.watch takes modules only
+                    raise
+                self._warn_once(f"any:{kind}", f"{type(self).__name__}: {e}; W&B takes any "
+                                "object, so the journal keeps it as a text record of its JSON "
+                                f"(meta['logged_as'] = {kind!r})")
+                record_kind, cap = "text", json_text_fields(item, blobs, kind)
+        fields = {**(cap.meta or {}), **(meta or {})}
+        if "surrogates" in fields:
+            self._warn_once("surrogates", f"{type(self).__name__}: {kind} {identifier!r} "
+                            "holds lone surrogates (os.fsdecode's escapes for bytes that are "
+                            "not UTF-8), which have no UTF-8 form: stored as U+FFFD, the exact "
+                            "code points in meta['surrogates']")
+        return (_now(), record_kind, identifier, step, batch_idx, cap.value, cap.text, cap.blob,
+                fields or None, route)
 
     def _echo(self, item: Any, identifier: str, kind: str, step: int | None) -> None:
-        """Side effect a logger has besides the journal (ConsoleLogger prints)."""
+        """Side effect a logger has besides the journal (ConsoleLogger's log lines)."""
+
+
+class _Call:
+    """One `log()` call made storable: step and batch_idx as the int64 columns take them (the
+    exact value in meta when they cannot), the identifier as a record name, the keyword
+    arguments as meta, and the (item, name) pairs to record."""
+
+    __slots__ = ("kind", "options", "meta", "step", "batch_idx", "given", "pairs")
+
+    def __init__(self, logger: _JournalLogger, item: Any, identifier: Any, kind: str,
+                 step: Any, batch_idx: Any, kwargs: dict[str, Any]) -> None:
+        self.kind = kind
+        self.options = kwargs
+        meta = _kwargs_meta(kwargs) if kwargs else {}
+        self.step, self.batch_idx = step, batch_idx
+        if not (step is None or type(step) is int and INT64_MIN <= step <= INT64_MAX):
+            self.step = self._index(logger, "step", step, meta)
+        if not (batch_idx is None
+                or type(batch_idx) is int and INT64_MIN <= batch_idx <= INT64_MAX):
+            self.batch_idx = self._index(logger, "batch_idx", batch_idx, meta)
+        self.meta = meta or None
+        #: (item, identifier as given): ConsoleLogger's lines show what itwinai's would
+        self.given = self.pairs = pairs(item, identifier)
+        ok = logger._names_ok  # str names only: None, ints, ... are never in it
+        try:
+            for _, name in self.given:
+                if name not in ok:
+                    break
+            else:
+                return  # every name is a metric name seen before: the lists' hot path
+        except TypeError:  # an unhashable identifier: _name makes it a str
+            pass
+        self.pairs = [(one, _name(logger, name, kind)) for one, name in self.given]
+        for _, name in self.pairs:
+            if name not in ok:
+                names.check_name(name, f"{kind} identifier")
+                if kind == "metric":
+                    ok.add(name)
+
+    @staticmethod
+    def _index(logger: _JournalLogger, field: str, given: Any, meta: dict[str, Any]
+               ) -> int | None:
+        """A step or batch_idx for its int64 column; its exact value in meta (said once)
+        when the column cannot hold it."""
+        number, exact = index_value(given)
+        if exact is not None:
+            meta[field] = exact
+            logger._warn_once(f"index:{field}", f"{type(logger).__name__}: {field}={given!r} "
+                              f"is not a whole number within int64; the record has no {field} "
+                              f"and keeps the value in meta[{field!r}]")
+        return number
+
+    def records(self, logger: _JournalLogger, route: str, any_object: bool = False
+                ) -> list[tuple]:
+        """The call's records, built before any is queued (a bad item fails the call without
+        logging half of it). Real-number metrics without meta get the hot path's compact
+        records, with one timestamp for the call."""
+        if self.kind == "metric" and self.meta is None:
+            step, batch_idx, t = self.step, self.batch_idx, _now()
+            try:
+                return [(t, name, step, batch_idx,
+                         value if type(value) is float else metric_value(value), route)
+                        for value, name in self.pairs]
+            except NotAPlainMetric:
+                pass
+        records = []
+        for item, name in self.pairs:
+            try:
+                records.append(logger._record(item, name, self.kind, self.step, self.batch_idx,
+                                              self.meta, route, self.options, any_object))
+            except JournalWriteError as e:  # the blob store could not keep the payload
+                logger._journal().drop(e)  # counted and warned once, as metrics; strict raises
+        return records
+
+    def echo(self, logger: _JournalLogger) -> None:
+        for item, name in self.given:
+            logger._echo(item, name, self.kind, self.step)
+
+
+def _name(logger: _JournalLogger, name: Any, kind: str) -> str:
+    """The record name of an identifier. None is the kind's name (said once, unless the
+    kind's tracker call takes no label); anything else that is not a str is its str(), said
+    once (itwinai's Prov4ML and console loggers take such identifiers; its others refuse
+    them)."""
+    if isinstance(name, str):
+        return name
+    if name is None:
+        if kind not in LABEL_FREE_KINDS:
+            logger._warn_once(f"none:{kind}", f"{type(logger).__name__}: identifier=None "
+                              f"for kind={kind!r}; journaled under the name {kind!r}")
+        return kind
+    logger._warn_once(f"name-type:{type(name).__name__}", f"{type(logger).__name__}: "
+                      f"identifier {name!r} is a {type(name).__name__}, not a str; journaled "
+                      f"as {str(name)!r}")
+    return str(name)
+
+
+def context_name(context: Any) -> str | None:
+    """A Prov4ML context as the journal stores it: the lower-case name of the yProv4ML context
+    it names, whether given as `Context.VALIDATION`, 'validation' or 'VALIDATION' (the enum's
+    value); any other value as its str()."""
+    if context is None:
+        return None
+    name = context.name if isinstance(context, enum.Enum) else context
+    if isinstance(name, str) and name.lower() in PROV4ML_CONTEXTS:
+        return name.lower()
+    return str(context)
 
 
 def _kwargs_meta(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`context` is a first-class meta field (Prov4ML); other kwargs are kept under 'kwargs'."""
+    """The record's meta from `log()`'s keyword arguments: `context` (Prov4ML's) is a
+    first-class field; every other keyword, whatever its name (`targets` too), is kept under
+    meta['kwargs'], so user data never looks like a field the sync side reads."""
     meta: dict[str, Any] = {}
     rest = dict(kwargs)
-    context = rest.pop("context", None)
+    context = context_name(rest.pop("context", None))
     if context is not None:
-        meta["context"] = getattr(context, "name", None) or str(context)
+        meta["context"] = context
     if rest:
         meta["kwargs"] = rest
     return meta
@@ -430,11 +768,13 @@ def pairs(item: Any, identifier: Any) -> list[tuple[Any, str]]:
     return [(item, identifier)]
 
 
-class ConsoleLogger(Logger):
-    """Simplified logger: prints metrics to stdout, and records them in the journal.
+class ConsoleLogger(_JournalLogger):
+    """Simplified logger: logs metrics through `py_logger` (as itwinai), and records them and
+    the artifacts and torch objects in the journal.
 
     Args:
-        savedir: where the journal is written. Defaults to 'mllogs'.
+        savedir: where the journal is written. Defaults to 'mllogs'; the `savedir` attribute
+            is `savedir/simple-logger`, as in itwinai.
         log_freq: see `Logger.should_log`. Defaults to 'epoch'.
         log_on_workers: -1 for all ranks, an int for that rank, a list of ranks. Defaults to 0.
     """
@@ -443,6 +783,7 @@ class ConsoleLogger(Logger):
     target = "console"
     saves_hyperparameters = False
     echoes = True
+    savedir_name = "simple-logger"
 
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
@@ -450,22 +791,71 @@ class ConsoleLogger(Logger):
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          run_id=run_id, flush_interval=flush_interval, strict=strict)
 
+    @check_initialized
+    def destroy_logger_context(self) -> None:
+        """Flush and close the journal session. itwinai's ConsoleLogger does nothing here and
+        stays initialized, so it can still log: a later call opens the journal again."""
+        self._close("finished")
+        self.is_initialized = True
+
+    def _ignores(self, item: Any, kind: str) -> bool:
+        """itwinai's ConsoleLogger copies artifacts that are files or directories; it logs a
+        notice for anything else and ignores it."""
+        if kind != "artifact" or _is_existing_path(item):
+            return False
+        py_logger.info(
+            "The ConsoleLogger expects an artifact to be either a path or a directory "
+            f"Received instead an item of type {type(item)}. The item will be ignored "
+            "and not logged.")
+        return True
+
     def _echo(self, item: Any, identifier: str, kind: str, step: int | None) -> None:
         if kind == "metric":
-            print(f"ConsoleLogger: {identifier} = {item}")
-        else:
-            print(f"ConsoleLogger: {kind} {identifier!r} saved in the journal")
+            py_logger.info(f"ConsoleLogger: {identifier} = {item}")
+        elif kind == "torch":
+            py_logger.info(f"ConsoleLogger saved {identifier} to the journal...")
 
 
-class MLFlowLogger(Logger):
+def _module_of(obj: Any) -> str:
+    return type(obj).__module__.split(".", 1)[0]
+
+
+def _is_module(item: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(item, torch.nn.Module)
+
+
+def _is_existing_path(item: Any) -> bool:
+    return isinstance(item, (str, os.PathLike)) and (Path(item).is_file()
+                                                      or Path(item).is_dir())
+
+
+def normalize_tracking_uri(uri: str) -> str:
+    """A tracking URI as itwinai's `normalize_tracking_uri` makes it: a path (or a `file:`
+    URI) becomes an absolute `file:` URI; other URIs are left as they are."""
+    if not uri:
+        py_logger.warning("Empty tracking URI provided, using current directory.")
+        uri = "."
+    parsed = urlparse(uri)
+    if parsed.scheme == "":
+        return Path(uri).resolve().as_uri()
+    if parsed.scheme == "file":
+        return Path(parsed.path).resolve().as_uri()
+    return uri
+
+
+class MLFlowLogger(_JournalLogger):
     """Records a run for MLflow.
 
     Args:
-        savedir: where the journal is written. Defaults to 'mllogs'.
+        savedir: where the journal is written. Defaults to 'mllogs'; the `savedir` attribute
+            is `savedir/mlflow` (created now, as itwinai does).
         experiment_name: MLflow experiment name. Defaults to BASE_EXP_NAME.
-        tracking_uri: MLflow tracking URI the run is exported to by `itwinai-sync` (which also
-            honours MLFLOW_TRACKING_URI and --tracking-uri). Defaults to
-            `sqlite:///<savedir>/mlflow.db`.
+        tracking_uri: MLflow tracking URI. The `tracking_uri` attribute is itwinai's: this
+            argument, else MLFLOW_TRACKING_URI, else `savedir/mlflow`, as an absolute URI.
+            Only a URI given here is declared for the export (secrets redacted); without one,
+            `itwinai-sync` uses its --tracking-uri, MLFLOW_TRACKING_URI where it runs, or
+            `sqlite:///<SAVEDIR>/mlflow.db`.
         run_description: run description.
         run_name: run name.
         log_freq: see `Logger.should_log`. Defaults to 'epoch'.
@@ -475,6 +865,7 @@ class MLFlowLogger(Logger):
     supported_kinds: tuple[str, ...] = ("metric", "figure", "image", "artifact", "torch", "dict",
                                         "param", "text", "model", "dataset")
     target = "mlflow"
+    savedir_name = "mlflow"
     #: Offline there is no MLflow run to attach to: always None.
     active_run: Any = None
     tracking_uri: str
@@ -488,11 +879,14 @@ class MLFlowLogger(Logger):
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=experiment_name, run_id=run_id,
                          flush_interval=flush_interval, strict=strict)
-        self.experiment_name = experiment_name
-        self._explicit_tracking_uri = tracking_uri
-        self.tracking_uri = tracking_uri or f"sqlite:///{self.savedir.resolve()}/mlflow.db"
         self.run_description = run_description
         self.run_name = run_name
+        self.experiment_name = experiment_name
+        self.savedir.mkdir(parents=True, exist_ok=True)
+        self._explicit_tracking_uri = tracking_uri
+        self.tracking_uri = normalize_tracking_uri(
+            tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or self.savedir.resolve().as_uri())
 
     def destination(self) -> dict[str, Any]:
         return {"experiment_name": self.experiment_name,
@@ -509,7 +903,36 @@ class MLFlowLogger(Logger):
         if kwargs.get("run_name"):
             self.run_name = kwargs["run_name"]
         context = {k: kwargs[k] for k in ("run_id", "run_name", "parent_run_id") if kwargs.get(k)}
-        self._open(rank, {"attach": context} if context else None)
+        self._begin(rank, {"attach": context} if context else None)
+        return None
+
+    @check_initialized
+    def save_hyperparameters(self, params: dict[str, Any]) -> None:
+        """Save hyperparameters as 'param' records. Through `self.log(kind='param', step=0)`
+        for each, as itwinai does, when a subclass overrides `log`."""
+        if "log" in overridden(type(self)):
+            if self.should_log():
+                for name, value in params.items():
+                    self.log(item=value, identifier=name, step=0, kind="param")
+            return
+        super().save_hyperparameters(params)
+
+    def _ignores(self, item: Any, kind: str) -> bool:
+        """itwinai's MLFlowLogger logs torch modules as models and MLflow datasets as inputs;
+        it warns about anything else and ignores it."""
+        if kind == "model" and not _is_module(item):
+            py_logger.warning("Unrecognized model type.")
+            return True
+        if kind == "dataset" and not (_module_of(item) == "mlflow" and hasattr(item, "to_dict")):
+            py_logger.warning("Unrecognized dataset type. Must be an MLFlow dataset")
+            return True
+        return False
+
+    def _reference_fails(self, item: Any, kind: str) -> str | None:
+        if kind == "image" and _module_of(item) == "torch":
+            return "MLflow's log_image takes numpy arrays and PIL images, not tensors"
+        if kind == "artifact" and not isinstance(item, str):
+            return "itwinai's MLFlowLogger logs artifacts given as a str path only"
         return None
 
     def resolve_experiment_id(self) -> str:
@@ -522,11 +945,12 @@ class MLFlowLogger(Logger):
         return self.experiment_name
 
 
-class WandBLogger(Logger):
+class WandBLogger(_JournalLogger):
     """Records a run for Weights & Biases.
 
     Args:
-        savedir: where the journal is written. Defaults to 'mllogs'.
+        savedir: where the journal is written. Defaults to 'mllogs'; the `savedir` attribute
+            is `savedir/wandb`, as in itwinai.
         project_name: W&B project. Defaults to BASE_EXP_NAME.
         log_freq: see `Logger.should_log`. Defaults to 'epoch'.
         log_on_workers: -1 for all ranks, an int for that rank, a list of ranks. Defaults to 0.
@@ -536,6 +960,8 @@ class WandBLogger(Logger):
     supported_kinds: tuple[str, ...] = ("watch", "metric", "figure", "image", "torch", "dict",
                                         "param", "text")
     target = "wandb"
+    savedir_name = "wandb"
+    takes_any_object = True
 
     def __init__(self, savedir: Path | str = "mllogs", project_name: str = BASE_EXP_NAME,
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0,
@@ -550,14 +976,21 @@ class WandBLogger(Logger):
     def destination(self) -> dict[str, Any]:
         return {"project_name": self.project_name, "offline_mode": self.offline_mode}
 
+    def _reference_fails(self, item: Any, kind: str) -> str | None:
+        if kind == "image" and _module_of(item) == "PIL":
+            return "wandb.log takes a PIL image only wrapped in wandb.Image"
+        return None
 
-class TensorBoardLogger(Logger):
+
+class TensorBoardLogger(_JournalLogger):
     """Records a run for TensorBoard.
 
     Args:
-        savedir: where the journal is written. Defaults to 'mllogs'.
+        savedir: where the journal is written. Defaults to 'mllogs'; the `savedir` attribute
+            is `savedir/tensorboard`, as in itwinai.
         log_freq: see `Logger.should_log`. Defaults to 'epoch'.
-        framework: 'pytorch' or 'tensorflow' (recorded; the export writes standard event files).
+        framework: 'pytorch' or 'tensorflow', in any case (recorded; the export writes
+            standard event files).
         log_on_workers: -1 for all ranks, an int for that rank, a list of ranks. Defaults to 0.
 
     Raises:
@@ -566,29 +999,44 @@ class TensorBoardLogger(Logger):
 
     supported_kinds: tuple[str, ...] = ("metric", "image", "text", "figure", "torch")
     target = "tensorboard"
+    savedir_name = "tensorboard"
+    numpy_image_layout = "CHW"
 
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  framework: Literal["tensorflow", "pytorch"] = "pytorch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
                  flush_interval: float | None = None, strict: bool = False) -> None:
-        if framework not in ("tensorflow", "pytorch"):
-            raise ValueError(f"Framework {framework!r} not recognized: use 'tensorflow' or "
-                             "'pytorch'")
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          run_id=run_id, flush_interval=flush_interval, strict=strict)
-        self.framework = framework
+        if framework.lower() not in ("tensorflow", "pytorch"):
+            raise ValueError(
+                "Accepted values for TensorBoardLogger framework are 'tensorflow' and "
+                f"'pytorch'. Received {framework}"
+            )
+        self.framework = framework.lower()
 
     def destination(self) -> dict[str, Any]:
         return {"framework": self.framework}
 
+    def _reference_fails(self, item: Any, kind: str) -> str | None:
+        if kind == "image" and _module_of(item) == "PIL":
+            return "add_image takes tensors and numpy arrays, not PIL images"
+        if (kind == "image" and _module_of(item) in ("numpy", "torch")
+                and numpy_image_layout(item, "CHW") == "HWC"):
+            return "add_image reads images as CHW (the journal reads this one as HW or HWC)"
+        if kind == "torch" and not _is_module(item):
+            return "add_graph takes a torch.nn.Module"
+        return None
 
-class Prov4MLLogger(Logger):
+
+class Prov4MLLogger(_JournalLogger):
     """Records a run for Prov4ML provenance documents.
 
     Args:
         prov_user_namespace: provenance namespace. Defaults to "www.example.org".
         experiment_name: experiment name. Defaults to "experiment_name".
-        provenance_save_dir: where the journal is written (and, by default, the documents).
+        provenance_save_dir: where the journal is written (and, by default, the documents);
+            also the `savedir` attribute.
         save_after_n_logs: recorded for the export.
         create_graph: whether the export creates the provenance graph.
         create_svg: whether the export renders it as SVG.
@@ -613,19 +1061,17 @@ class Prov4MLLogger(Logger):
                          run_id=run_id, flush_interval=flush_interval, strict=strict)
         self.prov_user_namespace = prov_user_namespace
         self.experiment_name = experiment_name
-        self.provenance_save_dir = provenance_save_dir
+        self.provenance_save_dir = str(provenance_save_dir)
         self.save_after_n_logs = save_after_n_logs
         self.create_graph = create_graph
         self.create_svg = create_svg
+        #: The context of hyperparameters, as in itwinai.
+        self.param_context = "training"
 
-    @check_not_initialized
-    def create_logger_context(self, rank: int = 0, **kwargs: Any) -> Any:
-        """Initializes the logger context: opens this rank's journal of the run and, as
-        yprov4ml's `start_run` starts its trackers, takes the first CPU and energy readings
-        that the `system` and `carbon` records count from."""
-        self._open(rank, kwargs or None)
-        if self._writer is not None:
-            measure.begin_session(self._writer.blobs)
+    def _journal_opened(self) -> None:
+        """As yprov4ml's `start_run` starts its trackers, take the first CPU and energy
+        readings that the `system` and `carbon` records count from."""
+        measure.begin_session(self._writer.blobs)
 
     def destination(self) -> dict[str, Any]:
         return {"prov_user_namespace": self.prov_user_namespace,
@@ -636,27 +1082,32 @@ class Prov4MLLogger(Logger):
     def log(self, item: Any | list[Any], identifier: str | list[str], kind: str = "metric",
             step: int | None = None, batch_idx: int | None = None,
             context: str | None = "training", **kwargs: Any) -> None:
-        """Record `item`; `context` (training, validation, ...) is kept with the record."""
+        """Record `item`; `context` (a yProv4ML context: `Context.VALIDATION`, 'validation'
+        or 'VALIDATION' all name the same one) is kept with the record."""
+        name = context_name(context)
+        if name not in PROV4ML_CONTEXTS:
+            self._warn_once(f"context:{name}", f"Prov4MLLogger: context={context!r} is not a "
+                            f"yProv4ML context ({', '.join(PROV4ML_CONTEXTS)}); itwinai's "
+                            "Prov4MLLogger fails on it. Journaled as given")
         self._log(item, identifier, kind, step, batch_idx, {"context": context, **kwargs})
 
 
 class EmptyLogger(Logger):
-    """Placeholder logger: every method does nothing and nothing is written."""
+    """Dummy logger which can be used as a placeholder when a real logger is not available.
+    All methods do nothing (as in itwinai, it is never marked initialized)."""
 
     supported_kinds: tuple[str, ...] = ()
 
     def __init__(self, savedir: Path | str = "mllogs",
                  log_freq: int | Literal["epoch"] | Literal["batch"] = "epoch",
                  log_on_workers: int | list[int] = 0) -> None:
-        super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers)
+        super().__init__(savedir, log_freq, log_on_workers)
 
-    @check_not_initialized
     def create_logger_context(self, rank: int = 0, **kwargs: Any) -> None:
-        self.worker_rank = rank
-        self.is_initialized = True
+        pass
 
     def destroy_logger_context(self) -> None:
-        self.is_initialized = False
+        pass
 
     def save_hyperparameters(self, params: dict[str, Any]) -> None:
         pass
@@ -666,10 +1117,14 @@ class EmptyLogger(Logger):
         pass
 
 
-class LoggersCollection(Logger):
-    """Several loggers used as one. They share one run id, and members writing to the same
-    savedir share one journal: a record is written once, marked with the destinations whose
-    logger accepted it (kind supported, `should_log` true) when that is not all of them.
+class LoggersCollection(_JournalLogger):
+    """Several loggers used as one, sharing one run id. Members that are loggers of this module
+    overriding none of `should_log`, `log`, `create_logger_context`,
+    `destroy_logger_context`, `save_hyperparameters` share one journal per savedir: a record is
+    written once, marked with the destinations whose logger accepted it (kind supported,
+    `should_log` true) when that is not all of them. Every other member (a user subclass
+    overriding one of them, a Logger that is not one of ours, EmptyLogger) gets its own
+    methods called, as itwinai calls every member's.
 
     Args:
         loggers: itwinai loggers, at most one of each type.
@@ -679,21 +1134,30 @@ class LoggersCollection(Logger):
     """
 
     def __init__(self, loggers: list[Logger]) -> None:
-        seen: set[type] = set()
-        for lg in loggers:
-            if type(lg) in seen:
-                raise ValueError(f"LoggersCollection got two loggers of type "
-                                 f"{type(lg).__name__}; only one of each type is allowed")
-            seen.add(type(lg))
-        first = loggers[0].savedir if loggers else "mllogs"
-        super().__init__(savedir=first, log_freq="batch", log_on_workers=-1)
+        logger_types = [type(lg) for lg in loggers]
+        if len(set(logger_types)) != len(logger_types):
+            raise ValueError(
+                f"{self.__class__.__name__} does not allow for multiple loggers of the same"
+                f" type. Received: {logger_types}"
+            )
+        journals = [lg for lg in loggers if isinstance(lg, _JournalLogger)]
+        first = journals[0].journal_savedir if journals else "mllogs"
+        self._metric_plans: dict[Any, tuple[list, list]] = {}
+        super().__init__(savedir=first, log_freq=1, log_on_workers=-1)
         self.loggers = loggers
-        self._metric_plans: dict[int | None, tuple[list, list]] = {}
+        self._plain: list[_JournalLogger] = []
+        self._custom: list[Logger] = []
 
     @property
     def supported_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
         """Supported kinds are delegated to the loggers in the collection."""
-        return tuple(k for k in ALL_KINDS if any(k in lg.supported_kinds for lg in self.loggers))
+        return tuple(k for k in ALL_KINDS
+                     if any(k in getattr(lg, "supported_kinds", ()) for lg in self.loggers))
+
+    @property
+    def extra_kinds(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(k for k in ALL_KINDS
+                     if any(k in getattr(lg, "extra_kinds", ()) for lg in self.loggers))
 
     def should_log(self, batch_idx: int | None = None) -> bool:
         """Transparent: each member applies its own `should_log`. Always returns True."""
@@ -701,133 +1165,195 @@ class LoggersCollection(Logger):
 
     @check_not_initialized
     def create_logger_context(self, rank: int = 0, **kwargs: Any) -> None:
-        """Initializes all loggers on one run id and, per savedir, one journal."""
+        """Initializes all loggers, on one run id."""
         self.worker_rank = rank
-        members = [lg for lg in self.loggers if not isinstance(lg, EmptyLogger)]
-        self._run_id = self._run_id or next((lg._run_id for lg in members if lg._run_id), None)
+        journals = [lg for lg in self.loggers if isinstance(lg, _JournalLogger)]
+        self._run_id = self._run_id or next((lg._run_id for lg in journals if lg._run_id), None)
         self._run_id = self._resolve_run_id()
         info: dict[str, Any] = {}
-        for lg in members:
+        for lg in journals:
             info.update({k: v for k, v in lg.run_info().items() if v})
-        experiments = [lg._experiment_id for lg in members if lg._experiment_id]
+        experiments = [lg._experiment_id for lg in journals if lg._experiment_id]
         experiment = experiments[0] if experiments else BASE_EXP_NAME
-        for lg in self.loggers:
+        for lg in journals:
             lg._run_id = self._run_id
             lg._journal_experiment = experiment
             lg._run_info_extra = info
-            lg.create_logger_context(rank, **kwargs)
+        self._plain = [lg for lg in journals
+                       if not overridden(type(lg)) and not isinstance(lg, LoggersCollection)]
+        self._custom = [lg for lg in self.loggers if lg not in self._plain]
+        for lg in self._plain:
+            if self not in lg._observers:
+                lg._observers.append(self)
+        for lg in self.loggers:
+            lg.create_logger_context(rank=rank, **kwargs)
         self._metric_plans.clear()
         self.is_initialized = True
 
+    @check_initialized
     def destroy_logger_context(self) -> None:
         """Destroy all loggers."""
-        self._close_members("finished")
+        for lg in self.loggers:
+            lg.destroy_logger_context()
+        self._release()
+
+    def _release(self) -> None:
+        for lg in self._plain:
+            if self in lg._observers:
+                lg._observers.remove(self)
+        self._metric_plans.clear()
+        self.is_initialized = False
 
     def _close(self, status: str) -> None:
-        self._close_members(status)
-
-    def _close_members(self, status: str) -> None:
-        self._metric_plans.clear()
         for lg in self.loggers:
-            if isinstance(lg, EmptyLogger):
-                lg.destroy_logger_context()
-            else:
+            if isinstance(lg, _JournalLogger):
                 lg._close(status)
-        self.is_initialized = False
+        self._release()
+
+    def _mark(self, status: str) -> None:
+        for lg in self.loggers:
+            if isinstance(lg, _JournalLogger):
+                lg._mark(status)
 
     @check_initialized
     def save_hyperparameters(self, params: dict[str, Any]) -> None:
-        """Save hyperparameters once per journal, for every member that records them."""
-        chosen = [lg for lg in self.loggers
-                  if lg.saves_hyperparameters and lg._writer is not None and lg._worker_allowed()]
-        for writer_members in _by_writer(chosen):
-            route = _route(writer_members)
-            for name, value in params.items():
-                writer_members[0]._emit(value, name, "param", None, None, {}, route)
+        """Save hyperparameters once per journal for the plain members that record them; the
+        other members save them themselves."""
+        chosen = [lg for lg in self._plain if lg.saves_hyperparameters and lg.should_log()]
+        for group in _by_writer(chosen):
+            route = _route(group)
+            records = [group[0]._record(value, name, "param", None, None, None, route)
+                       for name, value in params.items()]
+            group[0]._journal().pending.extend(records)
+        for lg in self._custom:
+            lg.save_hyperparameters(params=params)
 
     def log(self, item: Any | list[Any], identifier: str | list[str], kind: str = "metric",
             step: int | None = None, batch_idx: int | None = None, **kwargs: Any) -> None:
-        """Log on all loggers: once per journal, for the members that accept the call."""
+        """Log on all loggers: once per journal for the plain members that accept the call,
+        then through each other member's own `log`."""
         if (kind == "metric" and type(identifier) is str and not kwargs and self.is_initialized
-                and (batch_idx is None or type(batch_idx) is int)
-                and (step is None or type(step) is int)):
-            # The hot path: which journals get the record, with which route, depends only on
-            # batch_idx once the members are initialised, so the plan is cached per batch_idx.
+                and (batch_idx is None
+                     or type(batch_idx) is int and -1073741823 <= batch_idx <= 1073741823)
+                and (step is None or type(step) is int and -1073741823 <= step <= 1073741823)):
+            # The hot path (see _JournalLogger.log): which journals get the record, with which
+            # route, depends only on batch_idx while the members' state stays (a change
+            # clears the plans).
             plan = self._metric_plans.get(batch_idx)
             if plan is None:
                 plan = self._metric_plan(batch_idx)
-            writes, echoes = plan
-            if not writes and not echoes:
-                return
-            if type(item) is not float:
-                item = metric_value(item)
-            if identifier not in self._names_ok:
-                self._names_ok.add(names.check_name(identifier, "metric name"))
-            t = _now()
-            for writer, route in writes:
-                writer.append((t, identifier, step, batch_idx, item, route))
+            writes, then = plan
+            if writes:
+                value = item
+                if type(value) is not float:
+                    try:
+                        value = metric_value(value)
+                    except NotAPlainMetric:
+                        return self._log(item, identifier, kind, step, batch_idx, kwargs)
+                if identifier not in self._names_ok:
+                    self._names_ok.add(names.check_name(identifier, "metric name"))
+                t = _now()
+                for writer, route in writes:
+                    writer.append((t, identifier, step, batch_idx, value, route))
+                    if len(writer.pending) > BACKLOG:
+                        writer.flush()
+            for follow in then:
+                follow(item, identifier, kind, step, batch_idx)
+            return
+        self._log(item, identifier, kind, step, batch_idx, kwargs)
+
+    def _log(self, item: Any, identifier: Any, kind: str, step: Any, batch_idx: Any,
+             kwargs: dict[str, Any]) -> None:
+        if not self.is_initialized:
+            raise RuntimeError(
+                f"{self.__class__.__name__} has not been initialized. Use either the"
+                " ``start_logging`` context or the ``create_logger_context`` method."
+            )
+        accepting = [lg for lg in self._accepting(kind, batch_idx)
+                     if not lg._ignores(item, kind)]
+        if accepting:
+            call = _Call(accepting[0], item, identifier, kind, step, batch_idx, kwargs)
+            for lg in accepting:
+                self._say_if_reference_fails(lg, item, kind)
+            for group in _by_writer(accepting):
+                first = group[0]
+                writer = first._journal()
+                any_object = any(lg.takes_any_object for lg in group)
+                writer.pending.extend(call.records(first, _route(group), any_object))
                 if len(writer.pending) > BACKLOG:
                     writer.flush()
-            for lg in echoes:
-                lg._echo(item, identifier, kind, step)
-            return
-        self._check_call(kind)
-        step = check_index(step, "step")
-        batch_idx = check_index(batch_idx, "batch_idx")
-        accepting = self._accepting(kind, batch_idx)
-        if not accepting:
-            return
-        items = pairs(item, identifier)
-        for writer_members in _by_writer(accepting):
-            first, route = writer_members[0], _route(writer_members)
-            if kind == "metric" and not kwargs:
-                first._emit_metrics(items, step, batch_idx, route)
-                continue
-            for one_item, one_name in items:
-                first._emit(one_item, one_name, kind, step, batch_idx, kwargs, route)
-        for lg in accepting:
-            if lg.echoes:
-                for one_item, one_name in items:
-                    lg._echo(one_item, one_name, kind, step)
+            for lg in accepting:
+                if lg.echoes:
+                    call.echo(lg)
+        elif not any(kind in lg.supported_kinds or kind in lg.extra_kinds for lg in self._plain):
+            self._accepts(kind)
+        for lg in self._custom:
+            lg.log(item=item, identifier=identifier, kind=kind, step=step, batch_idx=batch_idx,
+                   **kwargs)
 
-    def _accepting(self, kind: str, batch_idx: int | None) -> list[Logger]:
-        return [lg for lg in self.loggers
-                if lg._writer is not None
-                and (kind in lg.supported_kinds or kind in lg.extra_kinds)
-                and lg.should_log(batch_idx)]
+    def _accepting(self, kind: str, batch_idx: Any) -> list[_JournalLogger]:
+        found = [lg for lg in self._plain
+                 if (kind in lg.supported_kinds or kind in lg.extra_kinds)
+                 and lg.should_log(batch_idx)]
+        for lg in found:
+            lg._journal()
+        return found
 
     def _metric_plan(self, batch_idx: int | None) -> tuple[list, list]:
+        """(writer, route) of each journal the metric goes to, and what follows the writes:
+        the console lines of accepting members that echo, then the other members' own
+        log()."""
         accepting = self._accepting("metric", batch_idx)
         writes = [(group[0]._writer, _route(group)) for group in _by_writer(accepting)]
-        plan = (writes, [lg for lg in accepting if lg.echoes])
+        then = [_echo_of(lg) for lg in accepting if lg.echoes]
+        then += [_log_of(lg) for lg in self._custom]
+        plan = (writes, then)
         if len(self._metric_plans) > 100_000:  # bounded: batch_idx values are few in practice
             self._metric_plans.clear()
         self._metric_plans[batch_idx] = plan
         return plan
 
 
-def _route(loggers: list[Logger]) -> str:
+def _echo_of(logger: _JournalLogger) -> Callable[..., None]:
+    def echo(item: Any, identifier: str, kind: str, step: Any, batch_idx: Any) -> None:
+        logger._echo(item, identifier, kind, step)
+
+    return echo
+
+
+def _log_of(logger: Logger) -> Callable[..., None]:
+    def log(item: Any, identifier: str, kind: str, step: Any, batch_idx: Any) -> None:
+        logger.log(item=item, identifier=identifier, kind=kind, step=step,
+                   batch_idx=batch_idx)
+
+    return log
+
+
+def _route(loggers: list[_JournalLogger]) -> str:
     return ",".join(sorted({lg.target for lg in loggers}))
 
 
-def _by_writer(loggers: list[Logger]) -> list[list[Logger]]:
-    groups: dict[int, list[Logger]] = {}
+def _by_writer(loggers: list[_JournalLogger]) -> list[list[_JournalLogger]]:
+    groups: dict[int, list[_JournalLogger]] = {}
     for lg in loggers:
-        groups.setdefault(id(lg._writer), []).append(lg)
+        groups.setdefault(id(lg._journal()), []).append(lg)
     return list(groups.values())
 
 
 def get_mlflow_logger(logger: Logger | None) -> MLFlowLogger | None:
     """Finds and returns the MLFlowLogger if present in the given logger."""
-    if isinstance(logger, MLFlowLogger):
-        return logger
+    if logger is None:
+        return None
     if isinstance(logger, LoggersCollection):
         return next((lg for lg in logger.loggers if isinstance(lg, MLFlowLogger)), None)
+    if isinstance(logger, MLFlowLogger):
+        return logger
     return None
 
 
 __all__ = [
     "BASE_EXP_NAME", "LogMixin", "Logger", "ConsoleLogger", "MLFlowLogger", "WandBLogger",
     "TensorBoardLogger", "Prov4MLLogger", "LoggersCollection", "EmptyLogger",
-    "get_mlflow_logger", "check_initialized", "check_not_initialized",
+    "get_mlflow_logger", "check_initialized", "check_not_initialized", "py_logger",
+    "JournalWarning",
 ]

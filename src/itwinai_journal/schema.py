@@ -24,7 +24,8 @@ ARROW_SCHEMA = pa.schema(
     ]
 )
 
-#: Every kind of the itwinai logger API. A kind outside this set is a ValueError at log time.
+#: Every kind of the itwinai logger API. A logger ignores other kinds (one warning per kind),
+#: as itwinai's loggers do.
 ALL_KINDS = (
     "metric", "torch", "artifact", "figure", "image", "param", "text", "dict", "model",
     "best_model", "dataset", "watch", "flops_pb", "flops_pe", "system", "carbon",
