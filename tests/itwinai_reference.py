@@ -179,7 +179,7 @@ def run_ours(tmp: Path, setenv: SetEnv = os.environ.__setitem__) -> dict[str, An
     for target, logger in loggers.items():
         errors: list[str] = []
         train(logger, errors)
-        result = CliRunner().invoke(main, [str(logger.savedir), "--to", target])
+        result = CliRunner().invoke(main, [str(logger.journal_savedir), "--to", target])
         out[target] = {"errors": errors, "sync_exit_code": result.exit_code,
                        "sync_output": result.output}
     out["wandb"].update(read_wandb(tmp / "wandb-logs" / "wandb"))
