@@ -703,8 +703,18 @@ class LoggersCollection(Logger):
             lg._journal_experiment = experiment
             lg._run_info_extra = info
             lg.create_logger_context(rank, **kwargs)
+        self._declare_collection(members)
         self._metric_plans.clear()
         self.is_initialized = True
+
+    def _declare_collection(self, members: list[Logger]) -> None:
+        """Tell each journal of this rank the destinations of the whole collection and which
+        journal is the primary one (the first member's): members with their own savedir (a
+        Prov4MLLogger's provenance_save_dir) write a second journal of the same run, and the
+        sync takes each target's records from the journal of that target's logger only."""
+        targets = [lg.target for lg in members]
+        for i, group in enumerate(_by_writer([lg for lg in members if lg._writer is not None])):
+            group[0]._writer.declare_collection(targets, primary=i == 0)
 
     def destroy_logger_context(self) -> None:
         """Destroy all loggers."""

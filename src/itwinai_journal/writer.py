@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from operator import itemgetter
 from pathlib import Path
@@ -28,6 +29,7 @@ from . import manifest as mf
 from . import segments
 from .blobs import BlobStore
 from .fsutil import read_json, write_atomic, write_json_atomic
+from .liveness import HEARTBEAT_SECONDS
 from .schema import FORMAT_VERSION
 
 DEFAULT_FLUSH_INTERVAL = 1.0
@@ -102,6 +104,7 @@ class RankWriter:
         self.manifest["world_size"] = world_size
         self.manifest["sessions"].append(mf.new_session())
         self.manifest["sessions"][-1]["first_seq"] = self._seq + 1
+        self.manifest["sessions"][-1]["heartbeat"] = HEARTBEAT_SECONDS
         self._dropped_before = self.manifest.get("dropped_records", 0)
         self.destinations = self.manifest.setdefault("destinations", {})
         self._write_manifest()
@@ -124,6 +127,17 @@ class RankWriter:
             self._route_meta.clear()
             self._write_manifest()
 
+    def declare_collection(self, destinations: list[str], primary: bool) -> None:
+        """Record that this journal belongs to a LoggersCollection with these destinations
+        (all its members', whichever journal they write to), and whether it is the primary
+        one: a member with its own savedir (a Prov4MLLogger's provenance_save_dir) makes a
+        second journal of the same run, and `itwinai-sync` must take each record for each
+        target from one journal only (see the README, "What the loggers do")."""
+        entry = {"destinations": sorted(set(destinations)), "primary": primary}
+        if self.manifest.get("collection") != entry:
+            self.manifest["collection"] = entry
+            self._write_manifest()
+
     def _targets(self, route: str | None) -> list[str] | None:
         """Destinations a record is restricted to, or None when it goes to all of them.
         `route` is a comma-joined set of destination names, or None for all."""
@@ -141,13 +155,24 @@ class RankWriter:
 
     def _run(self) -> None:
         tick = min(self.flush_interval / 2, 0.1)
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
         while not self._closed:
             self._wake.wait(tick)
             self._wake.clear()
             try:
                 self.flush()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                    self._heartbeat()
             except Exception as e:  # noqa: BLE001 - the flusher must never die silently
                 self._fail(e, 0)
+
+    def _heartbeat(self) -> None:
+        """Touch the active segment, so that a sync on another host can tell a writer that
+        is alive but quiet from one that was killed (see liveness.py)."""
+        with self._flush_lock:
+            if self._file is not None:
+                os.utime(self._file.fileno())
 
     def flush(self) -> None:
         """Write every pending record to the active segment with one append, and keep the
@@ -335,11 +360,16 @@ def _unlink_quiet(path: Path) -> None:
 
 
 def _write_run_json(run_dir: Path, run_info: dict[str, Any]) -> None:
-    """run.json is written once, by whichever rank comes first: link(2) refuses to overwrite."""
+    """run.json is written once, by whichever rank comes first: link(2) refuses to overwrite.
+    `journal_id` is this journal's identity: a resumed job (same run directory) keeps it, a
+    copy of the directory carries it, and another journal that happens to have the same
+    experiment and run id (another cluster, another savedir) has its own, so the sync never
+    continues one journal's target runs with another's records."""
     path = run_dir / "run.json"
     if path.exists():
         return
-    info = {"format_version": FORMAT_VERSION, "created": time.time(), **run_info}
+    info = {"format_version": FORMAT_VERSION, "created": time.time(),
+            "journal_id": uuid.uuid4().hex, **run_info}
     tmp = run_dir / f".run.json.{os.getpid()}.tmp"
     write_atomic(tmp, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     try:
