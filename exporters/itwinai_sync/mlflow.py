@@ -84,6 +84,11 @@ _BAD_MODEL_CHARS = re.compile(r"[/:.%\"']")
 #: Seconds to wait for a tracking server to resolve and answer before reporting it unreachable
 #: (MLflow's own retries would take minutes).
 REACH_TIMEOUT = 5.0
+#: What a SQL store answers when two syncs insert the same row at once (sqlite, PostgreSQL,
+#: MySQL): MLflow checks for an existing param, tag or latest value, then inserts, and the
+#: slower of two concurrent requests fails on the unique key.
+_CONFLICT = re.compile(r"IntegrityError|UNIQUE constraint|duplicate key|Duplicate entry")
+CONFLICT_RETRIES = 5
 
 _FLUENT_LOCK = threading.Lock()
 
@@ -215,6 +220,21 @@ def unreachable(uri: str) -> str | None:
     except requests.exceptions.RequestException as e:
         return _first_line(e)
     return None
+
+
+def idempotent(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call an MLflow write whose repetition stores nothing twice (a log_batch of points and
+    params already sent, a tag, a dataset input), again when it failed only because a
+    concurrent sync of the same journal inserted the same row first."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as e:
+            if attempt == CONFLICT_RETRIES or not _CONFLICT.search(str(e)):
+                raise
+            time.sleep(0.05 * 2 ** attempt * (1 + secrets.randbelow(100) / 100))
 
 
 def _first_line(e: BaseException) -> str:
@@ -443,7 +463,7 @@ class Place:
             parent = self._claim(self._ids("parent", None), lambda: self._create(exp_id, None))
         rid = target.info.run_id
         if target.data.tags.get("mlflow.parentRunId") != parent.info.run_id:
-            self.client.set_tag(rid, "mlflow.parentRunId", parent.info.run_id)
+            idempotent(self.client.set_tag, rid, "mlflow.parentRunId", parent.info.run_id)
         if target.info.run_name != f"worker_{rank.rank}":
             self.client.update_run(rid, name=f"worker_{rank.rank}")
 
@@ -684,8 +704,8 @@ class MlflowRankSink(RankSink):
         tag = self._RunTag(TAG_CURSOR, str(cursor))
         try:
             with self.write_lock:
-                self.client.log_batch(self.run_id, metrics=metrics,
-                                      params=list(params.values()), tags=[tag])
+                idempotent(self.client.log_batch, self.run_id, metrics=metrics,
+                           params=list(params.values()), tags=[tag])
         except MlflowException as e:
             if self._retired():
                 raise TargetChanged(f"MLflow run {self.run_id} was deleted by a concurrent sync "
@@ -847,8 +867,8 @@ class MlflowRankSink(RankSink):
             profile=_as_json(desc.get("profile") or {"shape": desc.get("shape")}),
         )
         context = meta.get("context") or "training"
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                            str(context))])])
+        idempotent(self.client.log_inputs, self.run_id,
+                   [DatasetInput(dataset, [InputTag("mlflow.data.context", str(context))])])
 
 
 @contextmanager
