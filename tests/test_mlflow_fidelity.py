@@ -31,7 +31,9 @@ from itwinai_sync.cli import main
 mlflow = pytest.importorskip("mlflow")
 MlflowClient = mlflow.MlflowClient
 
-REFERENCE_PYTHON = Path("/work/ref/itwinai-venv/bin/python")
+#: The python of a virtualenv holding itwinai==0.4.2 and the trackers it pins.
+REFERENCE_PYTHON = Path(os.environ.get("ITWINAI_REFERENCE_PYTHON",
+                                       "/work/ref/itwinai-venv/bin/python"))
 RECORDED = ROOT / "tests" / "reference" / "mlflow-itwinai-0.4.2.json"
 SCRIPT = ROOT / "tests" / "mlflow_reference.py"
 

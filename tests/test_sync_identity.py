@@ -320,6 +320,33 @@ def test_a_missing_segment_stops_the_cursor_until_it_is_restored(tmp_path, targe
         check_mlflow_exact(client, savedir, "gap", "r")
 
 
+def test_segments_sealed_while_a_rank_is_read_are_not_a_gap(tmp_path):
+    """A live rank: a segment sealed after the sync listed the segments is not missing, it is
+    for the next pass (a sync must not fail a run that is simply being written)."""
+    from itwinai_sync.engine import SyncEngine, SyncRequest
+
+    savedir = tmp_path / "mllogs"
+    lg = MLFlowLogger(savedir=savedir, experiment_name="live", run_id="l", log_freq="batch")
+    lg.create_logger_context()
+    lg._writer.seal_records = 100
+    for i in range(250):
+        lg.log(float(i), "loss", step=i)
+    lg._writer.flush()  # sealed and indexed
+    (rank,) = Journal(savedir).run("l").ranks
+    engine = SyncEngine(SyncRequest(savedir=savedir, targets=["tensorboard"]))
+    tables = engine._records(rank, 0)
+    first = next(tables)  # the index is read and the segments listed: 1, and 2 (active)
+    for i in range(250, 750):
+        lg.log(float(i), "loss", step=i)
+        if i % 250 == 249:
+            lg._writer.flush()  # segments 2 and 3 sealed and indexed meanwhile
+    seen = first.num_rows + sum(t.num_rows for t in tables)
+    assert seen == 500  # 1 and 2, as listed; 3 is for the next pass
+    lg.destroy_logger_context()
+    rest = engine._records(Journal(savedir).run("l").ranks[0], seen)
+    assert sum(t.num_rows for t in rest) == 250
+
+
 # -- two journals of one run: a LoggersCollection with a Prov4MLLogger -------------------------
 
 

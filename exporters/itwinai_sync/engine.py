@@ -252,6 +252,12 @@ class SyncEngine:
         index, problems = read_index(rank.path)
         if problems:
             raise JournalCorruption(f"{rank.path}: {problems[0]}")
+        # What must exist, known before the segments are listed (a writer renames a sealed
+        # segment into place before it indexes it), so that segments sealed while we read
+        # are not mistaken for missing ones.
+        known = max([_int(e.get("last_seq")) for e in index]
+                    + [_int(s.get("last_seq")) for s in rank.manifest.get("sessions") or []
+                       if isinstance(s, dict)], default=0)
         expected = after + 1
         for table in iter_tables(rank.path / "segments", after, index):
             seqs = table["seq"].to_numpy()
@@ -266,8 +272,8 @@ class SyncEngine:
                 raise _gap(rank, index, expected + cut - 1, int(seqs[cut]) - 1)
             yield table
             expected += len(seqs)
-        if expected <= rank.last_seq:
-            raise _gap(rank, index, expected - 1, rank.last_seq)
+        if expected <= known:
+            raise _gap(rank, index, expected - 1, known)
 
     def _dry_run(self, exporter: Exporter, run: RunInfo, result: RunResult) -> None:
         result.status = "would-sync"
@@ -320,6 +326,10 @@ def rank_takes(rank: RankInfo, target: str) -> bool:
     if isinstance(group, list) and target in group:
         return False
     return collection.get("primary") is True
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _arange(n: int) -> Any:
