@@ -213,15 +213,18 @@ def _raw_log_batch(tracking_uri: str, savedir: Path, cursor_tag: bool = False) -
 
 def _sync(savedir: Path, options: dict[str, str]) -> float:
     """Points/s of the whole `itwinai-sync --to mlflow` command over a journal; its target
-    run (database, experiment, parent and child runs) is created before timing."""
+    run (database, experiment, run) is created before timing."""
     from click.testing import CliRunner
 
     from itwinai_sync.cli import main
     from itwinai_sync.engine import SyncEngine, SyncRequest
+    from itwinai_sync.mlflow import Place
 
     engine = SyncEngine(SyncRequest(savedir=savedir, targets=["mlflow"], options=options))
     run, _ = engine.plan()[0]
-    engine.exporter("mlflow").open(run, run.ranks[0], create=True).close()
+    exporter = engine.exporter("mlflow")
+    uri = exporter.tracking_uri(run)
+    Place(exporter, exporter.client(uri), uri, run).claim_rank(run.ranks[0])
     engine.close()
     args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     t0 = time.perf_counter()

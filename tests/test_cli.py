@@ -44,7 +44,7 @@ def test_ls_shows_runs_status_records_and_sync_progress(tmp_path):
     assert invoke(str(savedir), "--to", "tensorboard", "--run", "a").exit_code == 0
     rows = {r["run_id"]: r for r in json.loads(invoke("ls", str(savedir), "--json").output)}
     (synced,) = rows["a"]["synced"].values()
-    assert synced == {"records": 20, "ranks": 1}
+    assert synced == {"records": 20, "of": 20, "ranks": 1}
     assert rows["b"]["synced"] == {}
     assert "synced to tensorboard:" in invoke("ls", str(savedir)).output
     # a ledger file that is not a ledger entry is skipped: the ledger only mirrors the targets

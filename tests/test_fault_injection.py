@@ -21,10 +21,12 @@ choices are seeded: set FAULT_INJECTION_SEED to replay or vary them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +58,7 @@ from itwinai_journal import Journal, verify
 from itwinai_journal.loggers import MLFlowLogger
 from itwinai_journal.names import experiment_dirname
 from itwinai_sync.cli import main
+from itwinai_sync.engine import target_lock
 from itwinai_sync.exporter import Notes
 from itwinai_sync.ledger import Ledger
 from itwinai_sync.mlflow import mlflow_key
@@ -224,7 +227,7 @@ def ledger_progress(savedir: Path, experiment: str, run_id: str) -> int:
     """Records the sync ledger says are exported (all ranks): cheap to poll, never ahead of
     the target (the ledger is written after each commit)."""
     done = 0
-    pattern = f"*/{experiment_dirname(experiment)}/{run_id}.json"
+    pattern = f"*/{experiment_dirname(experiment)}/{run_id}.*.json"  # one file per journal
     for path in (savedir / ".sync").glob(pattern):
         try:
             done += sum(json.loads(path.read_text()).get("cursors", {}).values())
@@ -243,7 +246,7 @@ def mlflow_cursor(client, experiment: str, run_id: str) -> int:
     """The cursors committed in MLflow (child run tags), summed over ranks."""
     return sum(int(r.data.tags.get("itwinai.cursor", 0))
                for r in mlflow_runs_of(client, experiment, run_id)
-               if r.data.tags.get("itwinai.role") == "child")
+               if r.data.tags.get("itwinai.role") == "rank")
 
 
 def tb_progress(run_dir: Path) -> int:
@@ -271,7 +274,7 @@ def check_mlflow_exact(client, savedir: Path, experiment: str, run_id: str) -> d
                         int(round(m["time"] * 1000)), m["value"]) for m in journal)
     got: Counter = Counter()
     children = {int(r.data.tags["itwinai.rank"]): r for r in runs
-                if r.data.tags.get("itwinai.role") == "child"}
+                if r.data.tags.get("itwinai.role") == "rank"}
     for rank, child in children.items():
         for key in {k for (rk, k, *_) in expected if rk == rank} | set(child.data.metrics):
             for h in client.get_metric_history(child.info.run_id, key):
@@ -279,13 +282,13 @@ def check_mlflow_exact(client, savedir: Path, experiment: str, run_id: str) -> d
     figures = {"records_checked": len(journal),
                "duplicates": sum((got - expected).values()),
                "losses": sum((expected - got).values())}
-    assert roles == Counter({("parent", None): 1, **{("child", str(r)): 1 for r in seqs}}), roles
+    parents = {("parent", None): 1} if len(seqs) > 1 else {}  # one rank: one MLflow run
+    assert roles == Counter({**parents, **{("rank", str(r)): 1 for r in seqs}}), roles
     assert figures["duplicates"] == 0 and figures["losses"] == 0, figures
     assert_histories_equal_journal(client, savedir, run_id=run_id, experiment=experiment)
     for rank, child in children.items():
         assert int(child.data.tags["itwinai.cursor"]) == seqs[rank]
-        params = {k: v if isinstance(v, str) else json.dumps(v)
-                  for k, v in journal_params(savedir, run_id, rank).items()}
+        params = {k: str(v) for k, v in journal_params(savedir, run_id, rank).items()}
         assert child.data.params == params
     return figures
 
@@ -796,7 +799,7 @@ def test_mlflow_sqlite_crash_between_metric_and_cursor_commits(tmp_path, procs):
     client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
     cursor = mlflow_cursor(client, experiment, run_id)
     (child,) = [r for r in mlflow_runs_of(client, experiment, run_id)
-                if r.data.tags["itwinai.role"] == "child"]
+                if r.data.tags["itwinai.role"] == "rank"]
     stored = sum(len(client.get_metric_history(child.info.run_id, key))
                  for key in child.data.metrics)
     covered = Journal(savedir).metrics(run_id=run_id).filter(pc.field("seq") <= cursor).num_rows
@@ -879,15 +882,110 @@ def test_two_syncs_of_one_savedir_at_once(tmp_path, procs, request, target):
     report(f"two syncs at once to {target}", rounds=rounds, statuses=dict(seen), **figures)
 
 
+def two_copies_kill_trial(savedir: Path, copy: Path, procs: list, rng: random.Random, *,
+                          target: list[str], rounds: int, committed: Callable[[], int],
+                          total: int, poll: float, jitter: float, exclusive: bool
+                          ) -> dict[str, int]:
+    """`rounds` times: a sync from the savedir and one from its copy start together; once the
+    target's committed cursor reaches a random point of what is left (plus a random delay),
+    both are SIGKILLed; in the last round only one of them, and the other runs to its end.
+    Then both run again together. With an `exclusive` target (a lock at the target) the
+    committed cursor never goes back; two syncs writing one MLflow run both set its cursor tag,
+    the last one wins, and a cursor that went back only makes a later sync send points the run
+    holds already, which MLflow stores once (the final check counts them)."""
+    stats = KillStats(cursors=[committed()])
+    for k in range(rounds):
+        before = stats.cursors[-1]
+        pair = [start(sync_command(d, *target), procs) for d in (savedir, copy)]
+        room = max(0, int(0.85 * total) - before) / (rounds - k)
+        goal = before + 1 + room * rng.random()
+        deadline = time.monotonic() + 600
+        while any(p.poll() is None for p in pair) and committed() < goal:
+            assert time.monotonic() < deadline, "the syncs made no progress"
+            time.sleep(poll)
+        time.sleep(rng.uniform(0, jitter))
+        victims = [rng.randrange(2)] if k == rounds - 1 else [0, 1]
+        stats.kills += sum(sigkill(pair[i]) for i in victims)
+        for i, proc in enumerate(pair):
+            out, err = finish(proc)
+            if i not in victims:
+                assert proc.returncode == 0, (out, err)
+        cursor = committed()
+        assert (before if exclusive else 0) <= cursor <= total, (stats.cursors, cursor)
+        stats.kills_mid_export += before < cursor < total
+        stats.kills_before_first_commit += cursor == before < total
+        stats.cursors.append(cursor)
+    final = [start(sync_command(d, *target), procs) for d in (savedir, copy)]
+    for proc in final:
+        out, err = finish(proc)
+        assert proc.returncode == 0 and "FAILED" not in out, (out, err)
+    return kill_figures(stats, total)
+
+
+def two_copies_trials(tmp_path: Path, procs: list, request: pytest.FixtureRequest, target: str,
+                      journals: int, rounds: int) -> Counter:
+    rng = random.Random(SEED + 7)
+    totals: Counter = Counter()
+    for j in range(journals):
+        savedir, copy = tmp_path / f"mllogs{j}", tmp_path / f"copy{j}"
+        # one experiment per test: the MLflow server is shared by the module's tests
+        experiment, run_id = f"fi-copies-{target}-{journals}x{rounds}", f"c{j}"
+        write_journal(savedir, experiment, run_id, 27_000 if target == "tensorboard" else 12_000,
+                      ranks=(0, 1))
+        shutil.copytree(savedir, copy)
+        total = sum(last_seqs(savedir, run_id).values())
+        if target == "mlflow":
+            uri = request.getfixturevalue("mlflow_server").uri
+            client = MlflowClient(uri)
+            args = ["--to", "mlflow", "--tracking-uri", uri]
+            committed = functools.partial(mlflow_cursor, client, experiment, run_id)
+        else:
+            logdir = tmp_path / "tb"
+            args = ["--to", "tensorboard", "--logdir", str(logdir)]
+            committed = functools.partial(tb_progress,
+                                          logdir / experiment_dirname(experiment) / run_id)
+        fast = target == "tensorboard"
+        totals.update(two_copies_kill_trial(
+            savedir, copy, procs, rng, target=args, rounds=rounds, committed=committed,
+            total=total, poll=0.002 if fast else 0.02, jitter=0.01 if fast else 0.25,
+            exclusive=target == "tensorboard"))
+        if target == "mlflow":
+            totals.update(check_mlflow_exact(client, savedir, experiment, run_id))
+        else:
+            totals.update(check_tensorboard_exact(savedir, run_id, logdir))
+        for d in (savedir, copy):  # and a further run of either adds nothing
+            out = run_to_end(sync_command(d, *args), procs)
+            assert "exported 0 records" in out, out
+    assert totals["duplicates"] == totals["losses"] == 0
+    return totals
+
+
+@pytest.mark.parametrize("target", ["mlflow", "tensorboard"])
+def test_two_copies_synced_at_once_and_killed_then_exact(tmp_path, procs, request, target):
+    """A savedir and an rsync copy of it synced to one target at the same time, repeatedly
+    killed: the target holds every record exactly once. TensorBoard: the lock in the logdir
+    lets one sync in at a time. MLflow server: no shared lock, the claim protocol converges on
+    one run per rank and points written twice are stored once."""
+    totals = two_copies_trials(tmp_path, procs, request, target, journals=1, rounds=4)
+    report(f"two copies synced at once to {target}, killed", **totals)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["mlflow", "tensorboard"])
+def test_two_copies_synced_at_once_and_killed_many_times(tmp_path, procs, request, target):
+    totals = two_copies_trials(tmp_path, procs, request, target, journals=3, rounds=10)
+    report(f"two copies synced at once to {target}, killed, 3 journals (slow)", **totals)
+
+
 def test_a_run_held_by_another_sync_is_skipped_and_the_others_synced(tmp_path, procs):
-    """Locks are per (target, run): while one sync holds a run, another sync of the savedir
-    reports that run busy, syncs the rest completely and exits 0."""
+    """Locks are per (target, journal): while one sync holds a run, another sync of the
+    savedir reports that run busy, syncs the rest completely and exits 0."""
     savedir = tmp_path / "mllogs"
     for run_id in ("held", "free"):
         write_journal(savedir, "fi-lock", run_id, 3000)
     run = Journal(savedir).run("held")
     exporter = TensorBoardExporter(savedir, {}, Notes())
-    lock = Ledger(savedir, exporter.target_key(run), "tensorboard").lock(run)
+    lock = target_lock(exporter, Ledger(savedir, exporter.target_key(run), "tensorboard"), run)
     lock.acquire(timeout=0)
     try:
         out = run_to_end(sync_command(savedir, "--to", "tensorboard"), procs)
@@ -1138,7 +1236,7 @@ def test_resumed_run_whose_steps_go_backwards_keeps_both_points(tmp_path, procs,
     assert loss_steps(savedir, run_id, 0) == list(range(2000)) + list(range(1200, 2800))
     figures = check_mlflow_exact(client, savedir, experiment, run_id)
     (child,) = [r for r in mlflow_runs_of(client, experiment, run_id)
-                if r.data.tags["itwinai.role"] == "child"]
+                if r.data.tags["itwinai.role"] == "rank"]
     history = client.get_metric_history(child.info.run_id, "loss")
     per_step = Counter(h.step for h in history)
     assert all(per_step[s] == (2 if 1200 <= s < 2000 else 1) for s in range(2800))

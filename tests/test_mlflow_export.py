@@ -77,7 +77,7 @@ def assert_histories_equal_journal(client, savedir, run_id="r1", experiment="exp
     timestamps, in order, and nothing more."""
     journal = Journal(savedir).metrics(run_id=run_id).to_pylist()
     children = {int(r.data.tags["itwinai.rank"]): r
-                for (role, _), rs in runs_by_role(client, experiment).items() if role == "child"
+                for (role, _), rs in runs_by_role(client, experiment).items() if role == "rank"
                 for r in rs if r.data.tags["itwinai.run"] == f"{experiment}/{run_id}"}
     expected: dict = {}
     for m in journal:
@@ -137,19 +137,17 @@ def test_every_kind_arrives_in_the_embedded_store(tmp_path, monkeypatch):
     assert "exported" in out and "FAILED" not in out
     client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
     roles = runs_by_role(client)
-    (parent,) = roles[("parent", None)]
-    (child,) = roles[("child", "0")]
-    assert parent.info.run_name == "kinds"
-    assert parent.data.tags["mlflow.note.content"] == "all kinds"
-    assert parent.data.tags["itwinai.host"]
-    assert child.info.run_name == "worker_0"
-    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    (child,) = roles[("rank", "0")]  # one rank: one MLflow run, as MLFlowLogger makes online
+    assert set(roles) == {("rank", "0")}
+    assert child.info.run_name == "kinds"
+    assert child.data.tags["mlflow.note.content"] == "all kinds"
+    assert child.data.tags["itwinai.host"]
+    assert "mlflow.parentRunId" not in child.data.tags
     assert child.data.tags["itwinai.main"] == "true"
     assert child.data.params == {"lr": "0.5", "batch": "32"}
     manifest = Journal(savedir).runs()[0].ranks[0].manifest
     end_ms = int(manifest["sessions"][-1]["end"] * 1000)
-    for r in (parent, child):
-        assert (r.info.status, r.info.end_time) == ("FINISHED", end_ms)
+    assert (child.info.status, child.info.end_time) == ("FINISHED", end_ms)
     rec = Journal(savedir).metrics().to_pylist()[0]
     (point,) = client.get_metric_history(child.info.run_id, "loss")
     assert (point.value, point.step, point.timestamp) == (0.25, 7, int(round(rec["time"] * 1000)))
@@ -157,7 +155,7 @@ def test_every_kind_arrives_in_the_embedded_store(tmp_path, monkeypatch):
     rid = child.info.run_id
     dl = Path(client.download_artifacts(rid, "", str(tmp_path / "dl")))
     assert (dl / "notes" / "readme.txt").read_text() == "some notes"
-    assert json.loads((dl / "config.json").read_text()) == {"a": 1, "b": [1, 2]}
+    assert json.loads((dl / "config").read_text()) == {"a": 1, "b": [1, 2]}
     with Image.open(dl / "plots" / "curve.png") as im:
         assert im.size == (200, 200)
     with Image.open(dl / "img" / "grid.png") as im:
@@ -165,7 +163,7 @@ def test_every_kind_arrives_in_the_embedded_store(tmp_path, monkeypatch):
     assert (dl / "checkpoints" / "ckpt.bin").read_bytes() == b"checkpoint" * 10
     assert (dl / "dirs" / "tree" / "a.txt").read_text() == "A"
     assert (dl / "dirs" / "tree" / "sub" / "b.txt").read_text() == "B"
-    assert torch.equal(torch.load(dl / "tensors" / "t" / "object.pt"), torch.arange(4))
+    assert torch.equal(torch.load(dl / "tensors" / "t" / "t"), torch.arange(4))
     models = client.search_logged_models([child.info.experiment_id])
     assert [(m.name, str(m.status), m.source_run_id) for m in models] == [("model", "READY", rid)]
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left no global state behind
@@ -210,7 +208,12 @@ def test_server_over_http_two_ranks_resync_changes_nothing(tmp_path, server):
     mine = {k: [r for r in v if r.data.tags["itwinai.run"] == "exp/http"]
             for k, v in roles.items()}
     assert len(mine[("parent", None)]) == 1
-    assert len(mine[("child", "0")]) == 1 and len(mine[("child", "1")]) == 1
+    assert len(mine[("rank", "0")]) == 1 and len(mine[("rank", "1")]) == 1
+    parent_id = mine[("parent", None)][0].info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in mine[("rank", "0")] + mine[("rank", "1")]
+            } == {parent_id}
+    assert {r.info.run_name for r in mine[("rank", "0")] + mine[("rank", "1")]} == {
+        "worker_0", "worker_1"}
     assert_histories_equal_journal(client, savedir, run_id="http")
     before = _snapshot(client, savedir)
     sync(savedir, "--tracking-uri", server.uri)
@@ -224,7 +227,7 @@ def test_a_run_still_being_written_is_synced_in_parts(tmp_path, server):
     uri = ["--tracking-uri", server.uri]
     sync(savedir, *uri)
     client = MlflowClient(server.uri)
-    (child,) = [r for r in runs_by_role(client)[("child", "0")]
+    (child,) = [r for r in runs_by_role(client)[("rank", "0")]
                 if r.data.tags["itwinai.run"] == "exp/live"]
     assert len(client.get_metric_history(child.info.run_id, "loss")) == 100
     assert client.get_run(child.info.run_id).info.status == "RUNNING"
@@ -284,7 +287,7 @@ def test_two_syncs_at_once_leave_no_duplicates(tmp_path, server):
     assert all(p.returncode == 0 for p in procs), outs
     assert any("busy" in o or "synced" in o for o, _ in outs)
     client = MlflowClient(server.uri)
-    assert len([r for r in runs_by_role(client)[("parent", None)]
+    assert len([r for r in runs_by_role(client)[("rank", "0")]
                 if r.data.tags["itwinai.run"] == "exp/twin"]) == 1
     assert_histories_equal_journal(client, savedir, run_id="twin")
 
@@ -301,8 +304,8 @@ def test_dry_run_run_filter_and_ranks_0(tmp_path):
     assert "exp/b" in out and "exp/a" not in out
     client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
     roles = runs_by_role(client)
-    assert set(roles) == {("flat", "0")}
-    (flat,) = roles[("flat", "0")]
+    assert set(roles) == {("rank", "0")}
+    (flat,) = roles[("rank", "0")]
     assert flat.info.run_name == "my run"
     assert len(client.get_metric_history(flat.info.run_id, "loss")) == 10
 
@@ -318,7 +321,7 @@ def test_a_broken_run_is_reported_and_the_others_synced(tmp_path):
     assert "FAILED" in result.output and "exp/bad" in result.output
     assert "Traceback" not in result.output
     client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
-    good = [r for r in runs_by_role(client)[("child", "0")]
+    good = [r for r in runs_by_role(client)[("rank", "0")]
             if r.data.tags["itwinai.run"] == "exp/good"]
     assert len(client.get_metric_history(good[0].info.run_id, "loss")) == 50
 
@@ -335,7 +338,7 @@ def test_rejected_names_are_mapped_and_reported(tmp_path):
     out = sync(savedir)
     assert "'acc@top1' is stored as 'acc_top1'" in out
     client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
-    (child,) = runs_by_role(client)[("child", "0")]
+    (child,) = runs_by_role(client)[("rank", "0")]
     keys = set(child.data.metrics)
     assert keys == {"acc_top1", mlflow_key(long_name), "_/escape"}
     assert len(mlflow_key(long_name)) <= 250
@@ -355,7 +358,7 @@ def test_collection_routes_records_only_to_loggers_that_accepted_them(tmp_path):
     out = sync(savedir)
     assert "not for this target: 5 metric" in out
     client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
-    (child,) = runs_by_role(client)[("child", "0")]
+    (child,) = runs_by_role(client)[("rank", "0")]
     steps = sorted(h.step for h in client.get_metric_history(child.info.run_id, "loss"))
     assert steps == [0, 2, 4, 6, 8]
 

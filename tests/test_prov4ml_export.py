@@ -248,7 +248,7 @@ def test_export_documents_per_rank_and_exactly_once(tmp_path):
     for rank in (0, 1):
         assert [p.name for p in rank_root(savedir, rank).iterdir()] == [f"{EXP}_0"]
     assert sorted(p.name for p in rank_root(savedir, 0).parent.iterdir()) == [
-        "rank-00000", "rank-00001"]
+        ".itwinai-journal.json", "rank-00000", "rank-00001"]  # the marker: whose run it is
 
 
 def test_resumed_run_is_regenerated_not_appended(tmp_path):
@@ -306,7 +306,7 @@ def test_crash_between_renames_and_leftovers(tmp_path):
     out = sync(savedir)
     assert "up-to-date" in out  # the old documents are back, with their cursor
     assert snapshot(savedir / "prov") == before
-    assert [p.name for p in run_dir.iterdir()] == ["rank-00000"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".itwinai-journal.json", "rank-00000"]
 
 
 def test_svg_needs_graphviz(tmp_path, monkeypatch):

@@ -362,7 +362,7 @@ def test_ranks(tmp_path):
 def test_mlflow_journal_to_custom_logdir(tmp_path):
     """An MLFlowLogger journal goes to TensorBoard too: experiment names become one
     percent-encoded directory, kinds TensorBoard cannot show are counted as skipped, and a
-    batch with nothing for TensorBoard still commits its range."""
+    journal with nothing for TensorBoard makes no TensorBoard run."""
     savedir, logdir = tmp_path / "mllogs", tmp_path / "elsewhere"
     logger = MLFlowLogger(savedir=savedir, experiment_name="team/exp 1", run_id="m1",
                           log_freq="batch")
@@ -383,10 +383,10 @@ def test_mlflow_journal_to_custom_logdir(tmp_path):
     acc = accumulate(path)
     assert assert_scalars_exact(acc, savedir, "m1") == 33
     assert session_hparams(acc) == {"epochs": 3.0}  # None is left out, as add_hparams does
-    (empty,) = event_files(rank_dir(savedir, "m2", logdir=logdir))
-    assert empty.name == "events.out.tfevents.000000000001-000000000001.itwinai"
-    assert count_events(empty.parent) == 1  # just the file_version event
-    assert "exported 0 records" in sync(savedir, "--logdir", str(logdir))
+    assert not rank_dir(savedir, "m2", logdir=logdir).parent.exists()
+    out = sync(savedir, "--logdir", str(logdir))
+    assert "exported 0 records" in out and "not for this target: 1 dict" in out
+    assert not rank_dir(savedir, "m2", logdir=logdir).parent.exists()
 
 
 def test_run_closed_with_an_empty_active_segment(tmp_path):

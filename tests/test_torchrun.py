@@ -121,14 +121,14 @@ def test_mlflow_one_parent_with_four_workers(journal):
     assert f"synced     {EXPERIMENT}/{RUN_ID} -> mlflow" in out
     client = mlflow.MlflowClient(f"sqlite:///{journal.resolve()}/mlflow.db")
     roles = runs_by_role(client, EXPERIMENT)
-    assert sorted(roles) == sorted([("parent", None)] + [("child", str(r)) for r in range(WORLD)])
+    assert sorted(roles) == sorted([("parent", None)] + [("rank", str(r)) for r in range(WORLD)])
     assert all(len(runs) == 1 for runs in roles.values())
     (parent,) = roles[("parent", None)]
     assert parent.info.run_name == "demo"
     assert parent.data.tags["itwinai.world_size"] == str(WORLD)
     assert parent.info.status == "FINISHED"
     for r in range(WORLD):
-        (child,) = roles[("child", str(r))]
+        (child,) = roles[("rank", str(r))]
         assert child.info.run_name == f"worker_{r}"
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags.get("itwinai.main") == ("true" if r == 0 else None)
@@ -139,7 +139,7 @@ def test_mlflow_one_parent_with_four_workers(journal):
     assert_histories_equal_journal(client, journal, run_id=RUN_ID, experiment=EXPERIMENT)
     exp = client.get_experiment_by_name(EXPERIMENT)
     models = client.search_logged_models([exp.experiment_id])
-    children = {roles[("child", str(r))][0].info.run_id for r in range(WORLD)}
+    children = {roles[("rank", str(r))][0].info.run_id for r in range(WORLD)}
     assert sorted(m.source_run_id for m in models) == sorted(children)
     assert "up-to-date" in sync(journal, "--to", "mlflow")
 
@@ -147,7 +147,8 @@ def test_mlflow_one_parent_with_four_workers(journal):
 def test_tensorboard_four_rank_directories(journal):
     sync(journal, "--to", "tensorboard")
     run_dir = rank_dir(journal, RUN_ID, 0).parent
-    assert sorted(p.name for p in run_dir.iterdir()) == [f"rank-{r:05d}" for r in range(WORLD)]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == [
+        f"rank-{r:05d}" for r in range(WORLD)]
     for r in range(WORLD):
         path = rank_dir(journal, RUN_ID, r)
         acc = accumulate(path)

@@ -53,6 +53,11 @@ def sync(savedir: Path, *args: str, code: int = 0) -> str:
     return result.output
 
 
+def wandb_id(savedir: Path, run_id: str, rank: int) -> str:
+    """The W&B run id of a journal rank (derived from the journal's identity)."""
+    return wandb_run_id(Journal(savedir).run(run_id).journal_id, rank)
+
+
 def wandb_files(savedir: Path, wb_id: str) -> list[Path]:
     return wr.find_run_files(savedir / "wandb", run_id=wb_id)
 
@@ -101,7 +106,7 @@ def test_export_history_config_media_artifacts(tmp_path):
 
     out = sync(savedir)
     assert "exported" in out
-    wb_id = wandb_run_id("mlexp", run_id, 0)
+    wb_id = wandb_id(savedir, run_id, 0)
     files = wandb_files(savedir, wb_id)
     assert len(files) == 1 and files[0].parent.parent == savedir / "wandb"
     records = wr.read_records(files[0])
@@ -167,27 +172,37 @@ def test_one_wandb_run_per_rank_grouped_by_the_journal_run(tmp_path):
         logger.log(float(rank), "loss", step=0)
         logger.destroy_logger_context()
     sync(savedir, "--ranks", "0")
-    assert not wandb_files(savedir, wandb_run_id("ddp", "job7", 1))
+    assert not wandb_files(savedir, wandb_id(savedir, "job7", 1))
     sync(savedir)
     for rank in (0, 1):
-        (path,) = wandb_files(savedir, wandb_run_id("ddp", "job7", rank))
+        (path,) = wandb_files(savedir, wandb_id(savedir, "job7", rank))
         records = wr.read_records(path)
         run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
         assert (run_rec.run_group, run_rec.display_name) == ("job7", f"job7-rank{rank}")
         assert [r["loss"] for r in wr.history_rows(records)] == [float(rank)]
 
 
-def test_offline_unless_an_api_key_is_configured(tmp_path, monkeypatch):
+def test_offline_by_default_even_with_an_api_key(tmp_path, monkeypatch):
+    """The default is offline files whatever the environment holds (an API key, a netrc,
+    WANDB_MODE=online): a sync never goes online, nor waits for a server, unless --mode online
+    asks for it; the summary says where the runs are and how to upload them."""
     from itwinai_sync.wandb import WandbExporter
 
-    monkeypatch.delenv("WANDB_MODE")
-    assert WandbExporter._mode(None) == "offline"
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert WandbExporter._mode(None) == "online"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert WandbExporter._mode(None) == "offline"
-    assert WandbExporter._mode("online") == "online"
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert WandbExporter(tmp_path, {}, None).mode == "offline"
+    assert WandbExporter(tmp_path, {"mode": "online"}, None).mode == "online"
+    savedir = tmp_path / "mllogs"
+    _log_steps(savedir, "key", range(3))
+    out = sync(savedir)
+    assert "exported 6 records (6 metric)" in out
+    assert f"offline runs written to {savedir / 'wandb'}" in out and "wandb sync" in out
+    (path,) = wandb_files(savedir, wandb_id(savedir, "key", 0))
+    assert path.parent.name.startswith("offline-run-")
+    assert [r["loss"] for r in history([path])] == [0.0, 1.0, 2.0]
 
 
 def _log_steps(savedir: Path, run_id: str, steps: range) -> None:
@@ -208,7 +223,7 @@ def test_resync_appends_only_new_records_to_the_same_run(tmp_path):
     sync(savedir)
     sync(savedir)
 
-    wb_id = wandb_run_id("resync", "job1", 0)
+    wb_id = wandb_id(savedir, "job1", 0)
     files = wandb_files(savedir, wb_id)
     assert len(files) == 2  # W&B offline writes one directory per process; same run id
     rows = history(files)
@@ -236,7 +251,7 @@ def test_rows_group_records_of_one_step_and_records_without_step(tmp_path):
     logger.log(7.0, "c", step=6)
     logger.destroy_logger_context()
     sync(savedir)
-    rows = history(wandb_files(savedir, wandb_run_id("nostep", "n", 0)))
+    rows = history(wandb_files(savedir, wandb_id(savedir, "n", 0)))
     assert [(r["_step"], r.get("itwinai/step"), r.get("a"), r.get("b"), r.get("c"))
             for r in rows] == [(0, None, 1.0, -1.0, None), (1, None, 2.0, -2.0, None),
                                (2, 5, 5.0, 6.0, None), (3, 6, None, None, 7.0)]
@@ -256,7 +271,7 @@ def test_live_rank_synced_mid_step_keeps_every_point_once(tmp_path):
     logger.log(3.0, "train_loss", step=3)
     time.sleep(0.5)  # flushed to the journal, the session still open
     sync(savedir)
-    wb_id = wandb_run_id("live", "l", 0)
+    wb_id = wandb_id(savedir, "l", 0)
     assert [r["itwinai/step"] for r in history(wandb_files(savedir, wb_id))] == [0, 1, 2, 3]
     logger.log(1.5, "val_loss", step=3)
     logger.log(4.0, "train_loss", step=4)
@@ -289,7 +304,7 @@ def test_follow_passes_keep_one_wandb_run_open_per_live_rank(tmp_path):
         engine.run()
     finally:
         engine.close()
-    files = wandb_files(savedir, wandb_run_id("follow", "f", 0))
+    files = wandb_files(savedir, wandb_id(savedir, "f", 0))
     assert len(files) == 1
     rows = history(files)
     assert [(r["_step"], r["loss"], r["acc"]) for r in rows] == [
@@ -315,7 +330,7 @@ def test_artifacts_models_and_datasets_of_an_mlflow_journal(tmp_path):
                kind="dataset")
     logger.destroy_logger_context()
     assert "'notes/a.txt' is stored as 'notes-a.txt'" in sync(savedir)
-    records = wr.read_records(wandb_files(savedir, wandb_run_id("arts", "a", 0))[0])
+    records = wr.read_records(wandb_files(savedir, wandb_id(savedir, "a", 0))[0])
     arts = {r.artifact.name: r.artifact for r in records
             if r.WhichOneof("record_type") == "artifact"}
     assert sorted(arts) == ["checkpoints", "net", "notes-a.txt"]
@@ -345,7 +360,7 @@ def test_steps_that_go_back_lose_nothing(tmp_path):
     logger.destroy_logger_context()
     out = sync(savedir, "--on-step-regression", "fail")  # accepted, no longer has an effect
     assert "no longer has an effect" in out and "dropped" not in out
-    files = wandb_files(savedir, wandb_run_id("reg", "job", 0))
+    files = wandb_files(savedir, wandb_id(savedir, "job", 0))
     rows = history(files)
     got = [(r["itwinai/step"], k, r[k]) for r in rows for k in ("train_loss", "val_acc",
                                                                  "status") if k in r]
@@ -391,7 +406,7 @@ def test_watch_records_histograms_and_they_reach_wandb(tmp_path):
     assert last_grad["sum"] == pytest.approx(float(model.bias.grad.sum()), rel=1e-5)
 
     sync(savedir)
-    files = wandb_files(savedir, wandb_run_id("watch", "w", 0))
+    files = wandb_files(savedir, wandb_id(savedir, "w", 0))
     rows = history(files)
     assert [r["_step"] for r in rows] == [0, 1, 2]
     for name, found in by_name.items():
@@ -443,7 +458,7 @@ def test_killed_export_resumes_exactly_once(tmp_path, monkeypatch):
         for i, name in enumerate(names):
             logger.log(step + i / 10, name, step=step)
     logger.destroy_logger_context()
-    wb_id = wandb_run_id("kill", "k", 0)
+    wb_id = wandb_id(savedir, "k", 0)
 
     # wandb-core flushes its transaction log every 15 s by default; 0.2 s here so that the
     # kill lands after some rows are on disk and before all of them are. WANDB_SERVICE (set by
@@ -525,7 +540,7 @@ def test_killed_at_random_points_every_record_once(tmp_path, monkeypatch):
         logger.log({"lr": 0.1 / (epoch + 1)}, "sched", kind="dict", step=epoch)
     logger.destroy_logger_context()
     records = journal(savedir)
-    wb_id = wandb_run_id("killr", "k", 0)
+    wb_id = wandb_id(savedir, "k", 0)
     rng = random.Random(13)
     n = len(records)
     kills = [rng.randrange(n // 10, n * 4 // 10), rng.randrange(n * 6 // 10, n * 9 // 10)]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from itwinai_journal import Journal, __version__, digest, verify
+from itwinai_journal import Journal, RunInfo, __version__, digest, verify
 from itwinai_journal.segments import JournalCorruption
 
 from .ledger import ledger_entries
@@ -182,7 +182,8 @@ def _follow(engine: SyncEngine, interval: float) -> list[RunResult]:
         passes = 0
         while not engine.stop.is_set():
             plan = engine.plan()
-            all_finished = bool(plan) and all(run.status != "running" for run, _ in plan)
+            # A rank whose writer is gone (killed: its session never ends) counts as ended.
+            all_finished = bool(plan) and not any(engine.still_running(run) for run, _ in plan)
             passes += 1
             for r in engine.run(plan):
                 _merge(merged, r)
@@ -254,35 +255,61 @@ def _print_results(results: list[RunResult], notes: list[str], seconds: float, v
 # -- inspection ---------------------------------------------------------------------------
 
 
+_STATUS_ORDER = ("running", "failed", "interrupted", "finished", "empty")
+
+
 def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
+    """One row per run (experiment, run id), with every journal of it: a Prov4MLLogger's own
+    journal beside the main one, or journals that merely share an experiment and run id."""
+    from itwinai_journal.liveness import writer_gone
+
     synced: dict[str, dict[str, dict[int, int]]] = {}
     for entry in ledger_entries(savedir):
         cursors = {int(k): v for k, v in entry.get("cursors", {}).items()}
-        synced.setdefault(entry["run"], {})[entry["target_key"]] = cursors
+        synced.setdefault(entry["journal"], {})[entry["target_key"]] = cursors
+    by_key: dict[str, list[RunInfo]] = {}
     rows = []
     for run in Journal(savedir).scan():
         if run.error:
             rows.append({"experiment": run.experiment, "run_id": run.run_id, "run_name": None,
                          "status": "damaged", "ranks": len(run.ranks), "records": 0,
                          "destinations": [], "synced": {}, "path": str(run.path),
-                         "error": run.error})
-            continue
-        records = {r.rank: r.last_seq for r in run.ranks}
+                         "journals": [], "error": run.error})
+        else:
+            by_key.setdefault(run.key, []).append(run)
+    for journals in by_key.values():
+        first = journals[0]
+        parts, progress = [], {}
+        for run in journals:
+            records = {r.rank: r.last_seq for r in run.ranks}
+            gone = [r.rank for r in run.ranks if r.status == "running"
+                    and writer_gone(r.path, r.manifest) is not None]
+            parts.append({"path": str(run.path), "journal_id": run.journal_id,
+                          "status": run.status, "ranks": len(run.ranks),
+                          "records": sum(records.values()),
+                          "destinations": sorted(run.destinations()),
+                          "writer_gone": gone})
+            for key, cursors in synced.get(run.journal_id, {}).items():
+                done = progress.setdefault(key, {"records": 0, "of": 0, "ranks": 0})
+                done["records"] += sum(min(c, records.get(rank, 0))
+                                       for rank, c in cursors.items())
+                done["of"] += sum(records.values())
+                done["ranks"] += len(cursors)
         rows.append({
-            "experiment": run.experiment,
-            "run_id": run.run_id,
-            "run_name": run.info.get("run_name"),
-            "status": run.status,
-            "ranks": len(run.ranks),
-            "records": sum(records.values()),
-            "destinations": sorted(run.destinations()),
-            "synced": {key: {"records": sum(min(c, records.get(rank, 0))
-                                            for rank, c in cursors.items()),
-                             "ranks": len(cursors)}
-                       for key, cursors in synced.get(run.key, {}).items()},
-            "path": str(run.path),
+            "experiment": first.experiment,
+            "run_id": first.run_id,
+            "run_name": next((r.info.get("run_name") for r in journals
+                              if r.info.get("run_name")), None),
+            "status": min((p["status"] for p in parts), key=_STATUS_ORDER.index),
+            "ranks": max(p["ranks"] for p in parts),
+            "records": sum(p["records"] for p in parts),
+            "destinations": sorted({d for p in parts for d in p["destinations"]}),
+            "synced": progress,
+            "path": str(first.path),
+            "journals": parts,
             "error": None,
         })
+    rows.sort(key=lambda row: (row["experiment"], row["run_id"]))
     return rows
 
 
@@ -311,10 +338,17 @@ def ls_cmd(savedir: Path, as_json: bool) -> None:
             click.secho(f"  {row['run_id']}  DAMAGED: {row['error']}", fg="red")
             continue
         name = f" ({row['run_name']})" if row["run_name"] else ""
-        click.echo(f"  {row['run_id']}{name}  {row['status']}  {row['ranks']} rank(s)  "
+        gone = sum(len(j["writer_gone"]) for j in row["journals"])
+        status = f"{row['status']} (writer gone: {gone} rank(s))" if gone else row["status"]
+        click.echo(f"  {row['run_id']}{name}  {status}  {row['ranks']} rank(s)  "
                    f"{row['records']} records  -> {', '.join(row['destinations']) or '-'}")
+        if len(row["journals"]) > 1:
+            for j in row["journals"]:
+                click.echo(f"      journal {j['path']} ({j['journal_id'][:8]}): {j['status']}, "
+                           f"{j['ranks']} rank(s), {j['records']} records -> "
+                           f"{', '.join(j['destinations']) or '-'}")
         for key, s in row["synced"].items():
-            click.echo(f"      synced to {key}: {s['records']}/{row['records']} records")
+            click.echo(f"      synced to {key}: {s['records']}/{s['of']} records")
 
 
 @main.command("verify")

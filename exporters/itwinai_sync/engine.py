@@ -1,19 +1,23 @@
 """The target-independent sync engine: journal runs -> exporter sinks, exactly once.
 
-For each (run, target) the engine takes the (target key, run) lock, and for each rank asks the
-target for its committed cursor, streams the rank's records above it in seq order one segment at
-a time (bounded memory), drops records the target does not show (kind) or that were not meant
-for it (route), and hands batches to the sink together with the cursor they advance to. A run
-that fails is reported and skipped; the others go on.
+For each (journal, target) the engine takes a lock at the target (or, for a target without a
+directory of its own such as an MLflow server, in the savedir's ledger), and for each rank asks
+the target for its committed cursor, streams the rank's records above it in seq order one
+segment at a time (bounded memory), drops records the target does not show (kind) or that were
+not meant for it (route), and hands batches to the sink together with the cursor they advance
+to. The cursor never passes a gap in the seqs: what is missing is reported and the rank fails
+until it is restored. A target run is only created once there is a record for it. A run that
+fails is reported and skipped; the others go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +28,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import Journal, RankInfo, RunInfo
+from itwinai_journal.liveness import writer_gone
 from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
 
-from .exporter import Exporter, ExportError, Notes, load_exporter
+from .exporter import Exporter, ExportError, Notes, TargetChanged, load_exporter
 from .ledger import Ledger
 
 #: Destination names loggers declare that are not export targets.
 NOT_TARGETS = {"console", "journal"}
+#: How often one rank's export starts again after its target run was replaced by a concurrent
+#: sync of the same journal (see TargetChanged) before giving up for this time.
+MAX_RESTARTS = 5
 
 
 @dataclass
@@ -44,6 +52,8 @@ class RunResult:
     error: str | None = None
     trace: str | None = None
     cursors: dict[int, int] = field(default_factory=dict)
+    journal: str = ""  # the journal's identity
+    path: str = ""  # the journal's run directory
 
 
 @dataclass
@@ -58,6 +68,10 @@ class SyncRequest:
 
 
 Progress = Callable[[int], None]
+
+
+class SeqGap(ExportError):
+    """Records of a rank are missing from the journal: the export stops before them."""
 
 
 class SyncEngine:
@@ -76,6 +90,8 @@ class SyncEngine:
     # -- planning -----------------------------------------------------------------------------
 
     def runs(self) -> list[RunInfo]:
+        """The journals to sync, one per identity: two copies of one journal below the savedir
+        (an rsync copy beside the original) are one journal, synced from the larger copy."""
         runs = Journal(self.req.savedir).scan()
         if self.req.run_ids:
             wanted = set(self.req.run_ids)
@@ -84,12 +100,31 @@ class SyncEngine:
             if missing:
                 raise ExportError(f"no run {', '.join(sorted(missing))} in {self.req.savedir}")
         self.damaged = [r for r in runs if r.error]
-        return [r for r in runs if not r.error]
+        chosen: dict[str, RunInfo] = {}
+        for run in runs:
+            if run.error:
+                continue
+            other = chosen.get(run.journal_id)
+            if other is None:
+                chosen[run.journal_id] = run
+                continue
+            keep, drop = (run, other) if run.records > other.records else (other, run)
+            chosen[run.journal_id] = keep
+            self.notes.add(f"{drop.path} is a copy of the journal at {keep.path} (same journal "
+                           "id); synced from the latter, which holds more records")
+        return list(chosen.values())
 
     def targets_for(self, run: RunInfo) -> list[str]:
-        if self.req.targets:
-            return list(self.req.targets)
-        return [t for t in run.destinations() if t not in NOT_TARGETS]
+        wanted = (list(self.req.targets) if self.req.targets
+                  else [t for t in run.destinations() if t not in NOT_TARGETS])
+        return [t for t in wanted if self.ranks_for(run, t)]
+
+    def ranks_for(self, run: RunInfo, target: str) -> list[RankInfo]:
+        """The ranks of `run` that go to `target`: all, or rank 0 with `--ranks 0`, less the
+        ranks whose records reach that target through another journal of their
+        LoggersCollection (see `rank_takes`)."""
+        return [r for r in run.ranks
+                if (self.req.ranks == "all" or r.rank == 0) and rank_takes(r, target)]
 
     def exporter(self, name: str) -> Exporter:
         with self._lock:
@@ -101,8 +136,21 @@ class SyncEngine:
     def plan(self) -> list[tuple[RunInfo, str]]:
         return [(run, t) for run in self.runs() for t in self.targets_for(run)]
 
-    def ranks_of(self, run: RunInfo) -> list[RankInfo]:
-        return [r for r in run.ranks if self.req.ranks == "all" or r.rank == 0]
+    def still_running(self, run: RunInfo) -> bool:
+        """Whether a rank of `run` may still be written: its session is open and its writer is
+        not known to be gone (a writer killed by SIGKILL never closes its session; see
+        itwinai_journal.liveness). Each rank found dead is noted once."""
+        running = False
+        for rank in run.ranks:
+            if rank.status != "running":
+                continue
+            why = writer_gone(rank.path, rank.manifest)
+            if why is None:
+                running = True
+            else:
+                self.notes.add(f"{run.key} rank {rank.rank}: {why}; its session stays "
+                               "'running' in the journal, the sync treats it as ended")
+        return running
 
     # -- running ------------------------------------------------------------------------------
 
@@ -130,25 +178,36 @@ class SyncEngine:
 
     def sync_run(self, run: RunInfo, target: str) -> RunResult:
         exporter = self.exporter(target)
-        result = RunResult(run.key, target)
+        result = RunResult(run.key, target, journal=run.journal_id, path=str(run.path))
         try:
-            result.where = exporter.describe(run)
-            ledger = Ledger(self.req.savedir, exporter.target_key(run), target)
+            # The exporter sees the ranks it gets: one rank is one MLflow run, several a parent
+            # with a child per rank.
+            view = dataclasses.replace(run, ranks=self.ranks_for(run, target))
+            result.where = exporter.describe(view)
+            ledger = Ledger(self.req.savedir, exporter.target_key(view), target)
             if self.req.dry_run:
-                self._dry_run(exporter, run, result)
+                self._dry_run(exporter, view, result)
                 return result
-            lock = ledger.lock(run)
+            lock = target_lock(exporter, ledger, view)
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
                 result.status = "busy"
                 result.error = "being synced to this target by another process; skipped"
                 return result
+            errors: list[str] = []
             try:
-                for rank in self.ranks_of(run):
-                    self._sync_rank(exporter, ledger, run, rank, result)
+                exporter.connect(view)
+                for rank in view.ranks:
+                    try:
+                        self._sync_rank(exporter, ledger, view, rank, result)
+                    except (ExportError, JournalCorruption) as e:
+                        errors.append(f"rank {rank.rank}: {_one_line(e)}")
             finally:
                 lock.release()
+            if errors:
+                more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
+                raise ExportError(errors[0] + more)
             if not result.exported and not result.skipped:
                 result.status = "up-to-date"
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the others
@@ -157,18 +216,26 @@ class SyncEngine:
             result.trace = traceback.format_exc()
         return result
 
-    def _records(self, rank: RankInfo, after: int) -> Iterable[pa.Table]:
-        index, problems = read_index(rank.path)
-        if problems:
-            raise JournalCorruption(f"{rank.path}: {problems[0]}")
-        return iter_tables(rank.path / "segments", after, index)
-
     def _sync_rank(self, exporter: Exporter, ledger: Ledger, run: RunInfo, rank: RankInfo,
                    result: RunResult) -> None:
+        for attempt in range(MAX_RESTARTS + 1):
+            try:
+                return self._sync_rank_once(exporter, ledger, run, rank, result)
+            except TargetChanged as e:
+                if attempt == MAX_RESTARTS:
+                    raise ExportError(f"{e}; gave up after {MAX_RESTARTS} restarts") from e
+                self.notes.add(f"{exporter.name}: {run.key} rank {rank.rank}: {e}; continued "
+                               "in the run that was kept")
+
+    def _sync_rank_once(self, exporter: Exporter, ledger: Ledger, run: RunInfo,
+                        rank: RankInfo, result: RunResult) -> None:
         sink = exporter.open(run, rank, create=True)
         assert sink is not None
         try:
             cursor = sink.cursor()
+            # A target run is created by the first batch that holds a record for it: until
+            # then batches of records this target does not take are not handed to the sink.
+            holds = cursor > 0
             for table in self._records(rank, cursor):
                 for start in range(0, table.num_rows, exporter.batch_records):
                     if self.stop.is_set():
@@ -176,20 +243,50 @@ class SyncEngine:
                     chunk = table.slice(start, exporter.batch_records)
                     keep, skipped = select(chunk, exporter)
                     last = chunk["seq"][chunk.num_rows - 1].as_py()
-                    sink.export(keep, last)
+                    if keep.num_rows or holds:
+                        sink.export(keep, last)
+                        holds = True
+                        ledger.record(run, rank.rank, last)
                     cursor = last
-                    ledger.record(run, rank.rank, cursor)
                     result.exported.update(_kind_counts(keep))
                     result.skipped.update(skipped)
                     self.progress(chunk.num_rows)
             result.cursors[rank.rank] = cursor
-            ledger.record(run, rank.rank, cursor)
         finally:
             sink.close()
 
+    def _records(self, rank: RankInfo, after: int) -> Iterator[pa.Table]:
+        """The rank's records above `after`, in seq order, up to the first gap in the seqs
+        (where SeqGap is raised once the records before it have been consumed)."""
+        index, problems = read_index(rank.path)
+        if problems:
+            raise JournalCorruption(f"{rank.path}: {problems[0]}")
+        # What must exist, known before the segments are listed (a writer renames a sealed
+        # segment into place before it indexes it), so that segments sealed while we read
+        # are not mistaken for missing ones.
+        known = max([_int(e.get("last_seq")) for e in index]
+                    + [_int(s.get("last_seq")) for s in rank.manifest.get("sessions") or []
+                       if isinstance(s, dict)], default=0)
+        expected = after + 1
+        for table in iter_tables(rank.path / "segments", after, index):
+            seqs = table["seq"].to_numpy()
+            runs_on = seqs == expected + _arange(len(seqs))
+            if not runs_on.all():
+                cut = int(runs_on.argmin())
+                if cut:
+                    yield table.slice(0, cut)
+                if seqs[cut] < expected + cut:
+                    raise JournalCorruption(f"{rank.path}: seq goes back from "
+                                            f"{expected + cut - 1} to {seqs[cut]}")
+                raise _gap(rank, index, expected + cut - 1, int(seqs[cut]) - 1)
+            yield table
+            expected += len(seqs)
+        if expected <= known:
+            raise _gap(rank, index, expected - 1, known)
+
     def _dry_run(self, exporter: Exporter, run: RunInfo, result: RunResult) -> None:
         result.status = "would-sync"
-        for rank in self.ranks_of(run):
+        for rank in run.ranks:
             sink = exporter.open(run, rank, create=False)
             cursor = 0
             if sink is not None:
@@ -207,23 +304,104 @@ class SyncEngine:
             result.status = "up-to-date"
 
 
+def target_lock(exporter: Exporter, ledger: Ledger, run: RunInfo) -> filelock.BaseFileLock:
+    """The lock a sync holds while it exports `run` to a target: per journal, at the target
+    itself when it lives in a directory (so that syncs reading two copies of a savedir exclude
+    each other too), else in the savedir's ledger."""
+    where = exporter.lock_dir(run)
+    if where is None:
+        return ledger.lock(run)
+    where.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(where / f"{run.journal_id}.lock"))
+
+
+def rank_takes(rank: RankInfo, target: str) -> bool:
+    """Whether this rank's journal is where `target` takes its records from.
+
+    A LoggersCollection whose members write to different savedirs (a Prov4MLLogger writes to
+    its own provenance_save_dir) makes several journals of one run, and a record accepted by
+    several members is in several of them. Each journal records the collection's destinations
+    and whether it is the primary one (the first member's). A target of the collection takes
+    its records from the journal its own logger wrote; a target outside it (`--to` a tracker
+    no member logs to) from the primary journal. Journals without that record (written
+    outside a collection, or before it existed) take every target."""
+    collection = rank.manifest.get("collection")
+    if not isinstance(collection, dict):
+        return True
+    declared = rank.manifest.get("destinations") or {}
+    if isinstance(declared, dict) and target in declared:
+        return True
+    group = collection.get("destinations")
+    if isinstance(group, list) and target in group:
+        return False
+    return collection.get("primary") is True
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _arange(n: int) -> Any:
+    import numpy as np
+
+    return np.arange(n, dtype=np.int64)
+
+
+def _gap(rank: RankInfo, index: list[dict[str, Any]], last_ok: int, missing_to: int) -> SeqGap:
+    """The error for records last_ok+1..missing_to missing, naming the indexed segments that
+    held them when the index knows them."""
+    first = last_ok + 1
+    held = [str(e.get("file") or e.get("segment")) for e in index
+            if isinstance(e.get("first_seq"), int) and isinstance(e.get("last_seq"), int)
+            and e["first_seq"] <= missing_to and e["last_seq"] >= first]
+    where = (f"segment {', '.join(held)} listed in the index is missing" if held
+             else "no segment holds them")
+    span = f"{first}" if first == missing_to else f"{first}..{missing_to}"
+    return SeqGap(f"records {span} are missing from {rank.path / 'segments'} ({where}); "
+                  f"exported up to seq {last_ok}, the rest follows once they are restored")
+
+
 def select(table: pa.Table, exporter: Exporter) -> tuple[pa.Table, Counter]:
     """Records of `table` that go to this target, and counts per kind of those that do not:
-    kinds the target does not show, and records routed only to other destinations."""
+    kinds the target does not show, and records routed only to other destinations (a
+    record's route is the `targets` list at the top level of its meta, which only the journal
+    writer sets; a user's keyword argument of that name is kept under meta's `kwargs`)."""
     skipped: Counter = Counter()
     kind_ok = pc.is_in(table["kind"], pa.array(sorted(exporter.kinds), pa.string()))
-    routed = pc.fill_null(pc.match_substring(table["meta"], '"targets"'), False)
-    if pc.any(routed).as_py():
-        metas = table["meta"].to_pylist()
-        flags = routed.to_pylist()
-        allowed = [not f or exporter.name in json.loads(m)["targets"]
-                   for m, f in zip(metas, flags)]
+    maybe = pc.fill_null(pc.match_substring(table["meta"], '"targets"'), False)
+    if pc.any(maybe).as_py():
+        allowed = [not m or exporter.name in _route(meta)
+                   for meta, m in zip(table["meta"].to_pylist(), maybe.to_pylist())]
         mask = pc.and_(kind_ok, pa.array(allowed))
     else:
         mask = kind_ok
     dropped = table.filter(pc.invert(mask))
     skipped.update(_kind_counts(dropped))
     return table.filter(mask), skipped
+
+
+class _Everywhere:
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+_EVERYWHERE = _Everywhere()
+
+
+def _route(meta: str) -> Any:
+    """The destinations a record is restricted to (a container of names), or everywhere when
+    its meta has no top-level `targets`. A `targets` that is not a list of names (a damaged or
+    crafted journal) restricts the record to nowhere: it is counted as not for this target."""
+    try:
+        d = json.loads(meta)
+    except ValueError:
+        return _EVERYWHERE
+    if not isinstance(d, dict) or "targets" not in d:
+        return _EVERYWHERE
+    targets = d["targets"]
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        return set(targets)
+    return set()
 
 
 def _kind_counts(table: pa.Table) -> Counter:
@@ -244,11 +422,14 @@ def total_pending(engine: SyncEngine, plan: list[tuple[RunInfo, str]]) -> int:
     progress bar; the target's own cursor decides what is actually exported)."""
     total = 0
     for run, target in plan:
+        ranks = engine.ranks_for(run, target)
         try:
             exporter = engine.exporter(target)
-            cursors = Ledger(engine.req.savedir, exporter.target_key(run), target).cursors(run)
+            view = dataclasses.replace(run, ranks=ranks)
+            cursors = Ledger(engine.req.savedir, exporter.target_key(view), target).cursors(view)
         except Exception:  # noqa: BLE001 - an estimate only
             cursors = {}
-        for rank in engine.ranks_of(run):
+        for rank in ranks:
             total += max(0, rank.last_seq - cursors.get(rank.rank, 0))
     return total
+

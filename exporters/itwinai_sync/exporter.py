@@ -15,7 +15,10 @@ one rank of one run is written:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,12 +32,23 @@ import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.blobs import BlobStore
+from itwinai_journal.fsutil import fsync_dir, read_json, write_atomic
 
 ENTRY_POINT_GROUP = "itwinai_sync.exporters"
+#: Directory, inside a target directory, of the per-journal sync locks.
+LOCK_DIR = ".itwinai-sync-locks"
+#: File naming the journal a target run directory belongs to.
+JOURNAL_MARKER = ".itwinai-journal.json"
 
 
 class ExportError(Exception):
     """A problem exporting one run, reported in one line and isolated to that run."""
+
+
+class TargetChanged(Exception):
+    """The target run a sink was writing to is no longer the one the target keeps for this
+    journal rank (a concurrent sync of a copy of the journal converged on another one). The
+    engine opens the rank again and continues from the kept run's cursor."""
 
 
 @dataclass
@@ -107,8 +121,71 @@ class Exporter(ABC):
         """Where the run goes, for messages (defaults to the target key)."""
         return self.target_key(run)
 
+    def connect(self, run: RunInfo) -> None:
+        """Reach the target of `run` (raise ExportError, one line, when it cannot be reached),
+        before any rank is exported."""
+
+    def lock_dir(self, run: RunInfo) -> Path | None:
+        """Directory at the target holding the per-journal sync locks, so that every sync
+        writing there excludes the others, whichever copy of the savedir it reads; None for
+        a target without a directory of its own (the lock is then in the savedir)."""
+        return None
+
     def close(self) -> None:
         """Release resources held for the whole sync."""
+
+
+def find_journal_dir(parent: Path, name: str, run: RunInfo) -> Path | None:
+    """The directory below `parent` that holds `run`'s export: `name`, or
+    `name.journal-<id>` when `name` belongs to another journal with the same experiment and
+    run id; None when there is none yet. A directory belongs to the journal its marker names."""
+    for candidate in _journal_dir_names(name, run):
+        if _marker_id(parent / candidate) == run.journal_id:
+            return parent / candidate
+    return None
+
+
+def claim_journal_dir(parent: Path, name: str, run: RunInfo, notes: Notes, what: str) -> Path:
+    """`run`'s directory below `parent`, created if needed. A directory is claimed by renaming
+    a temporary one holding the marker onto its name, which fails when it exists and is not
+    empty: so two journals (synced by two processes) never share one, and a second journal
+    with the same experiment and run id gets `name.journal-<first 8 digits of its id>`."""
+    found = find_journal_dir(parent, name, run)
+    if found is not None:
+        return found
+    parent.mkdir(parents=True, exist_ok=True)
+    for candidate in _journal_dir_names(name, run):
+        path = parent / candidate
+        if not path.exists() or not any(path.iterdir()):
+            tmp = parent / f".claim-{candidate}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+            marker = {"journal_id": run.journal_id, "run": run.key}
+            write_atomic(tmp / JOURNAL_MARKER, (json.dumps(marker) + "\n").encode())
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                fsync_dir(parent)
+        if _marker_id(path) == run.journal_id:
+            if candidate != name:
+                notes.add(f"{what}: {parent / name} belongs to another journal of {run.key}; "
+                          f"this one ({run.path}) is exported to {path}")
+            return path
+    raise ExportError(f"{what}: {parent / name} and {path} belong to other journals of "
+                      f"{run.key}")
+
+
+def _journal_dir_names(name: str, run: RunInfo) -> tuple[str, str]:
+    return name, f"{name}.journal-{run.journal_id[:8]}"
+
+
+def _marker_id(path: Path) -> str | None:
+    try:
+        marker = read_json(path / JOURNAL_MARKER)
+    except (OSError, ValueError):
+        return None
+    return marker.get("journal_id") if isinstance(marker, dict) else None
 
 
 def key_digest(key: str) -> str:

@@ -1,8 +1,12 @@
 """The local sync ledger under `<savedir>/.sync/`: a mirror of each target's cursors (for speed
-and for `itwinai-sync ls`), and the per (target key, run) locks that let several sync processes
-share one savedir and one target, each taking the runs nobody else holds.
+and for `itwinai-sync ls`), and, for targets without a directory of their own (an MLflow
+server), the per (target key, journal) locks that let several sync processes share one savedir
+and one target, each taking the runs nobody else holds.
 
-The target's own committed cursor is the truth; the ledger is only ever a hint.
+Entries are per journal identity (`RunInfo.journal_id`), not per run id: two journals of one
+run (a Prov4MLLogger's beside the main one) or two journals that share an experiment and run id
+each have their own cursors. The target's own committed cursor is the truth; the ledger is only
+ever a hint.
 """
 
 from __future__ import annotations
@@ -31,22 +35,19 @@ class Ledger:
         self.target_key = target_key
         self.target = target
 
-    def _base(self, run: RunInfo) -> Path:
-        return self.root / experiment_dirname(run.experiment) / run.run_id
+    def _path(self, run: RunInfo, suffix: str) -> Path:
+        return (self.root / experiment_dirname(run.experiment)
+                / f"{run.run_id}.{run.journal_id}{suffix}")
 
     def lock(self, run: RunInfo) -> filelock.FileLock:
         import filelock
 
-        path = self._base(run).with_suffix(".lock")
+        path = self._path(run, ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
-        target_file = self.root / "target.json"
-        if not target_file.exists():
-            write_json_atomic(target_file, {"key": self.target_key, "target": self.target},
-                              fsync=False)
         return filelock.FileLock(str(path))
 
     def cursors(self, run: RunInfo) -> dict[int, int]:
-        path = self._base(run).with_suffix(".json")
+        path = self._path(run, ".json")
         try:
             data = read_json(path)
         except (FileNotFoundError, ValueError):
@@ -54,11 +55,16 @@ class Ledger:
         return {int(k): int(v) for k, v in data.get("cursors", {}).items()}
 
     def record(self, run: RunInfo, rank: int, cursor: int) -> None:
+        target_file = self.root / "target.json"
+        if not target_file.exists():
+            write_json_atomic(target_file, {"key": self.target_key, "target": self.target},
+                              fsync=False)
         cursors = self.cursors(run)
         cursors[rank] = cursor
-        write_json_atomic(self._base(run).with_suffix(".json"), {
+        write_json_atomic(self._path(run, ".json"), {
             "target": self.target, "target_key": self.target_key, "run": run.key,
-            "cursors": {str(k): v for k, v in sorted(cursors.items())}, "updated": time.time(),
+            "journal": run.journal_id, "cursors": {str(k): v for k, v in sorted(cursors.items())},
+            "updated": time.time(),
         }, fsync=False)
 
 
@@ -75,6 +81,6 @@ def ledger_entries(savedir: Path) -> list[dict[str, Any]]:
             entry = read_json(path)
         except (OSError, ValueError):
             continue
-        if isinstance(entry, dict) and {"run", "target_key"} <= entry.keys():
+        if isinstance(entry, dict) and {"run", "target_key", "journal"} <= entry.keys():
             out.append(entry)
     return out

@@ -1,10 +1,22 @@
-"""MLflow target: a journal run becomes a parent run with one nested child run per rank.
+"""MLflow target: a journal run with one rank becomes one MLflow run, as MLFlowLogger makes it
+online; a run with several ranks becomes a parent run with one nested child run per rank.
 
 Exactly once: metrics and params go through `log_batch` with the rank's cursor as a tag of the
-same request, so MLflow stores both or neither. Artifacts (text, dicts, figures, images, files,
-torch objects) are written to deterministic artifact paths, so repeating one after a crash
-overwrites it with the same bytes; the cursor tag is committed right after each. Models are
-looked up by name in the run before being logged again.
+same request. Artifacts (text, dicts, figures, images, files, torch objects) are written to
+deterministic artifact paths, so repeating one after a crash overwrites it with the same bytes;
+the cursor tag is committed right after each. Models are looked up by name in the run before
+being logged again.
+
+Which MLflow runs a journal has: every run carries the journal's identity (`itwinai.journal`),
+its role (`parent` or `rank`) and rank, and is found by them, never by name. Find-or-create is a
+claim: a sync that finds no run creates one (tagged with its creation time), searches again, and
+keeps the earliest created of all it finds, deleting the others. Every sync does the same with
+what it finds, so two syncs of two copies of one journal that created runs at the same time
+converge on one run; one whose run was deleted under it continues in the kept one
+(TargetChanged), where writing the same points again stores nothing twice (MLflow's SQL store
+keys a metric point by name, timestamp, step and value; params and artifacts are idempotent).
+A different journal with the same experiment and run id gets runs of its own, named with
+`[journal <id>]`.
 
 Where the run goes: `--tracking-uri`, else the MLFlowLogger's `tracking_uri`, else
 `MLFLOW_TRACKING_URI`, else `sqlite:///<savedir>/mlflow.db` (artifacts in `<savedir>/mlartifacts`).
@@ -19,25 +31,44 @@ import logging
 import math
 import os
 import re
+import secrets
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, nullcontext
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
+from itwinai_journal.fsutil import fsync_dir
+from itwinai_journal.liveness import pid_alive
+from itwinai_journal.segments import read_segment, segment_files
 
-from .exporter import Exporter, ExportError, Notes, RankSink, scoped_env
+from .exporter import (
+    LOCK_DIR,
+    Exporter,
+    ExportError,
+    Notes,
+    RankSink,
+    TargetChanged,
+    scoped_env,
+)
 
 TAG_RUN = "itwinai.run"
 TAG_DIGEST = "itwinai.run_digest"
+TAG_JOURNAL = "itwinai.journal"
 TAG_RANK = "itwinai.rank"
 TAG_CURSOR = "itwinai.cursor"
 TAG_ROLE = "itwinai.role"
+TAG_CLAIMED = "itwinai.claimed"
 
 #: MLflow's per-request limits. The client splits a larger log_batch into several requests,
 #: which would separate the cursor tag from some of the records it covers, so each of our
@@ -46,7 +77,18 @@ MAX_ENTITIES, MAX_PARAMS = 1000, 100
 MAX_REQUEST_BYTES = 1_000_000
 MAX_KEY = 250
 MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 5000
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+#: Characters MLflow refuses in a logged model's name.
+_BAD_MODEL_CHARS = re.compile(r"[/:.%\"']")
+#: Seconds to wait for a tracking server to resolve and answer before reporting it unreachable
+#: (MLflow's own retries would take minutes).
+REACH_TIMEOUT = 5.0
+#: What a SQL store answers when two syncs insert the same row at once (sqlite, PostgreSQL,
+#: MySQL): MLflow checks for an existing param, tag or latest value, then inserts, and the
+#: slower of two concurrent requests fails on the unique key.
+_CONFLICT = re.compile(r"IntegrityError|UNIQUE constraint|duplicate key|Duplicate entry")
+CONFLICT_RETRIES = 5
 
 _FLUENT_LOCK = threading.Lock()
 
@@ -60,8 +102,18 @@ def mlflow_key(name: str) -> str:
     parts = ["_" if p in (".", "..") else p for p in key.split("/") if p]
     key = "/".join(parts) or "_"
     if len(key) > MAX_KEY:
-        key = key[:240].rstrip("/") + "-" + hashlib.sha1(name.encode()).hexdigest()[:9]
+        key = key[:240].rstrip("/") + "-" + _digest(name, 9)
     return key
+
+
+def model_name(name: str) -> str:
+    """A logged-model name MLflow accepts: '/', ':', '.', '%' and quotes become '_' (MLflow 3
+    refuses them: `model.pt`, `checkpoints/best`, `model:v1`)."""
+    return mlflow_key(_BAD_MODEL_CHARS.sub("_", name))
+
+
+def _digest(name: str, n: int) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()[:n]
 
 
 def artifact_relpath(name: str, suffix: str = "") -> PurePosixPath:
@@ -74,6 +126,122 @@ def artifact_relpath(name: str, suffix: str = "") -> PurePosixPath:
     return path
 
 
+def canonical_uri(uri: str) -> str:
+    """One spelling per tracking store, without credentials: local paths resolved
+    (`sqlite:///a//b/../mlflow.db`), scheme and host in lower case, default ports, trailing
+    slashes and the user/password part of the URI dropped (`http://u:p@Host:80/` ->
+    `http://host`). Used for the target key, the ledger and messages; the client is given the
+    URI as written, credentials included."""
+    local = _local_store(uri)
+    if local is not None:
+        scheme, path = local
+        return f"{scheme}:///{path}" if scheme == "sqlite" else path.as_uri()
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return uri
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    if port is not None and (parts.scheme.lower(), port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{port}"
+    path = re.sub("/+", "/", parts.path).rstrip("/")
+    return urlunsplit((parts.scheme.lower(), host, path, parts.query, ""))
+
+
+def _local_store(uri: str) -> tuple[str, Path] | None:
+    """('sqlite', database file) or ('file', store directory) for a store on this machine."""
+    if uri.startswith("sqlite:///"):
+        raw = uri[len("sqlite:///"):].split("?", 1)[0]
+        return ("sqlite", Path(raw).resolve()) if raw and raw != ":memory:" else None
+    if uri.startswith("file:"):
+        parts = urlsplit(uri)
+        return ("file", Path(parts.path).resolve()) if parts.path else None
+    if "://" not in uri and not re.match(r"^[A-Za-z][\w+.-]*:", uri):
+        return ("file", Path(uri).resolve())  # MLflow takes a plain path as a file store
+    return None
+
+
+def create_sqlite_store(db: Path) -> None:
+    """Create an empty MLflow database at `db` atomically: MLflow creates its tables through
+    a chain of migrations, and a sync killed in the middle used to leave a database that fails
+    for ever ("table _alembic_tmp_... already exists"). It is built under a temporary name
+    beside `db` and linked into place complete; a concurrent sync that was first wins."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in db.parent.glob(f".{db.name}.{host}.*.tmp"):  # left by a killed sync here
+        pid = stale.name.rsplit(".", 3)[1]
+        if pid.isdigit() and not pid_alive(int(pid), None):
+            stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").as_uri())
+        store.engine.dispose()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, db)
+        except FileExistsError:
+            pass
+        fsync_dir(db.parent)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+
+
+def unreachable(uri: str) -> str | None:
+    """Why an HTTP(S) tracking server cannot be reached (its host does not resolve, nothing
+    listens, no answer within REACH_TIMEOUT), or None. MLflow's client would retry a refused
+    connection for minutes before failing."""
+    import requests
+
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    if not requests.utils.get_environ_proxies(uri):  # through a proxy the proxy resolves it
+        with ThreadPoolExecutor(1) as pool:
+            lookup = pool.submit(socket.getaddrinfo, parts.hostname, parts.port or 80)
+            try:
+                lookup.result(timeout=REACH_TIMEOUT)
+            except socket.gaierror:
+                return f"host {parts.hostname!r} not found"
+            except FutureTimeout:
+                return f"host {parts.hostname!r} not resolved within {REACH_TIMEOUT:.0f} s"
+    try:
+        requests.head(uri, timeout=(REACH_TIMEOUT, 3 * REACH_TIMEOUT),
+                      allow_redirects=False).close()
+    except requests.exceptions.ConnectTimeout:
+        return f"no connection within {REACH_TIMEOUT:.0f} s"
+    except requests.exceptions.ConnectionError as e:
+        return "connection refused" if "refused" in str(e).lower() else _first_line(e)
+    except requests.exceptions.RequestException as e:
+        return _first_line(e)
+    return None
+
+
+def idempotent(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call an MLflow write whose repetition stores nothing twice (a log_batch of points and
+    params already sent, a tag, a dataset input), again when it failed only because a
+    concurrent sync of the same journal inserted the same row first."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as e:
+            if attempt == CONFLICT_RETRIES or not _CONFLICT.search(str(e)):
+                raise
+            time.sleep(0.05 * 2 ** attempt * (1 + secrets.randbelow(100) / 100))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
 class MlflowExporter(Exporter):
     name = "mlflow"
     kinds = frozenset({"metric", "param", "text", "dict", "figure", "image", "artifact", "torch",
@@ -84,6 +252,9 @@ class MlflowExporter(Exporter):
         super().__init__(savedir, options, notes)
         self._clients: dict[str, Any] = {}
         self._sqlite_locks: dict[str, threading.Lock] = {}
+        self._unreachable: dict[str, str] = {}
+        #: Name -> key maps of each (store, journal, rank), kept across `--watch` passes.
+        self._keymaps: dict[tuple[str, str, int], KeyMaps] = {}
         self._guard = threading.Lock()
 
     @classmethod
@@ -111,13 +282,26 @@ class MlflowExporter(Exporter):
                 or run.experiment)
 
     def target_key(self, run: RunInfo) -> str:
-        return f"mlflow:{self.tracking_uri(run)}"
+        return f"mlflow:{canonical_uri(self.tracking_uri(run))}"
 
     def describe(self, run: RunInfo) -> str:
-        return f"{self.tracking_uri(run)}, experiment {self.experiment_name(run)!r}"
+        return f"{canonical_uri(self.tracking_uri(run))}, experiment {self.experiment_name(run)!r}"
+
+    def connect(self, run: RunInfo) -> None:
+        self.client(self.tracking_uri(run))
+
+    def lock_dir(self, run: RunInfo) -> Path | None:
+        """Beside a store on this machine (sqlite file, file store); none for a server."""
+        local = _local_store(self.tracking_uri(run))
+        if local is None:
+            return None
+        _, path = local
+        return path.parent / LOCK_DIR / f"mlflow-{path.name}"
 
     def client(self, uri: str) -> Any:
         with self._guard:
+            if uri in self._unreachable:
+                raise ExportError(self._unreachable[uri])
             if uri not in self._clients:
                 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
                 from mlflow import MlflowClient
@@ -126,7 +310,14 @@ class MlflowExporter(Exporter):
                 # noise in a sync summary; errors still surface as exceptions.
                 logging.getLogger("mlflow").setLevel(logging.WARNING)
                 logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-
+                why = unreachable(uri)
+                if why is not None:
+                    self._unreachable[uri] = (f"cannot reach the MLflow tracking server at "
+                                              f"{canonical_uri(uri)}: {why}")
+                    raise ExportError(self._unreachable[uri])
+                local = _local_store(uri)
+                if local is not None and local[0] == "sqlite" and not local[1].exists():
+                    create_sqlite_store(local[1])
                 self._clients[uri] = MlflowClient(tracking_uri=uri)
                 self._sqlite_locks[uri] = threading.Lock()
             return self._clients[uri]
@@ -144,11 +335,11 @@ class MlflowExporter(Exporter):
         if not create:
             return None
         location = None
-        if uri.startswith("sqlite:///"):
+        local = _local_store(uri)
+        if local is not None and local[0] == "sqlite":
             # MLflow's default for a sqlite store is ./mlruns of the current directory; keep
             # artifacts beside the database instead.
-            db = Path(uri[len("sqlite:///"):])
-            location = (db.parent / "mlartifacts").resolve().as_uri()
+            location = (local[1].parent / "mlartifacts").as_uri()
         from mlflow.exceptions import MlflowException
 
         try:
@@ -156,134 +347,324 @@ class MlflowExporter(Exporter):
         except MlflowException:  # created meanwhile by another sync process
             return client.get_experiment_by_name(name).experiment_id
 
+    def keymaps(self, uri: str, run: RunInfo, rank: RankInfo) -> KeyMaps:
+        with self._guard:
+            key = (canonical_uri(uri), run.journal_id, rank.rank)
+            if key not in self._keymaps:
+                self._keymaps[key] = KeyMaps(self, rank)
+            return self._keymaps[key]
+
     # -- runs -----------------------------------------------------------------------------------
 
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
+        """The rank's sink. Nothing is created here: the sink creates the MLflow run(s) when
+        it first has a record to write, so that a journal with nothing for MLflow leaves no
+        empty run."""
         uri = self.tracking_uri(run)
-        client = self.client(uri)
-        flat = self.options.get("ranks") == "0"
+        place = Place(self, self.client(uri), uri, run)
         with self.write_lock(uri):
-            exp_id = self._experiment_id(client, run, uri, create)
-            if exp_id is None:
-                return None
-            found = _find_runs(client, exp_id, run)
-            if flat:
-                child = found.get(("flat", rank.rank))
-                if child is None and not create:
-                    return None
-                if child is None:
-                    child = self._create(client, exp_id, run, rank, parent=None)
-            else:
-                parent = found.get(("parent", None))
-                child = found.get(("child", rank.rank))
-                if child is None and not create:
-                    return None
-                if parent is None:
-                    parent = self._create(client, exp_id, run, None, parent=None)
-                if child is None:
-                    child = self._create(client, exp_id, run, rank, parent=parent)
-        parent = None if flat else parent
-        return MlflowRankSink(run, rank, self.notes, client, child, parent, self.write_lock(uri))
+            target = place.find_rank(rank, create)
+        if target is None and not create:
+            return None
+        return MlflowRankSink(run, rank, self.notes, place, target)
 
-    def _create(self, client: Any, exp_id: str, run: RunInfo, rank: RankInfo | None,
-                parent: Any) -> Any:
-        info = run.info
-        tags = {TAG_RUN: run.key, TAG_DIGEST: run_digest(run)}
+
+class Place:
+    """Where one journal run goes in one MLflow store: finding and claiming its runs."""
+
+    def __init__(self, exporter: MlflowExporter, client: Any, uri: str, run: RunInfo):
+        self.exporter = exporter
+        self.client = client
+        self.uri = uri
+        self.run = run
+        self.notes = exporter.notes
+        self.write_lock = exporter.write_lock(uri)
+        self.nested = len(run.ranks) > 1
+        self._exp_id: str | None = None
+
+    def experiment_id(self, create: bool) -> str | None:
+        if self._exp_id is None:
+            self._exp_id = self.exporter._experiment_id(self.client, self.run, self.uri, create)
+        return self._exp_id
+
+    # -- searching and claiming -------------------------------------------------------------
+
+    def _search(self, tags: dict[str, str]) -> list[Any]:
+        exp_id = self.experiment_id(create=False)
+        if exp_id is None:
+            return []
+        found, token = [], None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        while True:
+            page = self.client.search_runs([exp_id], filter_string=query, max_results=1000,
+                                           page_token=token)
+            found.extend(page)
+            token = page.token
+            if not token:
+                return found
+
+    def _claim(self, tags: dict[str, str], create: Any) -> Any:
+        """The run with `tags`, created by `create()` when there is none. Concurrent syncs
+        converge on the earliest created run; the others are deleted (see the module
+        docstring)."""
+        runs = self._search(tags)
+        if not runs and create is not None:
+            create()
+            runs = self._search(tags)
+        if not runs:
+            return None
+        runs.sort(key=_claim_order)
+        for loser in runs[1:]:
+            self._retire(loser, runs[0])
+        return runs[0]
+
+    def _retire(self, loser: Any, winner: Any) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_run(loser.info.run_id)
+        except MlflowException:
+            pass  # deleted meanwhile by another sync
+        self.notes.add(f"mlflow: {self.run.key}: two syncs created the same run at once; kept "
+                       f"{winner.info.run_id}, deleted {loser.info.run_id}")
+
+    def _ids(self, role: str, rank: int | None) -> dict[str, str]:
+        tags = {TAG_JOURNAL: self.run.journal_id, TAG_ROLE: role}
+        if rank is not None:
+            tags[TAG_RANK] = str(rank)
+        return tags
+
+    def find_rank(self, rank: RankInfo, link: bool) -> Any:
+        """The rank's MLflow run if it exists; with `link`, attached to the parent when the
+        run has several ranks (it may have been synced alone before, with `--ranks 0`)."""
+        target = self._claim(self._ids("rank", rank.rank), None)
+        if target is not None and link and self.nested:
+            self._link(target, rank)
+        return target
+
+    def claim_rank(self, rank: RankInfo) -> Any:
+        with self.write_lock:
+            exp_id = self.experiment_id(create=True)
+            parent = self._claim(self._ids("parent", None),
+                                 lambda: self._create(exp_id, None)) if self.nested else None
+            target = self._claim(self._ids("rank", rank.rank),
+                                 lambda: self._create(exp_id, rank, parent))
+            if parent is not None:
+                self._link(target, rank, parent)
+            return target
+
+    def parent(self) -> Any:
+        return self._claim(self._ids("parent", None), None) if self.nested else None
+
+    def _link(self, target: Any, rank: RankInfo, parent: Any = None) -> None:
+        """Nest the rank's run under the parent, named worker_<rank>."""
+        if parent is None:
+            exp_id = self.experiment_id(create=True)
+            parent = self._claim(self._ids("parent", None), lambda: self._create(exp_id, None))
+        rid = target.info.run_id
+        if target.data.tags.get("mlflow.parentRunId") != parent.info.run_id:
+            idempotent(self.client.set_tag, rid, "mlflow.parentRunId", parent.info.run_id)
+        if target.info.run_name != f"worker_{rank.rank}":
+            self.client.update_run(rid, name=f"worker_{rank.rank}")
+
+    def _create(self, exp_id: str, rank: RankInfo | None, parent: Any = None) -> Any:
+        run, info = self.run, self.run.info
+        name = str(info.get("run_name") or run.run_id)
+        if self._other_journals():
+            name = f"{name} [journal {run.journal_id[:8]}]"
+            self.notes.add(f"mlflow: another journal with experiment and run id {run.key} is "
+                           f"in MLflow already; this one ({run.path}) has runs of its own, named "
+                           f"{name!r}")
+        tags = {TAG_RUN: run.key, TAG_DIGEST: run_digest(run), TAG_JOURNAL: run.journal_id,
+                TAG_CLAIMED: f"{time.time_ns() // 1_000_000:015d} {secrets.token_hex(4)}"}
+        first = run.ranks[0].manifest if run.ranks else {}
         if rank is None:
             tags[TAG_ROLE] = "parent"
-            name = info.get("run_name") or run.run_id
-            if info.get("description"):
-                tags["mlflow.note.content"] = str(info["description"])
-            first = run.ranks[0].manifest if run.ranks else {}
-            tags.update(_manifest_tags(first))
-            tags["itwinai.world_size"] = str(first.get("world_size", len(run.ranks)))
+            manifest = first
         else:
+            tags[TAG_ROLE] = "rank"
             tags[TAG_RANK] = str(rank.rank)
-            tags[TAG_ROLE] = "child" if parent is not None else "flat"
-            name = f"worker_{rank.rank}" if parent is not None else (
-                info.get("run_name") or run.run_id)
-            if parent is not None:
-                tags["mlflow.parentRunId"] = parent.info.run_id
+            manifest = rank.manifest
             if rank.rank == 0:
                 tags["itwinai.main"] = "true"
-            tags.update(_manifest_tags(rank.manifest))
+            if parent is not None:
+                tags["mlflow.parentRunId"] = parent.info.run_id
+                name = f"worker_{rank.rank}"
+        if (rank is None or parent is None) and info.get("description"):
+            tags["mlflow.note.content"] = str(info["description"])[:MAX_TAG_VALUE]
+        tags["itwinai.world_size"] = str(first.get("world_size", len(run.ranks)))
+        tags.update(_manifest_tags(manifest))
         start = int(float(info.get("created") or 0) * 1000) or None
-        return client.create_run(exp_id, start_time=start, tags=tags, run_name=name)
+        return self.client.create_run(exp_id, start_time=start, tags=tags, run_name=name)
+
+    def _other_journals(self) -> bool:
+        return any(r.data.tags.get(TAG_JOURNAL) != self.run.journal_id
+                   for r in self._search({TAG_DIGEST: run_digest(self.run)}))
+
+
+def _claim_order(run: Any) -> tuple[str, str]:
+    """Creation time (ms, zero-padded) then run id: earliest first, the same for every sync."""
+    return (run.data.tags.get(TAG_CLAIMED) or "~", run.info.run_id)
 
 
 def run_digest(run: RunInfo) -> str:
+    """Digest of the run key (experiment/run id), to find other journals of the same key."""
     return hashlib.sha256(run.key.encode()).hexdigest()[:24]
 
 
-def _find_runs(client: Any, exp_id: str, run: RunInfo) -> dict[tuple[str, int | None], Any]:
-    """The target runs of a journal run, found by tags (never re-created on re-sync)."""
-    found: dict[tuple[str, int | None], Any] = {}
-    token = None
-    while True:
-        page = client.search_runs([exp_id], filter_string=f"tags.`{TAG_DIGEST}` = "
-                                  f"'{run_digest(run)}'", max_results=1000, page_token=token)
-        for r in page:
-            role = r.data.tags.get(TAG_ROLE)
-            rank = r.data.tags.get(TAG_RANK)
-            found[(role, int(rank) if rank is not None else None)] = r
-        token = page.token
-        if not token:
-            return found
-
-
 def _manifest_tags(manifest: dict[str, Any]) -> dict[str, str]:
-    tags = {}
-    if manifest.get("host"):
-        tags["itwinai.host"] = str(manifest["host"])
+    """MLflow's system tags as the online logger's fluent run sets them (the UI's User and
+    Source columns), from what the rank recorded about itself, and itwinai's own."""
+    tags = {"mlflow.source.type": "LOCAL"}
     sessions = manifest.get("sessions") or []
-    if sessions:
-        tags["itwinai.argv"] = " ".join(sessions[0].get("argv", []))[:5000]
-    for dist, version in (manifest.get("versions") or {}).items():
-        tags[f"itwinai.version.{dist}"] = str(version)
+    argv = sessions[0].get("argv") if sessions and isinstance(sessions[0], dict) else None
+    if isinstance(argv, list) and argv:
+        tags["mlflow.source.name"] = str(argv[0])[:MAX_TAG_VALUE]
+        tags["itwinai.argv"] = " ".join(map(str, argv))[:MAX_TAG_VALUE]
+    if manifest.get("user"):
+        tags["mlflow.user"] = str(manifest["user"])[:MAX_TAG_VALUE]
     if manifest.get("git_commit"):
-        tags["mlflow.source.git.commit"] = str(manifest["git_commit"])
+        tags["mlflow.source.git.commit"] = str(manifest["git_commit"])[:MAX_TAG_VALUE]
+    if manifest.get("host"):
+        tags["itwinai.host"] = str(manifest["host"])[:MAX_TAG_VALUE]
+    versions = manifest.get("versions")
+    for dist, version in (versions.items() if isinstance(versions, dict) else ()):
+        tags[f"itwinai.version.{mlflow_key(str(dist))}"[:MAX_KEY]] = str(version)[:MAX_TAG_VALUE]
     return tags
 
 
+class KeyMaps:
+    """Record names -> MLflow keys for one rank, per namespace (metric and param keys, model
+    names), so that two names that map to one key (`loss@val`, `loss#val` -> `loss_val`) never
+    merge: a key belongs to the first name (in seq order) that maps to it, and a later name
+    mapping to it gets the key plus a digest of its own name. The first names are found by
+    reading the journal's names up to the cursor once (`prime`), so the mapping is the same
+    in every sync whatever it exported before."""
+
+    NAMESPACE = {"metric": "metric", "param": "param", "model": "model",
+                 "best_model": "model"}
+
+    def __init__(self, exporter: MlflowExporter, rank: RankInfo):
+        self.exporter = exporter
+        self.rank = rank
+        self.notes = exporter.notes
+        self.keys: dict[tuple[str, str], str] = {}
+        self.owners: dict[tuple[str, str], str] = {}
+        self.primed = 0
+        self.lock = threading.Lock()
+
+    def key(self, kind: str, name: str, quiet: bool = False) -> str:
+        ns = self.NAMESPACE[kind]
+        key = self.keys.get((ns, name))
+        if key is not None:
+            return key
+        key = model_name(name) if ns == "model" else mlflow_key(name)
+        owner = self.owners.get((ns, key), name)
+        what = "model name" if ns == "model" else f"{ns} name"
+        if owner != name:
+            plain = key
+            while self.owners.get((ns, key), name) != name:
+                key = f"{plain[:MAX_KEY - 10]}-{_digest(name + key, 9)}"
+            if not quiet:
+                self.notes.add(f"mlflow: {what} {name[:60]!r} is stored as {key[:70]!r}: "
+                               f"{owner[:60]!r} is stored as {plain[:60]!r} already")
+        elif key != name and not quiet:
+            self.notes.add(f"mlflow: {what} {name[:60]!r} is stored as {key[:60]!r}")
+        self.owners[(ns, key)] = name
+        self.keys[(ns, name)] = key
+        return key
+
+    def prime(self, upto: int) -> None:
+        """Take in the names of the rank's records with seq in (primed, upto] that go to
+        MLflow (kind and route, as the engine selects them), in seq order. Only the columns
+        needed are read: a few milliseconds per sealed segment."""
+        if upto <= self.primed:
+            return
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from .engine import select
+
+        kinds = pa.array(sorted(self.NAMESPACE), pa.string())
+        seg_dir = self.rank.path / "segments"
+        for number, files in segment_files(seg_dir).items():
+            if "parquet" in files:
+                table = pq.read_table(files["parquet"], columns=["seq", "kind", "name", "meta"])
+            else:
+                table, _ = read_segment(seg_dir, number)
+            if not table.num_rows or table["seq"][0].as_py() > upto:
+                break
+            table = table.filter(pc.and_(pc.and_(pc.greater(table["seq"], self.primed),
+                                                 pc.less_equal(table["seq"], upto)),
+                                         pc.is_in(table["kind"], kinds)))
+            keep, _ = select(table, self.exporter)
+            for kind, name in zip(keep["kind"].to_pylist(), keep["name"].to_pylist()):
+                self.key(kind, name, quiet=True)
+        self.primed = upto
+
+
 class MlflowRankSink(RankSink):
-    def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes, client: Any, target: Any,
-                 parent: Any, write_lock: Any):
+    def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes, place: Place, target: Any):
         super().__init__(run, rank, notes)
-        self.client = client
+        self.place = place
+        self.client = place.client
+        self.write_lock = place.write_lock
         self.target = target
-        self.parent = parent
-        self.run_id = target.info.run_id
-        self.write_lock = write_lock
-        self._cursor = int(target.data.tags.get(TAG_CURSOR, 0))
-        self._params = dict(target.data.params)
+        self.run_id = target.info.run_id if target is not None else None
+        self._cursor = int(target.data.tags.get(TAG_CURSOR, 0)) if target is not None else 0
+        self._params = dict(target.data.params) if target is not None else {}
+        self.names = place.exporter.keymaps(place.uri, run, rank)
         from mlflow.entities import Metric, Param, RunTag
 
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
-        self._keys: dict[str, str] = {}
 
     def cursor(self) -> int:
         return self._cursor
 
+    def _ensure_target(self) -> None:
+        """Create (claim) the rank's MLflow run, and the parent's, on the first write."""
+        if self.target is None:
+            self.target = self.place.claim_rank(self.rank)
+            self.run_id = self.target.info.run_id
+            self._params = dict(self.target.data.params)
+            claimed = int(self.target.data.tags.get(TAG_CURSOR, 0))
+            if claimed != self._cursor:
+                raise TargetChanged(f"MLflow run {self.run_id} of this rank was created by "
+                                    f"another sync meanwhile (cursor {claimed})")
+
+    def _key(self, kind: str, name: str) -> str:
+        key = self.names.keys.get((KeyMaps.NAMESPACE[kind], name))
+        if key is not None:  # seen before, in journal order
+            return key
+        with self.names.lock:
+            self.names.prime(self._cursor)
+            return self.names.key(kind, name)
+
     def close(self) -> None:
         """Mirror the journal's session status: a rank that ended is a terminated MLflow run
         (finished, failed, or killed for an interrupted session), with its real end time."""
-        _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank.manifest))
-        if self.parent is not None:
-            ends = [_end_ms(r.manifest) for r in self.run.ranks]
-            _terminate(self.client, self.parent, self.run.status,
-                       None if None in ends else max(ends))
+        if self.target is None:
+            return
+        from mlflow.exceptions import MlflowException
 
-    def _key(self, name: str) -> str:
-        key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = mlflow_key(name)
-            if key != name:
-                self.notes.add(f"mlflow: name {name[:60]!r} is stored as {key[:60]!r}")
-        return key
+        try:
+            _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank.manifest))
+            parent = self.place.parent()
+            if parent is not None:
+                ends = [_end_ms(r.manifest) for r in self.run.ranks]
+                _terminate(self.client, parent, self.run.status,
+                           None if None in ends else max(ends))
+        except MlflowException:
+            if not self._retired():
+                raise
+
+    def _retired(self) -> bool:
+        return self.client.get_run(self.run_id).info.lifecycle_stage == "deleted"
 
     # -- the batch ----------------------------------------------------------------------------
 
     def export(self, batch: pa.Table, cursor: int) -> None:
+        self._ensure_target()
         metrics: list[Any] = []
         params: dict[str, Any] = {}
         size = 0
@@ -293,11 +674,11 @@ class MlflowRankSink(RankSink):
         for i, kind in enumerate(cols["kind"]):
             seq = cols["seq"][i]
             if kind == "metric":
-                value = cols["value"][i]
-                metrics.append(self._Metric(self._key(cols["name"][i]), _finite(value),
+                key = self._key(kind, cols["name"][i])
+                metrics.append(self._Metric(key, _finite(cols["value"][i]),
                                             int(round(cols["time"][i] * 1000)),
                                             cols["step"][i] or 0))
-                size += 64 + len(cols["name"][i])
+                size += 64 + len(key)
             elif kind == "param":
                 param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i])
                 if param is not None:
@@ -318,21 +699,34 @@ class MlflowRankSink(RankSink):
         """One log_batch: the records and the cursor that covers them, atomically."""
         if not metrics and not params and cursor == self._cursor:
             return
+        from mlflow.exceptions import MlflowException
+
         tag = self._RunTag(TAG_CURSOR, str(cursor))
-        with self.write_lock:
-            self.client.log_batch(self.run_id, metrics=metrics, params=list(params.values()),
-                                  tags=[tag])
+        try:
+            with self.write_lock:
+                idempotent(self.client.log_batch, self.run_id, metrics=metrics,
+                           params=list(params.values()), tags=[tag])
+        except MlflowException as e:
+            if self._retired():
+                raise TargetChanged(f"MLflow run {self.run_id} was deleted by a concurrent sync "
+                                    "of this journal, which keeps another run") from e
+            raise
         self._params.update({p.key: p.value for p in params.values()})
+        if self.names.primed >= self._cursor:
+            self.names.primed = cursor  # the names of this commit went through _key
         self._cursor = cursor
 
     def _param(self, name: str, text: str | None, blob: str | None) -> Any:
-        value = json.loads(text) if text is not None else self.blobs.read(blob or "").decode()
-        value_s = value if isinstance(value, str) else json.dumps(value)
+        """A param as `mlflow.log_param` stores it: `str(value)` (`True`, `None`, `[8, 4]`,
+        `{'a': 1}`), the value being the JSON the journal holds."""
+        raw = text if text is not None else self.blobs.read(blob or "").decode()
+        value = json.loads(raw)
+        value_s = str(value)
         if len(value_s) > MAX_PARAM_VALUE:
             self.notes.add(f"mlflow: param {name!r} is longer than {MAX_PARAM_VALUE} characters"
                            " and was cut")
             value_s = value_s[:MAX_PARAM_VALUE]
-        key = self._key(name)
+        key = self._key("param", name)
         old = self._params.get(key)
         if old is not None and old != value_s:
             self.notes.add(f"mlflow: param {key!r} was logged again with a different value "
@@ -347,7 +741,7 @@ class MlflowRankSink(RankSink):
         meta = json.loads(rec["meta"]) if rec["meta"] else {}
         name = rec["name"]
         if kind in ("model", "best_model"):
-            self._log_model(name, rec["blob"], meta)
+            self._log_model(kind, name, rec["blob"], meta)
         elif kind == "dataset":
             self._log_dataset(name, rec["text"], meta)
         else:
@@ -367,22 +761,52 @@ class MlflowRankSink(RankSink):
 
     def _log_artifact_record(self, kind: str, name: str, rec: dict[str, Any],
                              meta: dict[str, Any]) -> None:
+        """At the artifact paths MLFlowLogger gives each kind: text and dicts at the identifier
+        (`log_text`, `log_dict`: JSON, or YAML for .yaml/.yml), figures at the identifier plus
+        `.png` unless it has it, images at the identifier, torch objects at
+        `<identifier>/<last part of the identifier>`, files at `<identifier>/<file name>`."""
+        rel = artifact_relpath(name)
         if kind == "text":
-            self._upload(artifact_relpath(name, ".txt"), self._payload(rec))
+            self.client.log_text(self.run_id, self._payload(rec).decode(), str(rel))
         elif kind == "dict":
+            self.client.log_dict(self.run_id, json.loads(self._payload(rec)), str(rel))
+        elif kind == "figure" and meta.get("media_type") == "application/vnd.plotly.v1+json":
             self._upload(artifact_relpath(name, ".json"), self._payload(rec))
-        elif kind in ("figure", "image"):
-            if meta.get("media_type") == "application/vnd.plotly.v1+json":
-                self._upload(artifact_relpath(name, ".json"), self._payload(rec))
-            else:
-                self._upload(artifact_relpath(name, ".png"), self._payload(rec))
+        elif kind == "figure":
+            self._upload(rel if rel.suffix == ".png" else rel.with_name(rel.name + ".png"),
+                         self._payload(rec))
+        elif kind == "image":
+            self._log_image(name, rel, self._payload(rec))
         elif kind == "torch":
-            base = artifact_relpath(name)
-            self._upload(base / meta.get("file_name", "object.pt"), self._payload(rec))
+            self._upload(rel / rel.name, self._payload(rec))
         elif kind == "artifact":
-            self._log_files(artifact_relpath(name), rec["blob"], meta)
+            self._log_files(rel, rec["blob"], meta)
         else:  # pragma: no cover - kinds are filtered by the engine
             raise ExportError(f"mlflow exporter got an unexpected kind {kind!r}")
+
+    def _log_image(self, name: str, rel: PurePosixPath, png: bytes) -> None:
+        """The journal holds a lossless PNG. At a `.png` name it is uploaded as is; at another
+        image extension (`.jpg`) it is saved in that format as `mlflow.log_image` would; a name
+        without an image extension (which `mlflow.log_image` refuses) gets `.png` added."""
+        from PIL import Image
+
+        suffix = rel.suffix.lower()
+        if suffix == ".png":
+            return self._upload(rel, png)
+        if suffix and suffix in Image.registered_extensions():
+            import io
+
+            with Image.open(io.BytesIO(png)) as im:
+                im.load()
+                try:
+                    return self.client.log_image(self.run_id, im, artifact_file=str(rel))
+                except (OSError, ValueError, KeyError) as e:
+                    self.notes.add(f"mlflow: image {name!r} cannot be saved as {suffix} ({e}); "
+                                   "stored as PNG")
+        else:
+            self.notes.add(f"mlflow: image {name!r} has no image extension (mlflow.log_image "
+                           "refuses it); stored as PNG")
+        self._upload(rel.with_name(rel.name + ".png"), png)
 
     def _log_files(self, base: PurePosixPath, sha: str, meta: dict[str, Any]) -> None:
         """A file goes to `<identifier>/<file name>` (as mlflow.log_artifact with
@@ -391,22 +815,22 @@ class MlflowRankSink(RankSink):
             root = Path(tmp)
             if meta.get("type") == "directory":
                 for f in self.blobs.tree(sha):
-                    dest = root / f["path"]
+                    dest = root / artifact_relpath(f["path"])
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(self.blobs.read(f["sha256"]))
-                self.client.log_artifacts(self.run_id, str(root),
-                                          artifact_path=f"{base}/{meta.get('dir_name', '')}"
-                                          .rstrip("/"))
+                if meta.get("dir_name"):
+                    base = base / artifact_relpath(str(meta["dir_name"]))
+                self.client.log_artifacts(self.run_id, str(root), artifact_path=str(base))
             else:
-                local = root / meta.get("file_name", "artifact")
+                local = root / artifact_relpath(str(meta.get("file_name") or "artifact")).name
                 local.write_bytes(self.blobs.read(sha))
                 self.client.log_artifact(self.run_id, str(local), artifact_path=str(base))
 
-    def _log_model(self, name: str, sha: str, meta: dict[str, Any]) -> None:
+    def _log_model(self, kind: str, name: str, sha: str, meta: dict[str, Any]) -> None:
         import mlflow
 
-        key = mlflow_key(name)
-        if _model_logged(self.client, self.run_id, key):
+        key = self._key(kind, name)
+        if _models_logged(self.client, self.run_id, key):
             return
         try:
             import torch
@@ -417,8 +841,8 @@ class MlflowRankSink(RankSink):
             self.notes.add(f"mlflow: model {name!r} of class {meta.get('class')} cannot be "
                            f"loaded on this machine ({type(e).__name__}: {e}); its torch.save "
                            "file is logged as an artifact instead")
-            self._upload(artifact_relpath(name) / meta.get("file_name", "model.pt"),
-                         self.blobs.read(sha))
+            rel = artifact_relpath(name)
+            self._upload(rel / str(meta.get("file_name") or "model.pt"), self.blobs.read(sha))
             return
         # log_model reads the global tracking URI and experiment: hold them for this call only,
         # one thread at a time. (A fluent start_run would also change the run's status.)
@@ -427,6 +851,7 @@ class MlflowRankSink(RankSink):
             mlflow.pytorch.log_model(module, name=key, run_id=self.run_id, pip_requirements=[],
                                      serialization_format="pickle",
                                      tags={"itwinai.class": str(meta.get("class"))})
+        _keep_one_model(self.client, self.run_id, key)
 
     def _log_dataset(self, name: str, text: str | None, meta: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -441,8 +866,8 @@ class MlflowRankSink(RankSink):
             profile=_as_json(desc.get("profile") or {"shape": desc.get("shape")}),
         )
         context = meta.get("context") or "training"
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context",
-                                                                            str(context))])])
+        idempotent(self.client.log_inputs, self.run_id,
+                   [DatasetInput(dataset, [InputTag("mlflow.data.context", str(context))])])
 
 
 @contextmanager
@@ -498,15 +923,25 @@ def _finite(value: float | None) -> float:
     return value
 
 
-def _model_logged(client: Any, run_id: str, name: str) -> bool:
+def _ready_models(client: Any, run_id: str, name: str) -> list[Any]:
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+    )
+    return [m for m in models if str(m.status) == "READY"]
+
+
+def _models_logged(client: Any, run_id: str, name: str) -> bool:
     """Whether this run already has a complete logged model of that name (a re-run after a
     crash). A model whose logging failed half-way is not complete and is logged again."""
-    try:
-        run = client.get_run(run_id)
-        models = client.search_logged_models(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
-        )
-        return any(str(m.status) == "READY" for m in models)
-    except Exception:  # noqa: BLE001 - older MLflow without logged models: check artifacts
-        return any(f.path == name for f in client.list_artifacts(run_id))
+    return bool(_ready_models(client, run_id, name))
+
+
+def _keep_one_model(client: Any, run_id: str, name: str) -> None:
+    """Two syncs of one journal at once may both log a model: each then keeps the earliest
+    and deletes the others, so they converge on one."""
+    models = sorted(_ready_models(client, run_id, name),
+                    key=lambda m: (m.creation_timestamp or 0, m.model_id))
+    for extra in models[1:]:
+        client.delete_logged_model(extra.model_id)

@@ -110,7 +110,15 @@ from itwinai_journal.fsutil import fsync_dir, write_atomic
 from itwinai_journal.names import experiment_dirname
 from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
 
-from .exporter import Exporter, ExportError, Notes, RankSink
+from .exporter import (
+    LOCK_DIR,
+    Exporter,
+    ExportError,
+    Notes,
+    RankSink,
+    claim_journal_dir,
+    find_journal_dir,
+)
 
 MARKER = ".itwinai-sync-cursor"
 #: The yprov4ml releases whose API and documents this exporter drives: 3.2.4 (Python < 3.12)
@@ -209,8 +217,14 @@ class Prov4mlExporter(Exporter):
     def target_key(self, run: RunInfo) -> str:
         return f"prov4ml:{self.root}"
 
+    def lock_dir(self, run: RunInfo) -> Path:
+        return self.root / LOCK_DIR
+
     def run_dir(self, run: RunInfo) -> Path:
-        return self.root / experiment_dirname(run.experiment) / run.run_id
+        """The journal's directory (claimed for it as TensorBoard's run directories are), or
+        where it will be when it has none yet."""
+        parent = self.root / experiment_dirname(run.experiment)
+        return find_journal_dir(parent, run.run_id, run) or parent / run.run_id
 
     def describe(self, run: RunInfo) -> str:
         return str(self.run_dir(run))
@@ -236,20 +250,24 @@ class Prov4mlExporter(Exporter):
                         create_svg=bool(option("create_svg")))
 
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
-        path = self.run_dir(run) / f"rank-{rank.rank:05d}"
-        if not create and not path.is_dir():
+        found = find_journal_dir(self.root / experiment_dirname(run.experiment), run.run_id,
+                                 run)
+        path = found / f"rank-{rank.rank:05d}" if found is not None else None
+        if not create and (path is None or not path.is_dir()):
             return None
         return Prov4mlSink(self, run, rank, path, create)
 
 
 class Prov4mlSink(RankSink):
-    def __init__(self, exporter: Prov4mlExporter, run: RunInfo, rank: RankInfo, path: Path,
-                 create: bool):
+    def __init__(self, exporter: Prov4mlExporter, run: RunInfo, rank: RankInfo,
+                 path: Path | None, create: bool):
         super().__init__(run, rank, exporter.notes)
         self.exporter = exporter
+        #: The rank's directory; None until the run's directory is claimed for this journal
+        #: by the first build.
         self.path = path
-        if create:  # the engine holds the run's lock: leftovers are no one's any more
-            self._recover()
+        if create and path is not None:  # the engine holds the journal's lock: leftovers
+            self._recover()              # are no one's any more
         self._committed = self.cursor()
         self._pending = self._committed
         self._failed = False
@@ -257,6 +275,8 @@ class Prov4mlSink(RankSink):
     # -- the cursor -----------------------------------------------------------------------------
 
     def _marker(self) -> Path | None:
+        if self.path is None:
+            return None
         try:
             folders = sorted(p for p in self.path.iterdir() if p.is_dir())
         except (FileNotFoundError, NotADirectoryError):
@@ -296,7 +316,8 @@ class Prov4mlSink(RankSink):
 
     def export(self, batch: pa.Table, cursor: int) -> None:
         if cursor < self._pending:
-            raise ExportError(f"{self.path}: cursor {cursor} goes back from {self._pending}")
+            raise ExportError(f"{self.rank.path}: cursor {cursor} goes back from "
+                              f"{self._pending}")
         self._pending = cursor
         if self.rank.status != "running" and cursor >= self.rank.last_seq:
             self._commit()  # the rank's last batch: commit with it
@@ -308,6 +329,11 @@ class Prov4mlSink(RankSink):
     def _commit(self) -> None:
         cursor = self._pending
         try:
+            if self.path is None:
+                parent = self.exporter.root / experiment_dirname(self.run.experiment)
+                run_dir = claim_journal_dir(parent, self.run.run_id, self.run, self.notes,
+                                            "prov4ml")
+                self.path = run_dir / f"rank-{self.rank.rank:05d}"
             build_rank(self, cursor)
         except BaseException:
             self._failed = True

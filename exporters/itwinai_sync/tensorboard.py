@@ -1,7 +1,12 @@
 """TensorBoard target: each rank of a journal run becomes one TensorBoard run (a directory).
 
 Layout: `<logdir>/<experiment-dir>/<run_id>/rank-<rank:05d>/`, `logdir` being `--logdir` or
-`<savedir>/tensorboard`, the experiment directory the journal's own (percent-encoded) name.
+`<savedir>/tensorboard`, the experiment directory the journal's own (percent-encoded) name. The
+run directory belongs to one journal (its identity is in `.itwinai-journal.json`, claimed
+atomically); another journal with the same experiment and run id goes to
+`<run_id>.journal-<id>`. It is created by the first batch that holds a record for TensorBoard.
+Syncs exclude each other per journal with a lock in `<logdir>/.itwinai-sync-locks/`, whichever
+copy of the savedir they read.
 
 Exactly once: every `export` writes one event file holding the records with seq in
 (previous cursor, cursor], named `events.out.tfevents.<first:012d>-<last:012d>.itwinai`. It is
@@ -10,8 +15,9 @@ file), fsynced, then renamed into place: a file is either complete or absent. Th
 back from the names, so a killed sync resumes exactly after the last complete file (leftover
 temporary files are deleted when the rank is opened for writing). TensorBoard selects files with
 "tfevents" in the name and reads them in name order, which the zero-padded first seq makes seq
-order (12 digits: up to 10^12 records per rank). A batch in which nothing is for TensorBoard
-still gets a file, holding only the `file_version` event, so that the cursor advances. Every
+order (12 digits: up to 10^12 records per rank). Once a rank has a directory, a batch in which
+nothing is for TensorBoard still gets a file, holding only the `file_version` event, so that the
+cursor advances (a journal with nothing for TensorBoard gets no directory at all). Every
 file starts with that event, as TensorBoard's own writer does; `brain.Event:2` also stops
 TensorBoard from discarding points whose step goes backwards (it then purges only on a
 SessionLog.START, which we never write).
@@ -68,7 +74,15 @@ from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.fsutil import fsync_dir, write_atomic
 from itwinai_journal.names import experiment_dirname
 
-from .exporter import Exporter, ExportError, Notes, RankSink
+from .exporter import (
+    LOCK_DIR,
+    Exporter,
+    ExportError,
+    Notes,
+    RankSink,
+    claim_journal_dir,
+    find_journal_dir,
+)
 
 EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d{12})-(\d{12})\.itwinai$")
 HPARAMS_FILE = "events.out.tfevents.000000000000-hparams.itwinai"
@@ -218,25 +232,34 @@ class TensorBoardExporter(Exporter):
     def target_key(self, run: RunInfo) -> str:
         return f"tensorboard:{self.logdir}"
 
+    def lock_dir(self, run: RunInfo) -> Path:
+        return self.logdir / LOCK_DIR
+
     def run_dir(self, run: RunInfo) -> Path:
-        return self.logdir / experiment_dirname(run.experiment) / run.run_id
+        """The journal's directory, or where it will be when it has none yet."""
+        parent = self.logdir / experiment_dirname(run.experiment)
+        return find_journal_dir(parent, run.run_id, run) or parent / run.run_id
 
     def describe(self, run: RunInfo) -> str:
         return str(self.run_dir(run))
 
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
-        path = self.run_dir(run) / f"rank-{rank.rank:05d}"
-        if not create and not path.is_dir():
+        found = find_journal_dir(self.logdir / experiment_dirname(run.experiment), run.run_id,
+                                 run)
+        path = found / f"rank-{rank.rank:05d}" if found is not None else None
+        if not create and (path is None or not path.is_dir()):
             return None
-        return TensorBoardSink(run, rank, self.notes, path, create)
+        return TensorBoardSink(self, run, rank, path)
 
 
 class TensorBoardSink(RankSink):
-    def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes, path: Path, create: bool):
-        super().__init__(run, rank, notes)
+    def __init__(self, exporter: TensorBoardExporter, run: RunInfo, rank: RankInfo,
+                 path: Path | None):
+        super().__init__(run, rank, exporter.notes)
+        self.exporter = exporter
         self.path = path
-        if create:  # the engine holds the run's lock: temporary files are no one's any more
-            path.mkdir(parents=True, exist_ok=True)
+        if path is not None and path.is_dir():
+            # The engine holds the journal's lock: temporary files are no one's any more.
             for name in os.listdir(path):
                 if name.startswith(TMP_PREFIX):
                     os.unlink(path / name)
@@ -245,10 +268,20 @@ class TensorBoardSink(RankSink):
 
     def cursor(self) -> int:
         try:
-            names = os.listdir(self.path)
+            names = os.listdir(self.path) if self.path is not None else []
         except FileNotFoundError:
             return 0
         return max((int(m.group(2)) for m in map(EVENTS_RE.match, names) if m), default=0)
+
+    def _claim(self) -> Path:
+        """The rank's directory, the run's claimed for this journal on the first write."""
+        if self.path is None:
+            parent = self.exporter.logdir / experiment_dirname(self.run.experiment)
+            run_dir = claim_journal_dir(parent, self.run.run_id, self.run, self.notes,
+                                        "tensorboard")
+            self.path = run_dir / f"rank-{self.rank.rank:05d}"
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
 
     def export(self, batch: pa.Table, cursor: int) -> None:
         first = self._cursor + 1
@@ -263,6 +296,7 @@ class TensorBoardSink(RankSink):
                 raise ExportError(f"{self.path}: cursor {cursor} does not advance past "
                                   f"{self._cursor}")
             return
+        self._claim()
         events, params = self._encode(batch)
         start = batch["time"][0].as_py() if batch.num_rows else self._session_start()
         body = frame([self._file_version(start), *events])

@@ -1,14 +1,15 @@
 """Weights & Biases target: one W&B run per journal rank, grouped by the journal run.
 
-Where runs go: `--mode offline` writes ordinary W&B offline run directories under
-`<savedir>/wandb/` (upload them later with `wandb sync <savedir>/wandb/offline-run-*`);
-`--mode online` sends them to the server. Without `--mode`: offline when WANDB_MODE says so or
-when no API key is configured (neither WANDB_API_KEY nor a netrc entry for the W&B host), online
-otherwise. Project: `--project`, else the WandBLogger's `project_name`, else the experiment.
+Where runs go: by default (and with `--mode offline`) ordinary W&B offline run directories
+under `<savedir>/wandb/` (upload them later with `wandb sync <savedir>/wandb/offline-run-*`),
+whatever API key or WANDB_MODE the environment holds: a sync never goes online unless asked.
+`--mode online` sends them to the server. Project: `--project`, else the WandBLogger's
+`project_name`, else the experiment.
 
-Identity: W&B run id = sha1(experiment, journal run id, rank)[:16], name
-`<run name or run id>-rank<r>`, group = journal run id, so every sync of a rank continues the
-same W&B run (`resume="allow"`).
+Identity: W&B run id = sha1(journal identity, rank)[:16], name `<run name or run id>-rank<r>`,
+group = journal run id, so every sync of a rank continues the same W&B run (`resume="allow"`),
+and another journal with the same experiment and run id never does. Syncs writing offline runs
+exclude each other per journal with a lock in `<savedir>/wandb/.itwinai-sync-locks/`.
 
 Exactly once: every history row carries `_itwinai_seq`, the highest journal seq it covers, in
 the same record as its data; config, summary and artifact writes (idempotent: same keys, same
@@ -60,7 +61,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import netrc
 import os
 import re
 import struct
@@ -70,14 +70,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 
-from .exporter import Exporter, ExportError, Notes, RankSink
+from .exporter import LOCK_DIR, Exporter, ExportError, Notes, RankSink
 
 #: History key holding the highest journal seq a row covers (a leading '_' keeps it out of the
 #: W&B charts, like _step and _timestamp; wandb 0.31 accepts and stores it).
@@ -100,9 +99,9 @@ _BAD_ARTIFACT = re.compile(r"[^A-Za-z0-9_.\-]")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
-def wandb_run_id(experiment: str, run_id: str, rank: int) -> str:
+def wandb_run_id(journal_id: str, rank: int) -> str:
     """Deterministic W&B run id of a journal rank (W&B ids allow [a-z0-9])."""
-    return hashlib.sha1(f"{experiment}\0{run_id}\0{rank}".encode()).hexdigest()[:16]
+    return hashlib.sha1(f"{journal_id}\0{rank}".encode()).hexdigest()[:16]
 
 
 def history_key(name: str) -> str:
@@ -120,17 +119,6 @@ def artifact_name(name: str) -> str:
     if len(mapped) > 128:
         mapped = mapped[:119] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
     return mapped
-
-
-def api_key_configured() -> bool:
-    """An API key in WANDB_API_KEY or in netrc for the W&B host (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL)).hostname or ""
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 # -- reading the committed cursor back from .wandb transaction logs -------------------------
@@ -316,7 +304,10 @@ class WandbExporter(Exporter):
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         super().__init__(savedir, options, notes)
-        self.mode = self._mode(options.get("mode"))
+        #: Offline unless `--mode online`: an API key in the environment is no reason to go
+        #: online (and to hang on an unreachable server) when the user did not ask for it.
+        self.mode = options.get("mode") or "offline"
+        self.mode_chosen = bool(options.get("mode"))
         self.entity = options.get("entity") or os.environ.get("WANDB_ENTITY") or None
         if options.get("on_step_regression"):
             notes.add("wandb: --on-step-regression no longer has an effect: every record is "
@@ -336,21 +327,13 @@ class WandbExporter(Exporter):
                               "experiment)."),
             click.Option(["--entity"], metavar="NAME", help="W&B entity (team or user)."),
             click.Option(["--mode"], type=click.Choice(["offline", "online"]), default=None,
-                         help="W&B: offline run directories under SAVEDIR/wandb (upload with "
-                              "`wandb sync`), or online. Default: online only when an API key "
-                              "is configured and WANDB_MODE is not offline."),
+                         help="W&B: offline run directories under SAVEDIR/wandb (the default, "
+                              "whatever the environment says; upload with `wandb sync`), or "
+                              "online."),
             # Accepted for command lines written for earlier versions; nothing is dropped now.
             click.Option(["--on-step-regression"], type=click.Choice(["drop", "fail"]),
                          default=None, hidden=True),
         ]
-
-    @staticmethod
-    def _mode(explicit: str | None) -> str:
-        if explicit:
-            return explicit
-        if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
-            return "offline"
-        return "online" if api_key_configured() else "offline"
 
     def project(self, run: RunInfo) -> str:
         declared = (run.destinations().get("wandb") or {}).get("project_name")
@@ -367,13 +350,16 @@ class WandbExporter(Exporter):
         base = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
         return f"wandb:{base}/{self.entity or '-'}/{self.project(run)}"
 
+    def lock_dir(self, run: RunInfo) -> Path | None:
+        return self.root / LOCK_DIR if self.mode == "offline" else None
+
     def describe(self, run: RunInfo) -> str:
         if self.mode == "offline":
             return f"W&B offline, project {self.project(run)}, in {self.root}"
         return f"W&B project {(self.entity + '/') if self.entity else ''}{self.project(run)}"
 
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
-        live = self._live.get(wandb_run_id(run.experiment, run.run_id, rank.rank))
+        live = self._live.get(wandb_run_id(run.journal_id, rank.rank))
         if live is not None and create:
             live.run, live.rank = run, rank  # fresh status for this pass
             return live
@@ -415,7 +401,7 @@ class WandbSink(RankSink):
         self.exp = exporter
         self.read_only = False
         self.project = exporter.project(run)
-        self.wb_id = wandb_run_id(run.experiment, run.run_id, rank.rank)
+        self.wb_id = wandb_run_id(run.journal_id, rank.rank)
         waited = settle_unfinished(exporter.root, self.wb_id)
         if waited >= 1:
             notes.add(f"wandb: waited {waited:.0f} s for the W&B writer of an interrupted export "
@@ -451,9 +437,13 @@ class WandbSink(RankSink):
             x_save_requirements=False, host=_text(manifest.get("host")),
             git_commit=_text(manifest.get("git_commit")))
         journal = {"experiment": self.run.experiment, "run_id": self.run.run_id,
-                   "rank": self.rank.rank, "world_size": manifest.get("world_size"),
-                   "host": manifest.get("host")}
+                   "journal_id": self.run.journal_id, "rank": self.rank.rank,
+                   "world_size": manifest.get("world_size"), "host": manifest.get("host")}
         start = session_start(manifest)
+        if self.exp.mode == "offline" and not self.exp.mode_chosen:
+            self.notes.add(f"wandb: offline runs written to {self.exp.root} (the default; "
+                           f"upload them with `wandb sync {self.exp.root}/offline-run-*`, or "
+                           "sync with --mode online)")
         try:
             with _run_clock(start):
                 self.wb = wandb.init(
@@ -816,4 +806,4 @@ def _numel(shape: list[int]) -> int:
 
 
 __all__ = ["WandbExporter", "WandbSink", "committed_state", "iter_wandb_records",
-           "wandb_run_id", "history_key", "artifact_name", "api_key_configured"]
+           "wandb_run_id", "history_key", "artifact_name"]

@@ -306,6 +306,9 @@ class _JournalLogger(Logger):
         self._route: str = self.target
         self._journal_experiment: str | None = None
         self._run_info_extra: dict[str, Any] = {}
+        #: (destinations of the whole collection, whether this journal is its primary one)
+        #: when a LoggersCollection holds this logger (see RankWriter.declare_collection)
+        self._collection: tuple[list[str], bool] | None = None
         self.flush_interval = 1.0 if flush_interval is None else float(flush_interval)
         if self.flush_interval <= 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval}")
@@ -401,6 +404,8 @@ class _JournalLogger(Logger):
         self._append = self._writer.append
         self._pending = self._writer.pending
         self._writer.declare(self.target, {**self.destination(), **(self._context or {})})
+        if self._collection is not None:
+            self._writer.declare_collection(*self._collection)
         self._journal_opened()
         self._state_changed()
 
@@ -1185,6 +1190,14 @@ class LoggersCollection(_JournalLogger):
         for lg in self._plain:
             if self not in lg._observers:
                 lg._observers.append(self)
+        # Members with their own savedir (a Prov4MLLogger's provenance_save_dir) write a
+        # second journal of the same run: each journal records the destinations of the whole
+        # collection and whether it is the primary one (the first member's), so that the sync
+        # takes each target's records from the journal of that target's logger only.
+        targets = [lg.target for lg in journals]
+        primary = journals[0].journal_savedir.resolve() if journals else None
+        for lg in journals:
+            lg._collection = (targets, lg.journal_savedir.resolve() == primary)
         for lg in self.loggers:
             lg.create_logger_context(rank=rank, **kwargs)
         self._metric_plans.clear()

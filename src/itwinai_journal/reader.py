@@ -8,8 +8,11 @@ them too, for the commands that report them.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import segments
-from .fsutil import read_json
+from .fsutil import read_bytes, read_json
 from .validate import (
     DAMAGED,
     RANK_DIR,
@@ -29,6 +32,7 @@ from .validate import (
 )
 
 METRIC_COLUMNS = ["seq", "time", "name", "step", "batch_idx", "value"]
+_JOURNAL_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -69,6 +73,22 @@ class RunInfo:
     @property
     def key(self) -> str:
         return f"{self.experiment}/{self.run_id}"
+
+    @functools.cached_property
+    def journal_id(self) -> str:
+        """This journal's identity (32 hex digits): run.json's `journal_id`, or, for journals
+        written before it existed, the sha256 of run.json's bytes (cut to 32 digits). run.json
+        is written once and never changed, so both stay the same for a resumed job and for a
+        copy of the journal, and differ between two journals that share an experiment and a
+        run id (run.json holds its creation time to the microsecond)."""
+        given = self.info.get("journal_id")
+        if isinstance(given, str) and _JOURNAL_ID.match(given):
+            return given
+        try:
+            data = read_bytes(self.path / "run.json")
+        except OSError:
+            data = json.dumps(self.info, sort_keys=True).encode()
+        return hashlib.sha256(data).hexdigest()[:32]
 
     @property
     def status(self) -> str:

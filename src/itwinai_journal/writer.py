@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from contextlib import suppress
@@ -41,6 +42,7 @@ from .fsutil import (
     write_atomic,
     write_json_atomic,
 )
+from .liveness import HEARTBEAT_SECONDS
 from .relay import Relay
 from .schema import FORMAT_VERSION
 
@@ -105,6 +107,7 @@ class RankWriter:
         self._pending_error: Exception | None = None
         self._next_seal_try = 0.0
         self._next_manifest_try = 0.0
+        self._next_beat = time.monotonic() + HEARTBEAT_SECONDS
         #: The channel from forked children (made just before the first fork), and whether
         #: this writer is a forked child's copy that sends its records there.
         self._relay: Relay | None = None
@@ -149,6 +152,7 @@ class RankWriter:
         self.manifest["world_size"] = world_size
         self.manifest["sessions"].append(
             mf.new_session(self._seq + 1, segments.index_head(self.rank_dir)))
+        self.manifest["sessions"][-1]["heartbeat"] = HEARTBEAT_SECONDS
         self._dropped_before = self.manifest.get("dropped_records", 0)
         self._dropped_saved = 0
         self.destinations = self.manifest.setdefault("destinations", {})
@@ -174,6 +178,20 @@ class RankWriter:
             self.destinations = {**self.destinations, target: options}
             self._route_meta = {}
             self.manifest = {**self.manifest, "destinations": self.destinations}
+            self._manifest_dirty = True
+            self.flush()
+
+    def declare_collection(self, destinations: list[str], primary: bool) -> None:
+        """Record that this journal belongs to a LoggersCollection with these destinations
+        (all its members', whichever journal they write to), and whether it is the primary
+        one: a member with its own savedir (a Prov4MLLogger's provenance_save_dir) makes a
+        second journal of the same run, and `itwinai-sync` must take each record for each
+        target from one journal only (see the README, "What the loggers do")."""
+        if self._forwarding:
+            return  # a forked child's logger: the parent's manifest is the parent's
+        entry = {"destinations": sorted(set(destinations)), "primary": primary}
+        if self.manifest.get("collection") != entry:
+            self.manifest = {**self.manifest, "collection": entry}  # replaced: see declare()
             self._manifest_dirty = True
             self.flush()
 
@@ -291,6 +309,12 @@ class RankWriter:
             if stop is not None:
                 return
 
+    def _heartbeat(self) -> None:
+        """Touch the active segment, so that a sync on another host can tell a writer that
+        is alive but quiet from one that was killed (see liveness.py)."""
+        if self._file is not None and not self._forwarding:
+            os.utime(self._file.fileno())
+
     def _round(self) -> None:
         """One flush: the queue and what forked children sent, then the manifest if it must
         change (destinations declared, the session interrupted, records dropped)."""
@@ -308,6 +332,9 @@ class RankWriter:
                                 "they are counted in the manifest (dropped_records)")
         if batch:
             self._write(batch)
+        if time.monotonic() >= self._next_beat:
+            self._next_beat = time.monotonic() + HEARTBEAT_SECONDS
+            self._heartbeat()
         if self._manifest_dirty or (self._dropped != self._dropped_saved
                                     and time.monotonic() >= self._next_manifest_try):
             self._manifest_dirty = False
@@ -639,11 +666,16 @@ def _unlink_quiet(path: Path) -> None:
 
 
 def _write_run_json(run_dir: Path, run_info: dict[str, Any]) -> None:
-    """run.json is written once, by whichever rank comes first: link(2) refuses to overwrite."""
+    """run.json is written once, by whichever rank comes first: link(2) refuses to overwrite.
+    `journal_id` is this journal's identity: a resumed job (same run directory) keeps it, a
+    copy of the directory carries it, and another journal that happens to have the same
+    experiment and run id (another cluster, another savedir) has its own, so the sync never
+    continues one journal's target runs with another's records."""
     path = run_dir / "run.json"
     if path.exists():
         return
-    info = {"format_version": FORMAT_VERSION, "created": time.time(), **run_info}
+    info = {"format_version": FORMAT_VERSION, "created": time.time(),
+            "journal_id": uuid.uuid4().hex, **run_info}
     tmp = run_dir / f".run.json.{os.getpid()}.tmp"
     write_atomic(tmp, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
     try:
