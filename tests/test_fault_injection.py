@@ -227,12 +227,13 @@ def ledger_progress(savedir: Path, experiment: str, run_id: str) -> int:
     """Records the sync ledger says are exported (all ranks): cheap to poll, never ahead of
     the target (the ledger is written after each commit)."""
     done = 0
-    pattern = f"*/{experiment_dirname(experiment)}/{run_id}.*.json"  # one file per journal
-    for path in (savedir / ".sync").glob(pattern):
+    for path in (savedir / ".sync").glob("*/*.json"):  # one file per target and journal
         try:
-            done += sum(json.loads(path.read_text()).get("cursors", {}).values())
+            entry = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if entry.get("run") == f"{experiment}/{run_id}":
+            done += sum(entry.get("cursors", {}).values())
     return done
 
 

@@ -188,6 +188,14 @@ def _marker_id(path: Path) -> str | None:
     return marker.get("journal_id") if isinstance(marker, dict) else None
 
 
+def param_str(value: Any, meta: str | None) -> str:
+    """A param as the `str()` itwinai's MLflow and TensorBoard loggers hand their tracker: the
+    journal keeps the JSON of the value and, when the logged object's own str() differs from
+    that of its JSON (a tuple, a numpy number, a Path), that str() in meta['str']."""
+    given = json.loads(meta).get("str") if meta else None
+    return given if isinstance(given, str) else str(value)
+
+
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

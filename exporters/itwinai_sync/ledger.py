@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from itwinai_journal import RunInfo
 from itwinai_journal.fsutil import read_json, write_json_atomic
-from itwinai_journal.names import experiment_dirname
 
 # filelock and .exporter (importlib.metadata) are imported where they are used: `itwinai-sync
 # ls` reads the ledger through ledger_entries and needs neither.
@@ -36,14 +35,15 @@ class Ledger:
         self.target = target
 
     def _path(self, run: RunInfo, suffix: str) -> Path:
-        return (self.root / experiment_dirname(run.experiment)
-                / f"{run.run_id}.{run.journal_id}{suffix}")
+        """Named by the journal's identity alone: 32 hex digits fit any file system, whatever
+        the run id (up to 200 bytes) and experiment; the entry records the run's key."""
+        return self.root / f"{run.journal_id}{suffix}"
 
     def lock(self, run: RunInfo) -> filelock.FileLock:
         import filelock
 
         path = self._path(run, ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         return filelock.FileLock(str(path))
 
     def cursors(self, run: RunInfo) -> dict[int, int]:
@@ -76,7 +76,7 @@ def ledger_entries(savedir: Path) -> list[dict[str, Any]]:
     root = savedir / SYNC_DIR
     if not root.exists():
         return out
-    for path in root.glob("*/*/*.json"):
+    for path in root.glob("*/*.json"):
         try:
             entry = read_json(path)
         except (OSError, ValueError):

@@ -59,6 +59,7 @@ from .exporter import (
     Notes,
     RankSink,
     TargetChanged,
+    param_str,
     scoped_env,
 )
 
@@ -680,7 +681,8 @@ class MlflowRankSink(RankSink):
                                             cols["step"][i] or 0))
                 size += 64 + len(key)
             elif kind == "param":
-                param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i])
+                param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i],
+                                    cols["meta"][i])
                 if param is not None:
                     params[param.key] = param
                     size += len(param.key) + len(param.value)
@@ -716,12 +718,11 @@ class MlflowRankSink(RankSink):
             self.names.primed = cursor  # the names of this commit went through _key
         self._cursor = cursor
 
-    def _param(self, name: str, text: str | None, blob: str | None) -> Any:
+    def _param(self, name: str, text: str | None, blob: str | None, meta: str | None) -> Any:
         """A param as `mlflow.log_param` stores it: `str(value)` (`True`, `None`, `[8, 4]`,
-        `{'a': 1}`), the value being the JSON the journal holds."""
+        `{'a': 1}`, `(0.9, 0.999)`; see `param_str`)."""
         raw = text if text is not None else self.blobs.read(blob or "").decode()
-        value = json.loads(raw)
-        value_s = str(value)
+        value_s = param_str(json.loads(raw), meta)
         if len(value_s) > MAX_PARAM_VALUE:
             self.notes.add(f"mlflow: param {name!r} is longer than {MAX_PARAM_VALUE} characters"
                            " and was cut")

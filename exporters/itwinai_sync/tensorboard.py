@@ -82,6 +82,7 @@ from .exporter import (
     RankSink,
     claim_journal_dir,
     find_journal_dir,
+    param_str,
 )
 
 EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d{12})-(\d{12})\.itwinai$")
@@ -198,16 +199,16 @@ def frame(records: list[bytes]) -> bytes:
     return b"".join(parts)  # type: ignore[arg-type]
 
 
-def hparam_value(text: str | None) -> float | str | None:
+def hparam_value(text: str | None, meta: str | None = None) -> float | str | None:
     """A param's journal JSON as itwinai's TensorBoardLogger hands it to `add_hparams`: it
-    keeps None, bool, int, float and str and turns anything else into `str(value)`, and
-    `add_hparams` stores bools and numbers as numbers and leaves None out."""
+    keeps None, bool, int, float and str and turns anything else into its `str()` (see
+    `param_str`), and `add_hparams` stores bools and numbers as numbers and leaves None out."""
     value = json.loads(text) if text is not None else None
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (bool, int, float)):
         return float(value)
-    return str(value)
+    return param_str(value, meta)
 
 
 # -- the exporter ------------------------------------------------------------------------------
@@ -307,15 +308,16 @@ class TensorBoardSink(RankSink):
 
     # -- encoding -----------------------------------------------------------------------------
 
-    def _encode(self, batch: pa.Table) -> tuple[list[bytes], dict[str, tuple[float, str]]]:
-        """Serialized events in seq order, and the batch's params (name -> (time, JSON))."""
+    def _encode(self, batch: pa.Table) -> tuple[list[bytes], dict[str, tuple[float, str, str]]]:
+        """Serialized events in seq order, and the batch's params (name -> (time, JSON,
+        meta))."""
         out: list[bytes] = []
-        params: dict[str, tuple[float, str]] = {}
+        params: dict[str, tuple[float, str, str]] = {}
         scalars = self._scalars
         columns = [batch[c].to_pylist() for c in _COLUMNS]
         for seq, t, kind, name, step, value, text, blob, meta in zip(*columns):
             if kind == "param":
-                params[name] = (t, text)
+                params[name] = (t, text, meta)
                 continue
             if step is None:
                 step = self._implicit_step(kind, seq, meta)
@@ -407,15 +409,15 @@ class TensorBoardSink(RankSink):
 
     # -- hyperparameters ----------------------------------------------------------------------
 
-    def _merge_hparams(self, params: dict[str, tuple[float, str]]) -> None:
+    def _merge_hparams(self, params: dict[str, tuple[float, str, str]]) -> None:
         """Merge `params` into the rank's hparams file (see the module docstring)."""
         tb = _tb()
         data = self._read_hparams()
         info = data.session_start_info
         if not info.start_time_secs:
-            info.start_time_secs = min(self._session_start(), *(t for t, _ in params.values()))
-        for name, (_, text) in params.items():
-            value = hparam_value(text)
+            info.start_time_secs = min(self._session_start(), *(t for t, _, _ in params.values()))
+        for name, (_, text, meta) in params.items():
+            value = hparam_value(text, meta)
             if value is None:
                 info.hparams.pop(name, None)
             elif isinstance(value, str):
