@@ -1,0 +1,181 @@
+"""Every storable form the loggers journal, synced to every target and read back with the
+tracker's own reader: a metric that is not a number (meta['logged_as'] = 'metric'), an object a
+kind's capture refuses under a W&B destination, a complex metric (meta['imag']), steps the
+int64 column cannot hold (meta['step']), lone surrogates (meta['surrogates']), a param whose
+str() is not its JSON's (meta['str']), identifier=None and the empty name. Nothing fails,
+nothing is silently dropped, and the summary says how each form was mapped."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import wandb_records as wr
+from click.testing import CliRunner
+from tensorboard.backend.event_processing import event_accumulator
+
+from itwinai_journal import Journal
+from itwinai_journal.loggers import WandBLogger
+from itwinai_sync.cli import main
+
+pytest.importorskip("mlflow")
+BIG = 2**70
+RUN = "forms"
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        path = tmp_path / "wandb-env" / var.lower()
+        path.mkdir(parents=True)
+        monkeypatch.setenv(var, str(path))
+
+
+@pytest.fixture
+def savedir(tmp_path) -> Path:
+    """A W&B logger's journal holding every form (a W&B destination: objects a kind cannot
+    hold are journaled as their JSON)."""
+    savedir = tmp_path / "mllogs"
+    lg = WandBLogger(savedir=savedir, project_name="forms", run_id=RUN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lg.create_logger_context()
+        lg.save_hyperparameters({"betas": (0.9, 0.999), "path": "p\udcffq"})
+        lg.log(2.0, "loss", step=0)
+        lg.log("abc", "m_str", step=1)
+        lg.log([1, 2, 3], "m_list", step=1)
+        lg.log(None, "m_none", step=1)
+        lg.log({"a": 1}, "m_dict", step=1)
+        lg.log("a,b", "m_comma", step=1)
+        lg.log({"x": 1}, "notes", kind="text", step=1)  # a dict given as text
+        lg.log(1 + 2j, "cplx", step=2)
+        lg.log(5.0, "bigstep", step=BIG)
+        lg.log(6.0, "halfstep", step=1.5)
+        lg.log("x\udcffy", "surr", kind="text", step=3)
+        lg.log(7.0, None, step=3)
+        lg.log(8.0, "", step=4)
+        lg.destroy_logger_context()
+    records = Journal(savedir).records(run_id=RUN).to_pylist()
+    metas = {r["name"]: json.loads(r["meta"] or "{}") for r in records}
+    assert metas["m_str"]["logged_as"] == "metric" and metas["notes"]["logged_as"] == "text"
+    assert metas["cplx"] == {"imag": 2.0} and metas["bigstep"] == {"step": BIG}
+    assert metas["surr"]["surrogates"] and "metric" in metas and "" in metas
+    return savedir
+
+
+def sync(savedir: Path, target: str) -> str:
+    result = CliRunner().invoke(main, [str(savedir), "--to", target])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "FAILED" not in result.output
+    return " ".join(result.output.split())
+
+
+def test_wandb_shows_each_form_as_wandb_log_would(savedir):
+    out = sync(savedir, "wandb")
+    assert "exported 15 records (6 metric, 2 param, 7 text); skipped 0" in out
+    for said in ("history key '' is stored as 'itwinai_empty_name'",
+                 "shown as wandb.log shows them: their JSON value",
+                 "complex metrics are shown by their real part",
+                 "charted at that exact step", "shown as U+FFFD, as W&B itself stores them"):
+        assert said in out, said
+    (path,) = wr.find_run_files(savedir / "wandb")
+    records = wr.read_records(path)
+    rows = wr.history_rows(records)
+    values = {k: (v, row.get("itwinai/step")) for row in rows for k, v in row.items()
+              if not k.startswith("_") and k != "itwinai/step"}
+    assert values == {
+        "loss": (2.0, 0), "m_str": ("abc", 1), "m_list": ([1, 2, 3], 1), "m_none": (None, 1),
+        "m_dict": ({"a": 1}, 1), "m_comma": ("a,b", 1), "notes": ({"x": 1}, 1),
+        "cplx": (1.0, 2), "bigstep": (5.0, float(BIG)), "halfstep": (6.0, 1.5),
+        "surr": ("x\ufffdy", 3), "metric": (7.0, 3), "itwinai_empty_name": (8.0, 4)}
+    # a record with a step of its own never joins another step's row
+    assert [row for row in rows if "bigstep" in row or "halfstep" in row] == [
+        r for r in rows if r.get("itwinai/step") in (float(BIG), 1.5)]
+    config = wr.config(records)
+    assert config["betas"] == [0.9, 0.999] and config["path"] == "p\ufffdq"
+
+
+def test_tensorboard_writes_each_form_as_summarywriter_takes_it(savedir):
+    out = sync(savedir, "tensorboard")
+    assert "skipped 0" in out
+    for said in ("at int() of it, as SummaryWriter does", "complex metrics are written by "
+                 "their real part", "are written as text: their JSON",
+                 "written as U+FFFD"):
+        assert said in out, said
+    (path,) = (savedir / "tensorboard").rglob("rank-00000")
+    acc = event_accumulator.EventAccumulator(
+        str(path), size_guidance={k: 0 for k in event_accumulator.DEFAULT_SIZE_GUIDANCE})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+               for tag in acc.Tags()["scalars"]}
+    assert scalars == {"loss": [(0, 2.0)], "cplx": [(2, 1.0)], "bigstep": [(2**63 - 1, 5.0)],
+                       "halfstep": [(1, 6.0)], "metric": [(3, 7.0)], "": [(4, 8.0)]}
+    texts = {tag.removesuffix("/text_summary"): [
+        (e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"] if tag.endswith("/text_summary")}
+    assert texts == {"m_str": [(1, '"abc"')], "m_list": [(1, "[1, 2, 3]")],
+                     "m_none": [(1, "null")], "m_dict": [(1, '{"a": 1}')],
+                     "m_comma": [(1, '"a,b"')], "notes": [(1, '{"x": 1}')],
+                     "surr": [(3, "x\ufffdy")]}
+
+
+def test_mlflow_logs_each_form_deliberately(savedir):
+    from mlflow import MlflowClient
+
+    out = sync(savedir, "mlflow")
+    assert "skipped 0" in out
+    for said in ("metric name '' is stored as '_'", "logged at int() of it (1.5 -> 1)",
+                 "complex metrics are logged by their real part",
+                 "logged as text artifacts of their JSON at their name", "logged as U+FFFD"):
+        assert said in out, said
+    client = MlflowClient(f"sqlite:///{savedir.resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("forms").experiment_id])
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+               for key in run.data.metrics}
+    assert history == {"loss": [(0, 2.0)], "cplx": [(2, 1.0)], "bigstep": [(2**63 - 1, 5.0)],
+                       "halfstep": [(1, 6.0)], "metric": [(3, 7.0)], "_": [(4, 8.0)]}
+    assert run.data.params == {"betas": "(0.9, 0.999)", "path": "p\ufffdq"}
+    texts = {name: Path(client.download_artifacts(run.info.run_id, name)).read_text()
+             for name in ("m_str", "m_list", "m_none", "m_dict", "m_comma", "notes", "surr")}
+    assert texts == {"m_str": '"abc"', "m_list": "[1, 2, 3]", "m_none": "null",
+                     "m_dict": '{"a": 1}', "m_comma": '"a,b"', "notes": '{"x": 1}',
+                     "surr": "x\ufffdy"}
+
+
+def test_prov4ml_takes_metrics_that_are_not_numbers_as_yprov4ml_does(savedir):
+    from yprov4ml.utils import getters
+
+    out = sync(savedir, "prov4ml")
+    # texts that are not metrics are not for this target (itwinai's Prov4MLLogger has no
+    # text kind), and said so in the summary
+    assert "exported 13 records (6 metric, 2 param, 5 text); skipped 2" in out
+    assert "not for this target: 2 text" in out
+    for said in ("metrics that are not numbers are written as yprov4ml writes them",
+                 "complex metrics are written as yprov4ml writes them, (1+2j)",
+                 "written as logged (1.5, 2**70)", "lone surrogates in params"):
+        assert said in out, said
+    (doc,) = (savedir / "prov").rglob("prov_*.json")
+    entities = json.loads(doc.read_text())["entity"]
+    assert entities["betas"]["prov:value"] == "(0.9, 0.999)"  # str() as itwinai logs it
+    assert entities["path"]["prov:value"] == "p\ufffdq"
+
+    def metric(name: str) -> list[tuple]:
+        frame = getters.get_metric(str(doc), name, "training", "None")
+        return [(e, v) for e, v in zip(frame["epoch"].tolist(), frame["value"].tolist())]
+
+    assert metric("m_str") == [(1, "abc")]  # yprov4ml 2.0.9 writes str() of the value
+    assert metric("m_list") == [(1, "[1, 2, 3]")]
+    assert metric("m_dict") == [(1, "{'a': 1}")]
+    assert metric("m_comma") == [(1, "a,b")]  # quoted, so that get_metric reads it
+    assert metric("cplx") == [(2, "(1+2j)")]
+    assert metric("bigstep") == [(BIG, 5.0)] and metric("halfstep") == [(1.5, 6.0)]
+    assert "name '' is written as '_'" in out
+    assert metric("metric") == [(3, 7.0)] and metric("_") == [(4, 8.0)]
+    none = metric("m_none")
+    assert len(none) == 1 and none[0][0] == 1 and none[0][1] != none[0][1]  # None -> NaN
