@@ -293,8 +293,10 @@ def sigterm_trials(tmp_path: Path, trials: int, seed: int) -> None:
         time.sleep(rng.uniform(0.0, 1.0))
         sigterm_group(proc)
         assert exit_code(proc) == -signal.SIGTERM, proc.stderr.read()
-        printed = [int(line.split()[1]) for line in proc.stdout.read().splitlines()
-                   if line.startswith("logged")]
+        # The signal may cut the last line short ("logged" without its count): only whole
+        # lines are claims.
+        printed = [int(words[1]) for words in map(str.split, proc.stdout.read().splitlines())
+                   if len(words) == 2 and words[0] == "logged" and words[1].isdigit()]
         n = Journal(savedir).metrics().num_rows
         assert n >= max(printed, default=0)
         check_journal(savedir, losses(0, n))
