@@ -47,11 +47,7 @@ TESTS = ROOT / "tests"
 sys.path.insert(0, str(TESTS))
 
 import itwinai_cases as cases  # noqa: E402
-
-REFERENCE_DIR = TESTS / "reference"
-RECORDINGS = {"loggers": REFERENCE_DIR / "loggers-itwinai-0.4.2.json",
-              "trackers": REFERENCE_DIR / "trackers-itwinai-0.4.2.json",
-              "mlflow": REFERENCE_DIR / "mlflow-itwinai-0.4.2.json"}
+from recordings import RECORDINGS  # noqa: E402
 
 
 def short(value: Any) -> Any:

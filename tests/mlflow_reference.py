@@ -4,7 +4,7 @@ then holds: runs, run name, params, MLflow's system tags, artifact paths, a metr
 
 Runs as a script in either environment, printing that description as JSON:
 
-    /work/ref/itwinai-venv/bin/python tests/mlflow_reference.py itwinai DIR
+    $ITWINAI_PYTHON tests/mlflow_reference.py itwinai DIR   (the Python of itwinai's venv)
     .venv/bin/python tests/mlflow_reference.py journal DIR
 
 It imports only the logger API, mlflow, numpy, torch and matplotlib, so that it runs unchanged

@@ -29,6 +29,7 @@ from typing import Any
 import itwinai_cases as cases
 import numpy as np
 import pytest
+import recordings
 
 from itwinai_journal import Journal
 from itwinai_journal import loggers as mod
@@ -41,8 +42,7 @@ from itwinai_journal.loggers import (
     WandBLogger,
 )
 
-REFERENCE = json.loads(
-    (Path(__file__).parent / "reference" / "loggers-itwinai-0.4.2.json").read_text())
+REFERENCE = recordings.load("loggers")
 RECORDED = REFERENCE["classes"]
 
 #: (class or "*", case) -> (what the journal does, why). "journals": kept without a warning

@@ -12,14 +12,11 @@ Every difference the tests allow is one the README lists under 'What each tracke
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import itwinai_reference as ir
 import pytest
+import recordings
 
-REFERENCE = json.loads(
-    (Path(__file__).parent / "reference" / "trackers-itwinai-0.4.2.json").read_text())
+REFERENCE = recordings.load("trackers")
 #: Each logger skips the kinds it does not support, with a warning, as itwinai's do silently.
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not support kind:UserWarning")
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import mlflow_reference
 import pytest
+import recordings
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, child_env, spawn
+from conftest import child_env, spawn
 from mlflow_server import hermetic_mlflow_env
 from test_fault_injection import check_mlflow_exact, mlflow_runs_of, write_journal
 from test_mlflow_export import runs_by_role
@@ -30,10 +31,6 @@ from itwinai_sync.cli import main
 
 mlflow = pytest.importorskip("mlflow")
 MlflowClient = mlflow.MlflowClient
-
-#: What itwinai 0.4.2's MLFlowLogger stored for the calls of tests/mlflow_reference.py, recorded
-#: by scripts/record_itwinai_reference.py.
-RECORDED = ROOT / "tests" / "reference" / "mlflow-itwinai-0.4.2.json"
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +59,7 @@ def embedded(savedir: Path) -> MlflowClient:
 def test_the_export_holds_what_itwinais_own_logger_stores(tmp_path):
     ours = mlflow_reference.describe_store(Path(sys.executable), "journal", tmp_path)
     assert ours.pop("run_name") == "kinds"
-    assert ours == json.loads(RECORDED.read_text())
+    assert ours == recordings.load("mlflow")
 
 
 def test_system_tags_come_from_the_journal(tmp_path, monkeypatch):

@@ -546,7 +546,9 @@ def test_links_are_followed_only_where_the_layout_has_them(tmp_path):
     """A link is followed as an experiment directory (at the savedir's top, or under a nested
     journal savedir such as prov_logs/), whose entries are runs, and nowhere else: a link to an
     ancestor of the savedir (`evil -> /`) or one deeper in the tree never leads the walk to
-    other journals, and runs deeper than the layout's are not looked for."""
+    other journals, and runs deeper than the layout's are not looked for. A link pointing
+    outside is not followed beyond it: not to runs two levels below it (`outside -> far`,
+    a savedir), and not through a link inside a followed one (`escape`, `runlink`)."""
     savedir = tmp_path / "mllogs"
     others = tmp_path / "others"  # someone else's journal, beside the savedir
     journal(others, run_id="theirs", experiment="exp", sessions=1, n=3)
@@ -560,6 +562,12 @@ def test_links_are_followed_only_where_the_layout_has_them(tmp_path):
     (savedir / "exp2").mkdir()
     (savedir / "exp2" / "link").symlink_to(others / "exp", target_is_directory=True)
     journal(savedir / "a" / "b" / "c", run_id="too-deep", sessions=1, n=1)  # depth 5
+    far = tmp_path / "far"  # a journal outside, reached only through links beyond the layout
+    journal(far, run_id="faraway", experiment="fexp", sessions=1, n=2)
+    (savedir / "outside").symlink_to(far, target_is_directory=True)  # its runs are 2 deeper
+    (elsewhere / "pexp" / "escape").symlink_to(far / "fexp", target_is_directory=True)
+    (elsewhere / "pexp" / "runlink").symlink_to(far / "fexp" / "faraway",
+                                                target_is_directory=True)
 
     assert [p.relative_to(savedir) for p in find_run_dirs(savedir)] == [
         Path("exp/mine"), Path("exp2/link/theirs"), Path("prov_logs/pexp/prov-run")]

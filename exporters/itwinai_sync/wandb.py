@@ -135,11 +135,17 @@ def chartable(key: str) -> bool:
 def row_step(step: int | None, meta: dict[str, Any]) -> int | float | None:
     """The journal step a record is charted at (the row's STEP_KEY): its step, or, for a step
     the journal's int64 column could not hold, the exact one from meta['step'] when it is a
-    number (1.5, 2**70: W&B's numbers are float64); NaN for one that is not (a string, a
-    list), so that it is charted at no step rather than at a neighbour's."""
+    number (1.5, 2**70: W&B's numbers are float64), or the number a string step spells ('12'
+    -> 12.0, as float() reads it); NaN for one that is neither (a list, 'abc', inf), so that
+    it is charted at no step rather than at a neighbour's."""
     if step is not None or "step" not in meta:
         return step
     exact = meta["step"]
+    if isinstance(exact, str):
+        try:
+            exact = float(exact)
+        except ValueError:
+            return math.nan
     if isinstance(exact, (int, float)) and not isinstance(exact, bool) and math.isfinite(exact):
         return exact
     return math.nan
@@ -582,8 +588,8 @@ class WandbSink(RankSink):
                            f"meta['step']) are charted at no step ({STEP_KEY} = NaN)")
         else:
             self.notes.add(f"wandb: records whose step is not a whole number within int64 "
-                           f"(1.5, 2**70) are charted at that exact step ({STEP_KEY}, a W&B "
-                           "float64)")
+                           f"(1.5, 2**70, '12') are charted at that exact step ({STEP_KEY}, a "
+                           "W&B float64; a string at the number it spells)")
 
     def _define_step_metric(self, key: str, kind: str) -> None:
         """Chart `key` against the journal step (for a dict, every nested key under it)."""
