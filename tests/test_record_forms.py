@@ -229,7 +229,8 @@ def test_wandb_shows_objects_kept_as_json_as_itwinais_wandb_log_did(tmp_path):
     """meta.logged_as: itwinai's WandBLogger hands any object to `wandb.log({name: item})`.
     The expected values are what W&B's history held when itwinai 0.4.2 made these calls
     (offline, read back from its .wandb file): the object as wandb stores it, not its JSON
-    text; an array above 32 values as the histogram wandb makes of it."""
+    text; an array above 32 values as the histogram wandb makes of it. Those logged as a
+    metric or a dict are charted against the journal step, as plain ones are."""
     import numpy as np
 
     savedir = tmp_path / "mllogs"
@@ -237,7 +238,8 @@ def test_wandb_shows_objects_kept_as_json_as_itwinais_wandb_log_did(tmp_path):
     calls = [("abc", "m_str", "metric"), ([1, 2, 3], "m_list", "metric"),
              (None, "m_none", "metric"), ({"a": 1}, "m_dict", "metric"),
              ({"x": 1}, "notes", "text"), ([[0.0, 1.0]], "img_list", "image"),
-             (np.arange(3.0), "arr3", "metric"), (np.arange(40.0), "arr", "metric")]
+             (np.arange(3.0), "arr3", "metric"), (np.arange(40.0), "arr", "metric"),
+             ([4, 5], "d_list", "dict")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lg.create_logger_context()
@@ -245,14 +247,21 @@ def test_wandb_shows_objects_kept_as_json_as_itwinais_wandb_log_did(tmp_path):
             lg.log(item, name, kind=kind, step=5)
         lg.destroy_logger_context()
     assert {json.loads(r["meta"])["logged_as"] for r in
-            Journal(savedir).records(run_id=RUN).to_pylist()} == {"metric", "text", "image"}
-    assert "exported 8 records (8 text); skipped 0" in sync(savedir, "wandb")
+            Journal(savedir).records(run_id=RUN).to_pylist()} == {"metric", "text", "image",
+                                                                  "dict"}
+    assert "exported 9 records (9 text); skipped 0" in sync(savedir, "wandb")
     values = _history_values(savedir)
     histogram, step = values.pop("arr")
     assert values == {"m_str": ("abc", 5), "m_list": ([1, 2, 3], 5), "m_none": (None, 5),
                       "m_dict": ({"a": 1}, 5), "notes": ({"x": 1}, 5),
-                      "img_list": ([[0, 1]], 5), "arr3": ([0, 1, 2], 5)}
+                      "img_list": ([[0, 1]], 5), "arr3": ([0, 1, 2], 5), "d_list": ([4, 5], 5)}
     assert step == 5 and histogram["_type"] == "histogram" and sum(histogram["values"]) == 40
+    (path,) = wr.find_run_files(savedir / "wandb")
+    charted = {r.metric.name or r.metric.glob_name: r.metric.step_metric
+               for r in wr.read_records(path)
+               if r.WhichOneof("record_type") == "metric"}
+    assert charted == {"itwinai/step": "", **{name: "itwinai/step" for name in (
+        "m_str", "m_list", "m_none", "m_dict.*", "arr3", "arr", "d_list")}}
 
 
 @pytest.fixture

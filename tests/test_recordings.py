@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from recordings import REFERENCE_DIR, RECORDINGS
+from recordings import RECORDINGS, REFERENCE_DIR
 
 SCRIPT = ROOT / "scripts" / "record_itwinai_reference.py"
 

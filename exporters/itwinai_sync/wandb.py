@@ -544,7 +544,7 @@ class WandbSink(RankSink):
                 self._note_step(shown)
             if kind in ROW_KINDS:
                 item = self._history_item(kind, name, value, text, blob, meta_d)
-                if meta_d.get("logged_as") == "metric":
+                if meta_d.get("logged_as") in STEPPED_KINDS:  # charted as what was logged
                     kind = "dict" if isinstance(item, dict) else "metric"
                 self._add_to_row(kind, name, shown, t, item)
             else:
