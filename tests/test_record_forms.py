@@ -15,6 +15,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import wandb_records as wr
 from click.testing import CliRunner
@@ -46,7 +47,7 @@ def offline_wandb(tmp_path, monkeypatch):
 @pytest.fixture
 def savedir(tmp_path) -> Path:
     """A W&B logger's journal holding every form (a W&B destination: objects a kind cannot
-    hold are journaled as their JSON)."""
+    hold are journaled as their JSON), on metrics, texts, dicts, params and an image."""
     savedir = tmp_path / "mllogs"
     lg = WandBLogger(savedir=savedir, project_name="forms", run_id=RUN)
     with warnings.catch_warnings():
@@ -73,6 +74,7 @@ def savedir(tmp_path) -> Path:
         lg.log(9.0, "strstep", step="12")
         lg.log("t", "t_half", kind="text", step=6.5)
         lg.log([[0.0, 1.0]], "img_list", kind="image", step=7)  # wandb.log takes a list
+        lg.log(np.zeros((4, 4, 3), dtype=np.uint8), "img", kind="image", step=8.5)
         lg.destroy_logger_context()
     records = Journal(savedir).records(run_id=RUN).to_pylist()
     metas = {r["name"]: json.loads(r["meta"] or "{}") for r in records}
@@ -82,7 +84,7 @@ def savedir(tmp_path) -> Path:
     assert metas["d_surr"]["surrogates"] and metas["strstep"] == {"step": "12"}
     assert metas["long"]["media_type"] == "text/plain" and metas["m_long"]["logged_as"] == "metric"
     assert metas["m_ell"]["stringified"] == "ellipsis" and metas["img_list"]["logged_as"] == "image"
-    assert metas["t_half"] == {"step": 6.5}
+    assert metas["t_half"] == {"step": 6.5} and metas["img"]["step"] == 8.5
     return savedir
 
 
@@ -95,7 +97,7 @@ def sync(savedir: Path, target: str) -> str:
 
 def test_wandb_shows_each_form_as_wandb_log_would(savedir):
     out = sync(savedir, "wandb")
-    assert "exported 22 records (1 dict, 7 metric, 2 param, 12 text); skipped 0" in out
+    assert "exported 23 records (1 dict, 1 image, 7 metric, 2 param, 12 text); skipped 0" in out
     for said in ("history key '' is stored as 'itwinai_empty_name'",
                  "shown as wandb.log shows them: their JSON value",
                  "objects that JSON cannot hold (which wandb.log refuses) are shown as their str",
@@ -107,6 +109,8 @@ def test_wandb_shows_each_form_as_wandb_log_would(savedir):
     rows = wr.history_rows(records)
     values = {k: (v, row.get("itwinai/step")) for row in rows for k, v in row.items()
               if not k.startswith("_") and k != "itwinai/step"}
+    image, step = values.pop("img")
+    assert (image["_type"], image["width"], step) == ("image-file", 4, 8.5)
     assert values == {
         "loss": (2.0, 0), "m_str": ("abc", 1), "m_list": ([1, 2, 3], 1), "m_none": (None, 1),
         "m_dict": ({"a": 1}, 1), "m_comma": ("a,b", 1), "notes": ({"x": 1}, 1),
@@ -125,7 +129,7 @@ def test_wandb_shows_each_form_as_wandb_log_would(savedir):
 def test_tensorboard_writes_each_form_as_summarywriter_takes_it(savedir):
     out = sync(savedir, "tensorboard")
     # itwinai's TensorBoardLogger has no dict kind
-    assert "exported 21 records (7 metric, 2 param, 12 text); skipped 1" in out
+    assert "exported 22 records (1 image, 7 metric, 2 param, 12 text); skipped 1" in out
     assert "not for this target: 1 dict" in out
     for said in ("at int() of it, as SummaryWriter does", "complex metrics are written by "
                  "their real part", "are written as text: their JSON",
@@ -140,6 +144,8 @@ def test_tensorboard_writes_each_form_as_summarywriter_takes_it(savedir):
     assert scalars == {"loss": [(0, 2.0)], "cplx": [(2, 1.0)], "bigstep": [(2**63 - 1, 5.0)],
                        "halfstep": [(1, 6.0)], "metric": [(3, 7.0)], "": [(4, 8.0)],
                        "strstep": [(12, 9.0)]}
+    assert {tag: [(e.step, e.width) for e in acc.Images(tag)]
+            for tag in acc.Tags()["images"]} == {"img": [(8, 4)]}
     texts = {tag.removesuffix("/text_summary"): [
         (e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
         for tag in acc.Tags()["tensors"] if tag.endswith("/text_summary")}
@@ -155,7 +161,7 @@ def test_mlflow_logs_each_form_deliberately(savedir):
     from mlflow import MlflowClient
 
     out = sync(savedir, "mlflow")
-    assert "exported 22 records (1 dict, 7 metric, 2 param, 12 text); skipped 0" in out
+    assert "exported 23 records (1 dict, 1 image, 7 metric, 2 param, 12 text); skipped 0" in out
     for said in ("metric name '' is stored as '_'", "logged at int() of it (1.5 -> 1)",
                  "complex metrics are logged by their real part",
                  "logged as text artifacts of their JSON at their name", "logged as U+FFFD"):
@@ -172,6 +178,7 @@ def test_mlflow_logs_each_form_deliberately(savedir):
              for name in ("m_str", "m_list", "m_none", "m_dict", "m_comma", "notes", "surr",
                           "d_surr", "long", "m_long", "m_ell", "t_half", "img_list")}
     assert json.loads(texts.pop("d_surr")) == {"k": "v\ufffd"}  # log_dict's indented JSON
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {*texts, "d_surr", "img.png"}
     assert texts == {"m_str": '"abc"', "m_list": "[1, 2, 3]", "m_none": "null",
                      "m_dict": '{"a": 1}', "m_comma": '"a,b"', "notes": '{"x": 1}',
                      "surr": "x\ufffdy", "long": "L" * LONG, "m_long": json.dumps("M" * LONG),
@@ -184,8 +191,8 @@ def test_prov4ml_takes_metrics_that_are_not_numbers_as_yprov4ml_does(savedir):
     out = sync(savedir, "prov4ml")
     # texts that are not metrics are not for this target (itwinai's Prov4MLLogger has no
     # text kind), and said so in the summary
-    assert "exported 16 records (7 metric, 2 param, 7 text); skipped 6" in out
-    assert "not for this target: 1 dict, 5 text" in out
+    assert "exported 16 records (7 metric, 2 param, 7 text); skipped 7" in out
+    assert "not for this target: 1 dict, 1 image, 5 text" in out
     for said in ("metrics that are not numbers are written as yprov4ml writes them",
                  "complex metrics are written as yprov4ml writes them, (1+2j)",
                  "written as logged (1.5, 2**70)", "lone surrogates in params"):
@@ -231,8 +238,6 @@ def test_wandb_shows_objects_kept_as_json_as_itwinais_wandb_log_did(tmp_path):
     (offline, read back from its .wandb file): the object as wandb stores it, not its JSON
     text; an array above 32 values as the histogram wandb makes of it. Those logged as a
     metric or a dict are charted against the journal step, as plain ones are."""
-    import numpy as np
-
     savedir = tmp_path / "mllogs"
     lg = WandBLogger(savedir=savedir, project_name="forms", run_id=RUN)
     calls = [("abc", "m_str", "metric"), ([1, 2, 3], "m_list", "metric"),
