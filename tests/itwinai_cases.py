@@ -1,7 +1,7 @@
 """The calls of the itwinai conformance check, shared by the recorder that runs them through
 itwinai 0.4.2 (`scripts/record_itwinai_reference.py`, in the reference virtualenv) and by
 `tests/test_itwinai_conformance.py`, which runs the same calls through `itwinai_journal.loggers`
-and compares with the recording (`tests/itwinai_reference.json`).
+and compares with the recording (`tests/reference/loggers-itwinai-0.4.2.json`).
 
 Nothing here imports a tracker or itwinai: `mod` is the loggers module under test, and the objects
 to log are built by small factories (torch, numpy, PIL and matplotlib are in both environments).

@@ -1,11 +1,11 @@
 """One small training, logged through itwinai 0.4.2's real loggers and through ours, and
 readers that say what each tracker then holds, in one comparable form.
 
-Used by `scripts/compare_with_itwinai.py`, which runs the reference side in itwinai's own
+Used by `scripts/record_itwinai_reference.py`, which runs the reference side in itwinai's own
 virtualenv (itwinai cannot be installed beside our pinned torch) and our side in ours, prints
 both side by side and records the reference's tracker contents in
-`tests/data/itwinai_reference.json`; and by `tests/test_itwinai_fidelity.py`, which runs our
-side and checks it against that recording.
+`tests/reference/trackers-itwinai-0.4.2.json`; and by `tests/test_itwinai_fidelity.py`, which
+runs our side and checks it against that recording.
 
 Each tracker gets its own logger (not a collection), so that a call one of itwinai's loggers
 fails on does not stop the others; every call that raises is recorded with its error, as

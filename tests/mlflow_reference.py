@@ -4,13 +4,15 @@ then holds: runs, run name, params, MLflow's system tags, artifact paths, a metr
 
 Runs as a script in either environment, printing that description as JSON:
 
-    /work/ref/itwinai-venv/bin/python tests/mlflow_reference.py itwinai DIR
+    $ITWINAI_PYTHON tests/mlflow_reference.py itwinai DIR   (the Python of itwinai's venv)
     .venv/bin/python tests/mlflow_reference.py journal DIR
 
 It imports only the logger API, mlflow, numpy, torch and matplotlib, so that it runs unchanged
-in itwinai's own virtualenv. Calls the reference cannot make with the MLflow it pins (an image
-name without an extension, `kind="model"`, which MLflow 3 refuses without an input example)
-are left out here and tested on our side alone.
+in itwinai's own virtualenv. `describe_store` runs it in a fresh process of either: for
+test_mlflow_fidelity.py (ours) and for scripts/record_itwinai_reference.py (itwinai's, recorded
+in tests/reference/mlflow-itwinai-0.4.2.json). Calls the reference cannot make with the MLflow
+it pins (an image name without an extension, `kind="model"`, which MLflow 3 refuses without an
+input example) are left out here and tested on our side alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -116,6 +120,30 @@ def main(impl: str, tmp: Path) -> dict:
             if e.code:
                 raise
     return describe(uri, "exp")
+
+
+def describe_store(python: Path, impl: str, tmp: Path) -> dict:
+    """Run the calls with `impl`'s MLFlowLogger ("itwinai" or "journal") with `python` in a
+    fresh process, from a copy of this file outside any git checkout (MLflow tags the git
+    commit of the script's directory), and return what the MLflow store then holds. The run
+    name is left out: itwinai 0.4.2 ignores MLFlowLogger(run_name=...) and draws a random one,
+    ours uses it; `run_name` is returned beside the description for the caller to check."""
+    from conftest import child_env
+    from mlflow_server import hermetic_mlflow_env
+
+    work = tmp / impl
+    work.mkdir()
+    script = shutil.copy(__file__, work / Path(__file__).name)
+    proc = subprocess.run([str(python), script, impl, str(work / "out")], cwd=work,
+                          env=hermetic_mlflow_env(child_env()), capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{python} {script} {impl} failed:\n{proc.stderr[-3000:]}")
+    found = json.loads(proc.stdout.split("=== DESCRIPTION ===", 1)[1])
+    name = found.pop("run_name")
+    if found["tags"].pop("mlflow.runName") != name:
+        raise RuntimeError("the mlflow.runName tag is not the run's name")
+    return found if impl == "itwinai" else {"run_name": name, **found}
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def _hand_made_rank(run_dir, rank, sessions, index_last_seq=None):
             + json.dumps({"segment": 2, "first_seq": 8, "last_seq": index_last_seq}) + "\n")
 
 
-def test_ls_finds_runs_at_any_depth_and_counts_from_manifests_and_indexes(tmp_path):
+def test_ls_finds_runs_down_to_the_layouts_depth_and_counts_from_manifests_and_indexes(tmp_path):
     """Run discovery matches an os.walk over the tree (no descent into runs or hidden
     directories); counts take the larger of the closed sessions' last_seq and the index's.
     (Runs named like journal directories and symlinked experiments: test_untrusted_journal.)"""

@@ -1,7 +1,8 @@
 """itwinai 0.4.2 conformance: every call of `tests/itwinai_cases.py`, for every logger class
 and every kind, does with `itwinai_journal.loggers` what it did with itwinai's own loggers, as
-recorded in `tests/itwinai_reference.json` by `scripts/record_itwinai_reference.py` (run in a
-virtualenv with itwinai 0.4.2 and its trackers; this test needs neither).
+recorded in `tests/reference/loggers-itwinai-0.4.2.json` by
+`scripts/record_itwinai_reference.py` (which runs them in a virtualenv with itwinai 0.4.2 and its
+trackers; this test needs neither).
 
 The rule checked for each call:
 - itwinai's tracker received it -> the journal keeps it (and, where the recording says what
@@ -28,6 +29,7 @@ from typing import Any
 import itwinai_cases as cases
 import numpy as np
 import pytest
+import recordings
 
 from itwinai_journal import Journal
 from itwinai_journal import loggers as mod
@@ -40,7 +42,7 @@ from itwinai_journal.loggers import (
     WandBLogger,
 )
 
-REFERENCE = json.loads(Path(__file__).with_name("itwinai_reference.json").read_text())
+REFERENCE = recordings.load("loggers")
 RECORDED = REFERENCE["classes"]
 
 #: (class or "*", case) -> (what the journal does, why). "journals": kept without a warning

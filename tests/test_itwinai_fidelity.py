@@ -3,25 +3,20 @@
 The reference cannot run here (itwinai needs torch 2.14, this environment pins 2.13): its
 tracker contents were recorded by running the same training (tests/itwinai_reference.py)
 through itwinai's real WandBLogger (offline), TensorBoardLogger and Prov4MLLogger (yprov4ml
-2.0.9) in itwinai's own virtualenv, with
-
-    /work/ref/itwinai-venv/bin/python scripts/compare_with_itwinai.py --write-reference
-
-which wrote tests/data/itwinai_reference.json (run it again to regenerate it; it also prints
-both sides side by side). Values that depend on the machine and the moment (system, carbon,
-clock readings) are recorded by their steps only. Here our side runs for real: our loggers,
-`itwinai-sync --to <target>`, and the same readers of what each tracker holds. Every
-difference the tests allow is one the README lists under 'What each tracker shows'."""
+2.0.9) in itwinai's own virtualenv, by scripts/record_itwinai_reference.py (its `trackers`
+part, which also prints both sides side by side), into
+tests/reference/trackers-itwinai-0.4.2.json. Values that depend on the machine and the moment
+(system, carbon, clock readings) are recorded by their steps only. Here our side runs for real:
+our loggers, `itwinai-sync --to <target>`, and the same readers of what each tracker holds.
+Every difference the tests allow is one the README lists under 'What each tracker shows'."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import itwinai_reference as ir
 import pytest
+import recordings
 
-REFERENCE = json.loads((Path(__file__).parent / "data" / "itwinai_reference.json").read_text())
+REFERENCE = recordings.load("trackers")
 #: Each logger skips the kinds it does not support, with a warning, as itwinai's do silently.
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not support kind:UserWarning")
 

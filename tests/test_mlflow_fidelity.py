@@ -1,7 +1,7 @@
 """MLflow as the online MLFlowLogger of itwinai 0.4.2 would have left it, and the MLflow target's
 own failure modes: one run for a one-rank run, MLflow's system tags, params as MLflow stores
 them, artifact paths as itwinai writes them (compared with what itwinai 0.4.2 itself stores,
-recorded in tests/reference/ and re-checked against its virtualenv when it is installed), model
+recorded in tests/reference/ by scripts/record_itwinai_reference.py), model
 names and metric keys MLflow refuses or merges, `--ranks 0` then all ranks, a store killed while
 being created, and a tracking server that is not there."""
 
@@ -10,16 +10,17 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow_reference
 import pytest
+import recordings
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, child_env, spawn
+from conftest import child_env, spawn
 from mlflow_server import hermetic_mlflow_env
 from test_fault_injection import check_mlflow_exact, mlflow_runs_of, write_journal
 from test_mlflow_export import runs_by_role
@@ -30,12 +31,6 @@ from itwinai_sync.cli import main
 
 mlflow = pytest.importorskip("mlflow")
 MlflowClient = mlflow.MlflowClient
-
-#: The python of a virtualenv holding itwinai==0.4.2 and the trackers it pins.
-REFERENCE_PYTHON = Path(os.environ.get("ITWINAI_REFERENCE_PYTHON",
-                                       "/work/ref/itwinai-venv/bin/python"))
-RECORDED = ROOT / "tests" / "reference" / "mlflow-itwinai-0.4.2.json"
-SCRIPT = ROOT / "tests" / "mlflow_reference.py"
 
 
 @pytest.fixture(autouse=True)
@@ -61,36 +56,10 @@ def embedded(savedir: Path) -> MlflowClient:
 # -- side by side with itwinai 0.4.2 ----------------------------------------------------------
 
 
-def describe_store(python: Path, impl: str, tmp_path: Path) -> dict:
-    """Run the reference calls with `impl`'s MLFlowLogger in a fresh process, from a copy of
-    the script outside any git checkout (MLflow tags the git commit of the script's
-    directory), and return what the MLflow store then holds."""
-    work = tmp_path / impl
-    work.mkdir()
-    script = shutil.copy(SCRIPT, work / SCRIPT.name)
-    env = hermetic_mlflow_env(child_env())
-    proc = subprocess.run([str(python), script, impl, str(work / "out")], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = json.loads(proc.stdout.split("=== DESCRIPTION ===", 1)[1])
-    # itwinai 0.4.2 ignores MLFlowLogger(run_name=...) (a random name is drawn); ours uses it
-    name = found.pop("run_name")
-    assert found["tags"].pop("mlflow.runName") == name
-    return {"run_name": name, **found}
-
-
 def test_the_export_holds_what_itwinais_own_logger_stores(tmp_path):
-    ours = describe_store(Path(sys.executable), "journal", tmp_path)
+    ours = mlflow_reference.describe_store(Path(sys.executable), "journal", tmp_path)
     assert ours.pop("run_name") == "kinds"
-    assert ours == json.loads(RECORDED.read_text())
-
-
-@pytest.mark.skipif(not REFERENCE_PYTHON.exists(), reason="itwinai 0.4.2's virtualenv is not "
-                    "installed here; tests/reference holds what it stored")
-def test_the_recorded_reference_is_what_itwinai_stores(tmp_path):
-    reference = describe_store(REFERENCE_PYTHON, "itwinai", tmp_path)
-    reference.pop("run_name")
-    assert reference == json.loads(RECORDED.read_text())
+    assert ours == recordings.load("mlflow")
 
 
 def test_system_tags_come_from_the_journal(tmp_path, monkeypatch):

@@ -423,8 +423,34 @@ def test_model_state_dict_is_read_without_running_journal_code(tmp_path):
     assert list(state) == list(expected)  # parameters, persistent buffers, submodules
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     torch.save(torch.zeros(3), path)
-    with open(path, "rb") as f:
-        assert prov4ml.state_dict_from_module(f) is None  # not a module
+    with open(path, "rb") as f, pytest.raises(prov4ml.NotAModule,
+                                               match="holds a Tensor, not a torch.nn.Module"):
+        prov4ml.state_dict_from_module(f)
+
+
+def test_a_model_torch_cannot_read_safely_is_written_as_its_file_and_says_why(
+        tmp_path, monkeypatch):
+    """Without torch's `get_unsafe_globals_in_checkpoint` (torch before 2.5) a module's pickle
+    cannot be read without running it: the journal's file is written, and the note says why
+    (not that it is not a module); a file that is not a torch.save file says so too."""
+    prov = Prov4MLLogger(provenance_save_dir=str(tmp_path / "mllogs"), run_id=RUN,
+                         create_graph=False, create_svg=False)
+    with prov.start_logging():
+        prov.log(torch.nn.Linear(2, 2), "net", kind="model")
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+    result = CliRunner().invoke(main, [str(tmp_path / "mllogs"), "--to", "prov4ml"])
+    assert result.exit_code == 0, result.output
+    assert (f"model 'net' is written as the journal's torch.save file, not as a state_dict: "
+            f"torch {torch.__version__} cannot read a module's pickle without running it"
+            ) in " ".join(result.output.split())
+    (written,) = (tmp_path / "mllogs" / "prov").rglob("net_0.pt")
+    (blob,) = [p for p in (tmp_path / "mllogs").rglob("blobs/*/*")]
+    assert written.read_bytes() == blob.read_bytes()
+    monkeypatch.undo()
+    (tmp_path / "junk").write_bytes(b"not a zip")
+    with open(tmp_path / "junk", "rb") as f, pytest.raises(
+            prov4ml.NotAModule, match="weights-only unpickler cannot read it"):
+        prov4ml.state_dict_from_module(f)
 
 
 def test_measured_view_names_units_and_totals():

@@ -28,6 +28,7 @@ from itwinai_journal import Journal, verify
 from itwinai_journal.blobs import BlobStore
 from itwinai_journal.loggers import MLFlowLogger
 from itwinai_journal.names import experiment_dirname
+from itwinai_journal.reader import find_run_dirs
 from itwinai_sync.cli import main
 
 mlflow = pytest.importorskip("mlflow")
@@ -538,4 +539,41 @@ def test_runs_named_like_journal_directories_and_symlinked_experiments_are_liste
     assert synced.returncode == 0, synced.stdout + synced.stderr
     for experiment, run_id in names:
         assert tb_steps(savedir / "tensorboard", experiment, run_id) == list(range(10))
+    assert cli("verify", savedir).returncode == 0
+
+
+def test_links_are_followed_only_where_the_layout_has_them(tmp_path):
+    """A link is followed as an experiment directory (at the savedir's top, or under a nested
+    journal savedir such as prov_logs/), whose entries are runs, and nowhere else: a link to an
+    ancestor of the savedir (`evil -> /`) or one deeper in the tree never leads the walk to
+    other journals, and runs deeper than the layout's are not looked for. A link pointing
+    outside is not followed beyond it: not to runs two levels below it (`outside -> far`,
+    a savedir), and not through a link inside a followed one (`escape`, `runlink`)."""
+    savedir = tmp_path / "mllogs"
+    others = tmp_path / "others"  # someone else's journal, beside the savedir
+    journal(others, run_id="theirs", experiment="exp", sessions=1, n=3)
+    elsewhere = tmp_path / "scratch"
+    journal(elsewhere, run_id="prov-run", experiment="pexp", sessions=1, n=4)
+    journal(savedir, run_id="mine", experiment="exp", sessions=1, n=5)
+    (savedir / "prov_logs").mkdir()
+    (savedir / "prov_logs" / "pexp").symlink_to(elsewhere / "pexp", target_is_directory=True)
+    (savedir / "evil").symlink_to(tmp_path, target_is_directory=True)  # an ancestor
+    (savedir / "exp" / "deep").symlink_to(others, target_is_directory=True)  # not a run
+    (savedir / "exp2").mkdir()
+    (savedir / "exp2" / "link").symlink_to(others / "exp", target_is_directory=True)
+    journal(savedir / "a" / "b" / "c", run_id="too-deep", sessions=1, n=1)  # depth 5
+    far = tmp_path / "far"  # a journal outside, reached only through links beyond the layout
+    journal(far, run_id="faraway", experiment="fexp", sessions=1, n=2)
+    (savedir / "outside").symlink_to(far, target_is_directory=True)  # its runs are 2 deeper
+    (elsewhere / "pexp" / "escape").symlink_to(far / "fexp", target_is_directory=True)
+    (elsewhere / "pexp" / "runlink").symlink_to(far / "fexp" / "faraway",
+                                                target_is_directory=True)
+
+    assert [p.relative_to(savedir) for p in find_run_dirs(savedir)] == [
+        Path("exp/mine"), Path("exp2/link/theirs"), Path("prov_logs/pexp/prov-run")]
+    listed = cli("ls", savedir, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted((r["experiment"], r["run_id"], r["records"])
+                  for r in json.loads(listed.stdout)) == [
+        ("exp", "mine", 5), ("exp", "theirs", 3), ("pexp", "prov-run", 4)]
     assert cli("verify", savedir).returncode == 0

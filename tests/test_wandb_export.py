@@ -577,3 +577,49 @@ def test_killed_at_random_points_every_record_once(tmp_path, monkeypatch):
         want[(r["step"], r["name"], _same(value))] += 1
     assert got == want and set(got.values()) == {1}
     assert committed_state(savedir / "wandb", wb_id, "killr")[0] == len(records)
+
+
+def test_an_empty_or_starred_name_is_exported_and_a_failure_leaves_no_half_row(
+        tmp_path, monkeypatch):
+    """`c.log(1.0, "", step=0)` through a collection of W&B and TensorBoard: define_metric
+    refuses an empty name (and wandb.log drops an empty key without a word), so the key is
+    mapped, with a note; a name with '*' keeps its key but is charted against _step. When an
+    export fails mid-batch, the row being built is not written half-made: the next sync
+    writes every value once."""
+    from itwinai_journal.loggers import TensorBoardLogger
+
+    savedir = tmp_path / "mllogs"
+    c = LoggersCollection([WandBLogger(savedir=savedir, project_name="keys"),
+                           TensorBoardLogger(savedir=savedir)])
+    c.create_logger_context()
+    c.log(1.0, "", step=0)
+    c.log(2.0, "a*b", step=0)
+    c.log(3.0, "boom", step=1)
+    run_id = c.run_id
+    c.destroy_logger_context()
+
+    import wandb.sdk.wandb_run as run_module
+
+    real = run_module.Run.define_metric
+
+    def define_metric(self, name, *args, **kwargs):
+        if name == "boom":
+            raise wandb_exporter.ExportError("define_metric refused 'boom'")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "define_metric", define_metric)
+    out = " ".join(sync(savedir, code=1).split())
+    assert "define_metric refused 'boom'" in out
+    assert "history key '' is stored as 'itwinai_empty_name'" in out
+    assert "'a*b' is charted against W&B's _step" in out
+    files = wandb_files(savedir, wandb_id(savedir, run_id, 0))
+    rows = history(files)
+    assert rows == [{**rows[0], "itwinai_empty_name": 1.0, "a*b": 2.0, "itwinai/step": 0}]
+    monkeypatch.undo()
+
+    assert "exported 1 records (1 metric)" in sync(savedir)
+    rows = history(wandb_files(savedir, wandb_id(savedir, run_id, 0)))
+    assert points(rows) == Counter({(0, "itwinai_empty_name"): 1, (0, "a*b"): 1,
+                                    (1, "boom"): 1})
+    assert all(set(row) - {"itwinai/step"} - {k for k in row if k.startswith("_")}
+               for row in rows)  # no row without a value

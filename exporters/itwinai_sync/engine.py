@@ -368,6 +368,13 @@ def select(table: pa.Table, exporter: Exporter) -> tuple[pa.Table, Counter]:
     writer sets; a user's keyword argument of that name is kept under meta's `kwargs`)."""
     skipped: Counter = Counter()
     kind_ok = pc.is_in(table["kind"], pa.array(sorted(exporter.kinds), pa.string()))
+    if exporter.texts_logged_as is not None:
+        texts = pc.equal(table["kind"], "text")
+        if pc.any(texts).as_py():
+            taken = exporter.texts_logged_as
+            kind_ok = pc.and_(kind_ok, pa.array(
+                [not text or _logged_as(meta) in taken
+                 for meta, text in zip(table["meta"].to_pylist(), texts.to_pylist())]))
     maybe = pc.fill_null(pc.match_substring(table["meta"], '"targets"'), False)
     if pc.any(maybe).as_py():
         allowed = [not m or exporter.name in _route(meta)
@@ -402,6 +409,16 @@ def _route(meta: str) -> Any:
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         return set(targets)
     return set()
+
+
+def _logged_as(meta: str | None) -> Any:
+    """The kind a text record's object was logged as (meta['logged_as']), or None."""
+    try:
+        d = json.loads(meta) if meta else None
+    except ValueError:
+        return None
+    logged_as = d.get("logged_as") if isinstance(d, dict) else None
+    return logged_as if isinstance(logged_as, str) else None
 
 
 def _kind_counts(table: pa.Table) -> Counter:

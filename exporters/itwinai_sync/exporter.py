@@ -97,6 +97,9 @@ class Exporter(ABC):
     batch_records: ClassVar[int] = 10_000
     #: Whether several runs may be exported at once in threads of one process.
     parallel_runs: ClassVar[bool] = True
+    #: For a target that takes `text` records only when they hold an object logged as another
+    #: kind (meta['logged_as']): those kinds. None: every text record of a taken kind.
+    texts_logged_as: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         self.savedir = savedir
@@ -188,12 +191,50 @@ def _marker_id(path: Path) -> str | None:
     return marker.get("journal_id") if isinstance(marker, dict) else None
 
 
-def param_str(value: Any, meta: str | None) -> str:
-    """A param as the `str()` itwinai's MLflow and TensorBoard loggers hand their tracker: the
-    journal keeps the JSON of the value and, when the logged object's own str() differs from
-    that of its JSON (a tuple, a numpy number, a Path), that str() in meta['str']."""
-    given = json.loads(meta).get("str") if meta else None
+def param_str(value: Any, meta: str | dict[str, Any] | None) -> str:
+    """A param as the `str()` itwinai's MLflow, TensorBoard and Prov4ML loggers hand their
+    tracker: the journal keeps the JSON of the value and, when the logged object's own str()
+    differs from that of its JSON (a tuple, a numpy number, a Path), that str() in
+    meta['str']."""
+    given = (meta if isinstance(meta, dict) else meta_of(meta)).get("str")
     return given if isinstance(given, str) else str(value)
+
+
+#: Range of the int64 steps of MLflow and TensorBoard.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def meta_of(meta: str | None) -> dict[str, Any]:
+    """A record's meta as a dict ({} when it has none, or when it is not a JSON object)."""
+    if not meta:
+        return {}
+    try:
+        d = json.loads(meta)
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def int64_step(exact: Any) -> int | None:
+    """A step the journal's int64 column could not hold (kept in meta['step']: 1.5, 2**70,
+    '3') as a tracker with int64 steps takes it: `int()` of it, as torch's SummaryWriter sets
+    `event.step = int(global_step)` (1.5 -> 1, '3' -> 3, -2.7 -> -2), clamped to the int64
+    range (2**70 -> 2**63 - 1, where SummaryWriter and MLflow refuse it). None when `int()`
+    refuses the value (NaN, a list): the tracker's place for a record without a step."""
+    if isinstance(exact, bool):
+        return int(exact)
+    try:
+        number = int(exact)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return min(max(number, INT64_MIN), INT64_MAX)
+
+
+def logged_value(text: str | None, blob: str | None, blobs: BlobStore) -> Any:
+    """The value of a `text` record that holds the JSON of an object logged as another kind
+    (meta['logged_as']: a metric that is not a number, an object W&B takes as it is)."""
+    body = text if text is not None else blobs.read(blob or "").decode()
+    return json.loads(body)
 
 
 def key_digest(key: str) -> str:

@@ -59,6 +59,8 @@ from .exporter import (
     Notes,
     RankSink,
     TargetChanged,
+    int64_step,
+    meta_of,
     param_str,
     scoped_env,
 )
@@ -676,9 +678,11 @@ class MlflowRankSink(RankSink):
             seq = cols["seq"][i]
             if kind == "metric":
                 key = self._key(kind, cols["name"][i])
+                step = cols["step"][i]
+                if cols["meta"][i] is not None:
+                    step = self._metric_form(step, cols["meta"][i])
                 metrics.append(self._Metric(key, _finite(cols["value"][i]),
-                                            int(round(cols["time"][i] * 1000)),
-                                            cols["step"][i] or 0))
+                                            int(round(cols["time"][i] * 1000)), step or 0))
                 size += 64 + len(key)
             elif kind == "param":
                 param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i],
@@ -718,10 +722,33 @@ class MlflowRankSink(RankSink):
             self.names.primed = cursor  # the names of this commit went through _key
         self._cursor = cursor
 
+    def _metric_form(self, step: int | None, meta: str) -> int | None:
+        """The step of a metric the journal keeps in one of its storable forms (a step the
+        int64 column could not hold, as `int64_step` maps it), and a note for each form."""
+        d = meta_of(meta)
+        if step is None and "step" in d:
+            step = int64_step(d["step"])
+            self.notes.add("mlflow: metrics whose step is not a whole number within int64 are "
+                           "logged at int() of it (1.5 -> 1), clamped to int64 (2**70 -> "
+                           "2**63-1), or at step 0 when int() refuses it (MLflow steps are "
+                           "int64); the journal keeps the exact step in meta['step']")
+        if "imag" in d:
+            self.notes.add("mlflow: complex metrics are logged by their real part (MLflow's "
+                           "log_metric refuses complex numbers); the journal keeps the "
+                           "imaginary part in meta['imag']")
+        return step
+
+    def _note_surrogates(self) -> None:
+        self.notes.add("mlflow: lone surrogates in texts and params (which MLflow cannot "
+                       "store) are logged as U+FFFD; the journal keeps the code points in "
+                       "meta['surrogates']")
+
     def _param(self, name: str, text: str | None, blob: str | None, meta: str | None) -> Any:
         """A param as `mlflow.log_param` stores it: `str(value)` (`True`, `None`, `[8, 4]`,
         `{'a': 1}`, `(0.9, 0.999)`; see `param_str`)."""
         raw = text if text is not None else self.blobs.read(blob or "").decode()
+        if meta is not None and meta_of(meta).get("surrogates"):
+            self._note_surrogates()
         value_s = param_str(json.loads(raw), meta)
         if len(value_s) > MAX_PARAM_VALUE:
             self.notes.add(f"mlflow: param {name!r} is longer than {MAX_PARAM_VALUE} characters"
@@ -739,8 +766,14 @@ class MlflowRankSink(RankSink):
     # -- everything that is not log_batch ------------------------------------------------------
 
     def _side_effect(self, kind: str, rec: dict[str, Any]) -> None:
-        meta = json.loads(rec["meta"]) if rec["meta"] else {}
+        meta = meta_of(rec["meta"])
         name = rec["name"]
+        if kind == "text" and meta.get("logged_as"):
+            self.notes.add("mlflow: objects logged as a kind that cannot hold them (a metric "
+                           "that is not a number, ...), which MLflow refuses, are logged as "
+                           "text artifacts of their JSON at their name")
+        if meta.get("surrogates"):
+            self._note_surrogates()
         if kind in ("model", "best_model"):
             self._log_model(kind, name, rec["blob"], meta)
         elif kind == "dataset":

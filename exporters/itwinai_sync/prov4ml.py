@@ -44,7 +44,10 @@ ones, not the temporary directory's.
 Kinds (context: the record's `context`, default "training", as itwinai's Prov4MLLogger;
 timestamps: the record's time in milliseconds; a record without a step is written at step 0,
 yprov4ml's default):
-- `metric`: `log_metric` (source None, as itwinai's Prov4MLLogger logs them);
+- `metric`: `log_metric` (source None, as itwinai's Prov4MLLogger logs them); a metric that
+  is not a number (a `text` record with meta['logged_as'] = 'metric') with its JSON value,
+  which yprov4ml writes as str() (see `_Replay._logged_metric`); other texts are not for this
+  target; a step the journal kept in meta['step'] (1.5, 2**70) as it was logged;
 - `flops_pb`, `flops_pe`, `execution_time`, `system`, `carbon`: `log_metric` of what itwinai's
   Prov4MLLogger would have logged with the yprov4ml it pins (2.0.9), computed from the
   journal's measurements by `MeasuredView` (names, units, running FLOP totals), with the
@@ -60,8 +63,9 @@ yprov4ml's default):
   logged with `log_artifact` (models as `provml:Model`, with `log_model`'s parameter-count
   attributes); for `best_model`, `torch` and `artifact` only the last record of a name is
   kept, as the file it would have overwritten. A model file is the module's `state_dict`, as
-  yprov4ml saves it, read from the journal's `torch.save` of the whole module without
-  importing or running any of its code (`state_dict_from_module`). A `torch` object is the
+  yprov4ml saves it, read from the journal's `torch.save` of the whole module by torch's
+  weights-only unpickler without importing or running any of its code
+  (`state_dict_from_module`). A `torch` object is the
   journal's `torch.save` file and, when it loads with `weights_only` (tensors and containers),
   also a param, as itwinai's Prov4MLLogger logs it with `log_param`;
 - `prov_documents`: the documents are produced on every export, whether a run logged the marker
@@ -118,6 +122,8 @@ from .exporter import (
     RankSink,
     claim_journal_dir,
     find_journal_dir,
+    logged_value,
+    param_str,
 )
 
 MARKER = ".itwinai-sync-cursor"
@@ -138,6 +144,7 @@ EXPORT_MACHINE_FIELDS = ("yprov:operating_system", "yprov:release", "yprov:proce
                          "yprov:machine")
 _COLUMNS = ("seq", "time", "kind", "name", "step", "value", "text", "blob", "meta")
 _UNSAFE = re.compile(r"[:/\\\x00-\x1f]")
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')
 #: Kinds whose last record of a name is kept (each would overwrite the previous file).
 _LAST_WINS = ("best_model", "torch", "artifact")
 
@@ -185,7 +192,10 @@ class Prov4mlExporter(Exporter):
     name = "prov4ml"
     kinds = frozenset({"metric", "param", "flops_pb", "flops_pe", "system", "carbon",
                        "execution_time", "model", "best_model", "torch", "artifact",
-                       "prov_documents"})
+                       "prov_documents", "text"})
+    #: Metrics that are not numbers, which yprov4ml takes as they are (other texts are not
+    #: for this target: itwinai's Prov4MLLogger has no text kind).
+    texts_logged_as = frozenset({"metric"})
     #: The batches only move the cursor (documents are rebuilt from the journal): few, large.
     batch_records = 1_000_000
     #: yprov4ml's global state allows one provenance run at a time per process.
@@ -547,6 +557,8 @@ class _Replay:
             self.artifact(rec, f"{name}_{version}")
         elif kind == "prov_documents":
             pass  # the documents are made on every export
+        elif kind == "text":  # logged as a metric (see Prov4mlExporter.texts_logged_as)
+            self.metric(name, self._logged_metric(text, blob, meta), step, meta, None)
         else:
             self.measurement(kind, name, step, value, text, meta, rec[1])
 
@@ -558,9 +570,13 @@ class _Replay:
     # -- kinds ------------------------------------------------------------------------------
 
     def param(self, name: str, text: str | None, blob: str | None, meta: dict) -> None:
-        """A hyperparameter, in the context itwinai's Prov4MLLogger gives them ("training")."""
+        """A hyperparameter, in the context itwinai's Prov4MLLogger gives them ("training"),
+        as the str() of the logged value that yprov4ml stores (`param_str`)."""
         raw = text if text is not None else self.sink.blobs.read(blob or "").decode()
-        self.log_param(name, json.loads(raw), meta)
+        if meta.get("surrogates"):
+            self.notes.add("prov4ml: lone surrogates in params are written as U+FFFD; the "
+                           "journal keeps the code points in meta['surrogates']")
+        self.log_param(name, param_str(json.loads(raw), meta), meta)
 
     def log_param(self, name: str, value: Any, meta: dict[str, Any]) -> None:
         self.y.lib.log_param(self.name(name), value, context=self._context(meta),
@@ -571,20 +587,37 @@ class _Replay:
         context = meta.get("context")
         return default if context is None else str(context)
 
-    def metric(self, name: str, value: float, step: int | None, meta: dict[str, Any],
+    def metric(self, name: str, value: Any, step: int | None, meta: dict[str, Any],
                source: str | None, method: str | None = None) -> None:
         context = self.name(self._context(meta), 60)
         name = self.name(name)
         source = None if source is None else self.name(source, 60)
-        self.y.lib.log_metric(name, value, context=context, step=0 if step is None else step,
+        self.y.lib.log_metric(name, value, context=context, step=self._step(step, meta),
                               source=source, timestamp=int(round(self.clock.t * 1000)))
         if method:
             entity = f"{source}//{name}//{context}" if source else f"{name}//{context}"
             self.methods.setdefault(entity, set()).add(method)
 
+    def _step(self, step: int | None, meta: dict[str, Any]) -> Any:
+        """The step yprov4ml is given: the record's; for a step the journal's int64 column
+        could not hold, the exact one from meta['step'], which yprov4ml 2.0.9 writes as it is
+        given (1.5, 1180591620717411303424); 0, yprov4ml's default, for none."""
+        if step is not None:
+            return step
+        if "step" not in meta:
+            return 0
+        self.notes.add("prov4ml: steps that are not whole numbers within int64 are written as "
+                       "logged (1.5, 2**70), as yprov4ml takes them")
+        exact = meta["step"]
+        return exact if isinstance(exact, (int, float, str)) else csv_field(str(exact))
+
     def measurement(self, kind: str, name: str, step: int | None, value: float | None,
                     text: str | None, meta: dict[str, Any], t: float) -> None:
         if kind == "metric":
+            if "imag" in meta:  # yprov4ml writes a complex value as str() gives it: (1+2j)
+                value = complex(value, meta["imag"])
+                self.notes.add("prov4ml: complex metrics are written as yprov4ml writes them, "
+                               "(1+2j)")
             self.metric(name, value, step, meta, None)
             return
         if kind not in MEASURED_KINDS:  # pragma: no cover - kinds are filtered by the engine
@@ -600,6 +633,21 @@ class _Replay:
         source = (method or "psutil") if kind == "system" else self.source[kind]
         for metric_name, number, how in shown:
             self.metric(metric_name, number, step, meta, source, how or method)
+
+    def _logged_metric(self, text: str | None, blob: str | None, meta: dict[str, Any]) -> Any:
+        """A metric that is not a number (kept as the JSON of the value), as yprov4ml takes it:
+        its metric file holds str() of the value (`abc`, `[1, 2, 3]`, `None`), which the
+        JSON value gives back; a value with a comma, quote or line break is quoted as CSV
+        (yprov4ml writes it bare, which breaks its own reader, `get_metric`)."""
+        value = logged_value(text, blob, self.sink.blobs)
+        self.notes.add("prov4ml: metrics that are not numbers are written as yprov4ml writes "
+                       "them, the value's str() (abc, [1, 2, 3], None), quoted as CSV when it "
+                       "holds a comma, quote or line break")
+        if meta.get("surrogates"):
+            self.notes.add("prov4ml: lone surrogates in metrics are written as U+FFFD; the "
+                           "journal keeps the code points in meta['surrogates']")
+        shown = str(value)
+        return csv_field(shown) if _CSV_SPECIAL.search(shown) else value
 
     def artifact(self, rec: tuple[Any, ...], label: str) -> None:
         """The journal's bytes under artifacts_GR<r>/<name>/, logged with log_artifact."""
@@ -628,7 +676,7 @@ class _Replay:
         is_model = kind in ("model", "best_model")
         entity = self.y.lib.log_artifact(
             label, str(path), context=self._context(meta), source=self.source.get(kind),
-            step=0 if step is None else step, log_copy_in_prov_directory=False,
+            step=self._step(step, meta), log_copy_in_prov_directory=False,
             is_model=is_model)
         parameters = meta.get("parameters")
         if is_model and isinstance(parameters, int) and entity is not None:
@@ -645,11 +693,12 @@ class _Replay:
         """The model's `state_dict`, saved as yprov4ml's save_model_version saves it, read
         from the journal's `torch.save` of the module without running its code (see
         `state_dict_from_module`); the journal's file itself when that is not a module."""
-        with self.sink.blobs.open(sha) as f:
-            state = state_dict_from_module(f)
-        if state is None:
-            self.notes.add(f"prov4ml: model {name!r} is not a torch.nn.Module pickle: written "
-                           "as the journal's torch.save file, not as a state_dict")
+        try:
+            with self.sink.blobs.open(sha) as f:
+                state = state_dict_from_module(f)
+        except NotAModule as e:
+            self.notes.add(f"prov4ml: model {name!r} is written as the journal's torch.save "
+                           f"file, not as a state_dict: {e}")
             self._write_blob(sha, dest)
             return
         import torch
@@ -675,6 +724,14 @@ class _Replay:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with self.sink.blobs.open(sha) as src, open(dest, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
+
+
+def csv_field(text: str) -> str:
+    """`text` as one field of a CSV line: quoted when it holds the separator, a quote or a
+    line break (yprov4ml writes its metric files with f-strings, unquoted)."""
+    if not _CSV_SPECIAL.search(text):
+        return text
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _fields(text: str | None) -> dict[str, Any]:
@@ -820,60 +877,56 @@ class _Stub:
             self.__dict__.update(state)
 
 
-def _stub_pickle_module() -> Any:
-    """A pickle module for `torch.load` whose unpickler gives the globals that weights-only
-    loading allows (tensors, storages, dtypes, containers) and an inert `_Stub` subclass for
-    any other class: a module's tree of `_parameters`, `_buffers` and `_modules` is rebuilt,
-    but nothing from the journal is imported or called."""
-    import _compat_pickle
-    import pickle
-
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    allowed = _get_allowed_globals()
-    stubs: dict[tuple[str, str], type] = {}
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            # the Python 2 names of protocol 2 pickles (torch.save's), as pickle maps them
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-            found = allowed.get(f"{module}.{name}")
-            if found is not None:
-                return found
-            if (module, name) not in stubs:
-                stubs[(module, name)] = type(name, (_Stub,), {"__module__": module})
-            return stubs[(module, name)]
-
-    return SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="stub_pickle")
+class NotAModule(Exception):
+    """A model's torch.save file could not be read as a module's state_dict; the message says
+    why, for the note."""
 
 
-def state_dict_from_module(file: Any) -> dict[str, Any] | None:
+def state_dict_from_module(file: Any) -> dict[str, Any]:
     """The `state_dict()` of a `torch.save`d `nn.Module` (keys and tensors, in the order
     `Module.state_dict` gives: parameters, persistent buffers, then submodules), rebuilt
-    from the pickle without importing the module's classes: the journal is untrusted input,
-    and the training code need not be importable where the sync runs. None when the file is
-    not a module. Modules that override `state_dict` (extra state, custom keys) are read as
-    plain modules."""
+    without importing the module's classes or running any code of the journal's: the journal
+    is untrusted input, and the training code need not be importable where the sync runs.
+
+    The pickle is read by torch's own weights-only unpickler, which vets every opcode and
+    argument; the globals it does not allow (the module classes, a function held as an
+    attribute) are listed first without unpickling (`get_unsafe_globals_in_checkpoint`) and
+    allowed as inert `_Stub` classes under their names, which only take the state they are
+    given. Raises NotAModule saying why when that cannot be done: a torch without those
+    functions (before 2.5), a pickle the weights-only unpickler refuses, an object that is not
+    a module. Modules that override `state_dict` (extra state, custom keys) are read as plain
+    modules."""
     import torch
 
+    serialization = torch.serialization
+    if not (hasattr(serialization, "get_unsafe_globals_in_checkpoint")
+            and hasattr(serialization, "safe_globals")):
+        raise NotAModule(f"torch {torch.__version__} cannot read a module's pickle without "
+                         "running it (torch 2.5 or later can)")
     try:
-        root = torch.load(file, map_location="cpu", weights_only=False,
-                          pickle_module=_stub_pickle_module())
-    except Exception:  # noqa: BLE001 - not a torch.save file, or not one we can read
-        return None
+        names = serialization.get_unsafe_globals_in_checkpoint(file)
+        file.seek(0)
+        stubs = []
+        for qualified in names:
+            module, _, name = qualified.rpartition(".")
+            stubs.append((type(name, (_Stub,), {"__module__": module}), qualified))
+        with serialization.safe_globals(stubs):
+            root = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a torch.save file, or one the unpickler refuses
+        raise NotAModule(f"torch's weights-only unpickler cannot read it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if not isinstance(root, _Stub) or not isinstance(vars(root).get("_modules"), dict):
-        return None
+        raise NotAModule(f"it holds a {type(root).__name__}, not a torch.nn.Module")
     state: dict[str, Any] = {}
 
     def walk(module: Any, prefix: str) -> None:
         attrs = vars(module)
         transient = attrs.get("_non_persistent_buffers_set") or set()
         for key, tensor in (attrs.get("_parameters") or {}).items():
-            if tensor is not None:
+            if isinstance(tensor, torch.Tensor):
                 state[prefix + key] = tensor.detach()
         for key, tensor in (attrs.get("_buffers") or {}).items():
-            if tensor is not None and key not in transient:
+            if isinstance(tensor, torch.Tensor) and key not in transient:
                 state[prefix + key] = tensor.detach()
         for key, child in (attrs.get("_modules") or {}).items():
             if isinstance(child, _Stub):

@@ -82,6 +82,8 @@ from .exporter import (
     RankSink,
     claim_journal_dir,
     find_journal_dir,
+    int64_step,
+    meta_of,
     param_str,
 )
 
@@ -319,6 +321,8 @@ class TensorBoardSink(RankSink):
             if kind == "param":
                 params[name] = (t, text, meta)
                 continue
+            if meta is not None:
+                step = self._journal_form(kind, step, meta)
             if step is None:
                 step = self._implicit_step(kind, seq, meta)
             if kind == "metric":
@@ -337,6 +341,33 @@ class TensorBoardSink(RankSink):
                     event.summary.value.append(value_pb)
                     out.append(event.SerializeToString())
         return out, params
+
+    def _journal_form(self, kind: str, step: int | None, meta: str) -> int | None:
+        """Say how a record the journal keeps in one of its storable forms is shown, and
+        return its step: a step the int64 column could not hold (meta['step']) as
+        SummaryWriter takes it (`int64_step`)."""
+        d = meta_of(meta)
+        if step is None and "step" in d:
+            step = int64_step(d["step"])
+            if step is not None:
+                self.notes.add("tensorboard: records whose step is not a whole number within "
+                               "int64 are written at int() of it, as SummaryWriter does (1.5 -> "
+                               "1), clamped to int64 (2**70 -> 2**63-1, which SummaryWriter "
+                               "refuses)")
+        if "imag" in d:
+            self.notes.add("tensorboard: complex metrics are written by their real part "
+                           "(add_scalar takes real numbers); the journal keeps the imaginary "
+                           "part in meta['imag']")
+        if kind == "text" and d.get("logged_as"):
+            self.notes.add("tensorboard: objects logged as a kind that cannot hold them (a "
+                           "metric that is not a number, ...), which itwinai's TensorBoard "
+                           "logger fails on, are written as text: their JSON, under "
+                           "<name>/text_summary")
+        if d.get("surrogates"):
+            self.notes.add("tensorboard: lone surrogates in texts and params (which add_text "
+                           "refuses) are written as U+FFFD; the journal keeps the code points "
+                           "in meta['surrogates']")
+        return step
 
     def _implicit_step(self, kind: str, seq: int, meta: str | None) -> int:
         """The step of a record logged without one (see the module docstring)."""
@@ -417,6 +448,8 @@ class TensorBoardSink(RankSink):
         if not info.start_time_secs:
             info.start_time_secs = min(self._session_start(), *(t for t, _, _ in params.values()))
         for name, (_, text, meta) in params.items():
+            if meta is not None:
+                self._journal_form("param", None, meta)
             value = hparam_value(text, meta)
             if value is None:
                 info.hparams.pop(name, None)

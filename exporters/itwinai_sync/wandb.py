@@ -43,8 +43,10 @@ while they add new keys at the same journal step (a record without step joins an
 keeps the rows of a training loop as few as its steps; a row is written at the end of every
 exported batch.
 
-Kinds, as `wandb.log({identifier: item})` shows them: metric -> history value; text -> the
-string; dict -> nested keys (`identifier.key`); torch -> the object as wandb converts it (a
+Kinds, as `wandb.log({identifier: item})` shows them: metric -> history value (a complex one
+by its real part); text -> the string, or, for an object the journal keeps as its JSON
+(meta['logged_as']: a metric that is not a number...), the JSON value; dict -> nested keys
+(`identifier.key`); torch -> the object as wandb converts it (a
 tensor becomes a list, or a histogram above 32 values; a state_dict nested keys), when it loads
 with `torch.load(weights_only=True)`, and in any case a W&B artifact of the `torch.save` file.
 Where itwinai's calls fail or lose the picture, the export shows it: image (PIL, numpy, torch)
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -76,7 +79,7 @@ import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 
-from .exporter import LOCK_DIR, Exporter, ExportError, Notes, RankSink
+from .exporter import LOCK_DIR, Exporter, ExportError, Notes, RankSink, logged_value, meta_of
 
 #: History key holding the highest journal seq a row covers (a leading '_' keeps it out of the
 #: W&B charts, like _step and _timestamp; wandb 0.31 accepts and stores it).
@@ -92,6 +95,13 @@ STEP_KEY = "itwinai/step"
 ROW_KINDS = frozenset({"metric", "histogram", "image", "figure", "text", "dict"})
 #: Kinds whose values are charted against the journal step.
 STEPPED_KINDS = frozenset({"metric", "dict"})
+#: What an empty journal name is stored as.
+EMPTY_KEY = "itwinai_empty_name"
+#: Types whose JSON list `wandb.log` would have taken as an array (a list, or a histogram above
+#: 32 values): the list is handed to it as a numpy array.
+ARRAY_TYPES = frozenset({"numpy.ndarray", "torch.Tensor", "torch.nn.parameter.Parameter"})
+#: Returned by `_history_item` when a record shows nothing in the history (None is a value).
+NOTHING = object()
 ARTIFACT_KINDS = frozenset({"torch", "artifact", "model", "best_model"})
 PLOTLY = "application/vnd.plotly.v1+json"
 _BAD_PROJECT = re.compile(r"[/\\#?%:\s]")
@@ -105,12 +115,40 @@ def wandb_run_id(journal_id: str, rank: int) -> str:
 
 
 def history_key(name: str) -> str:
-    """W&B hides keys starting with '_' and owns _step, _timestamp, _runtime: such journal
-    names get an 'itwinai' prefix (`_loss` -> `itwinai_loss`); a journal name equal to the
-    step key gets a trailing '_'."""
+    """The W&B history key of a journal name, deterministically. W&B hides keys starting with
+    '_' and owns _step, _timestamp, _runtime: such names get an 'itwinai' prefix (`_loss` ->
+    `itwinai_loss`); a name equal to the step key gets a trailing '_'; the empty name, whose
+    value `wandb.log` drops without a word (and `define_metric` refuses), is EMPTY_KEY."""
     if name == STEP_KEY:
         return name + "_"
+    if not name:
+        return EMPTY_KEY
     return "itwinai" + name if name.startswith("_") else name
+
+
+def chartable(key: str) -> bool:
+    """Whether `define_metric` can give `key` the journal step as x axis: it refuses a '*'
+    but as the last character, where it makes a glob over other keys."""
+    return "*" not in key
+
+
+def row_step(step: int | None, meta: dict[str, Any]) -> int | float | None:
+    """The journal step a record is charted at (the row's STEP_KEY): its step, or, for a step
+    the journal's int64 column could not hold, the exact one from meta['step'] when it is a
+    number (1.5, 2**70: W&B's numbers are float64), or the number a string step spells ('12'
+    -> 12.0, as float() reads it); NaN for one that is neither (a list, 'abc', inf), so that
+    it is charted at no step rather than at a neighbour's."""
+    if step is not None or "step" not in meta:
+        return step
+    exact = meta["step"]
+    if isinstance(exact, str):
+        try:
+            exact = float(exact)
+        except ValueError:
+            return math.nan
+    if isinstance(exact, (int, float)) and not isinstance(exact, bool) and math.isfinite(exact):
+        return exact
+    return math.nan
 
 
 def artifact_name(name: str) -> str:
@@ -500,45 +538,67 @@ class WandbSink(RankSink):
         for seq, t, kind, name, step, value, text, blob, meta in zip(*cols.values()):
             if seq <= self.handled:
                 continue  # already written (an online resume may know more than the files)
-            meta_d = json.loads(meta) if meta else {}
+            meta_d = meta_of(meta)
+            shown = row_step(step, meta_d)
+            if shown is not step:
+                self._note_step(shown)
             if kind in ROW_KINDS:
                 item = self._history_item(kind, name, value, text, blob, meta_d)
-                self._add_to_row(kind, name, step, t, item)
+                if meta_d.get("logged_as") in STEPPED_KINDS:  # charted as what was logged
+                    kind = "dict" if isinstance(item, dict) else "metric"
+                self._add_to_row(kind, name, shown, t, item)
             else:
                 self._side_record(seq, kind, name, step, text, blob, meta_d)
                 if kind == "torch":
-                    self._add_to_row(kind, name, step, t, self._torch_value(name, blob))
+                    self._add_to_row(kind, name, shown, t, self._torch_value(name, blob))
             self.handled = seq
         self._flush_row()  # the batch's cursor goes with its last row
         self.handled = max(self.handled, cursor)
 
-    def _add_to_row(self, kind: str, name: str, step: int | None, t: float, item: Any) -> None:
+    def _add_to_row(self, kind: str, name: str, step: int | float | None, t: float,
+                    item: Any) -> None:
         """Put a value into the row being built, or into a new row when it has the key already
         or another journal step (see the module docstring)."""
-        if item is None:
+        if item is NOTHING:
             return
         key = history_key(name)
         if key != name:
-            self.notes.add(f"wandb: history key {name!r} is stored as {key!r} (W&B reserves "
-                           f"keys starting with '_', and {STEP_KEY!r} holds the journal step)")
+            self.notes.add(f"wandb: history key {name!r} is stored as {key!r} (W&B drops an "
+                           f"empty key, hides keys starting with '_', and {STEP_KEY!r} holds "
+                           "the journal step)")
         row = self.row
         same_step = step is None or self.row_step is None or step == self.row_step
         if row is not None and (key in row or not same_step):
             self._flush_row()
             row = None
+        if step is not None and kind in STEPPED_KINDS:
+            # before a row takes the value: a failure leaves no half-made row behind
+            self._define_step_metric(key, kind)
         if row is None:
             row = self.row = {}
             self.row_step, self.row_time = None, t
         if step is not None:
             self.row_step = step
-            if kind in STEPPED_KINDS:
-                self._define_step_metric(key, kind)
         row[key] = item
         self.row_time = max(self.row_time, t)
+
+    def _note_step(self, shown: int | float) -> None:
+        if math.isnan(shown):
+            self.notes.add(f"wandb: records whose step is not a number (kept in the journal's "
+                           f"meta['step']) are charted at no step ({STEP_KEY} = NaN)")
+        else:
+            self.notes.add(f"wandb: records whose step is not a whole number within int64 "
+                           f"(1.5, 2**70, '12') are charted at that exact step ({STEP_KEY}, a "
+                           "W&B float64; a string at the number it spells)")
 
     def _define_step_metric(self, key: str, kind: str) -> None:
         """Chart `key` against the journal step (for a dict, every nested key under it)."""
         if key in self.defined:
+            return
+        if not chartable(key):
+            self.notes.add(f"wandb: {key!r} is charted against W&B's _step: define_metric "
+                           f"cannot name a key with '*' to chart it against {STEP_KEY!r}")
+            self.defined.add(key)
             return
         wb = self._start()
         if not self.defined:
@@ -568,15 +628,26 @@ class WandbSink(RankSink):
 
     def _history_item(self, kind: str, name: str, value: float | None, text: str | None,
                       blob: str | None, meta: dict[str, Any]) -> Any:
+        """The value `wandb.log({name: item})` would have put in the history, or NOTHING."""
         if kind == "metric":
+            if "imag" in meta:
+                self.notes.add("wandb: complex metrics are shown by their real part (W&B "
+                               "charts real numbers); the journal keeps the imaginary part "
+                               "in meta['imag']")
             return value
+        if meta.get("surrogates"):
+            self.notes.add("wandb: lone surrogates in texts are shown as U+FFFD, as W&B itself "
+                           "stores them; the journal keeps the code points in "
+                           "meta['surrogates']")
+        if kind == "text" and meta.get("logged_as"):
+            return self._logged_value(text, blob, meta)
         import wandb
 
         if kind == "histogram":
             h = json.loads(text or "{}")
             if not h.get("bins"):
                 self._unshown("histogram without finite values")
-                return None
+                return NOTHING
             return wandb.Histogram(np_histogram=(h["counts"], h["bins"]))
         if kind in ("image", "figure"):
             if meta.get("media_type") == PLOTLY:
@@ -594,6 +665,28 @@ class WandbSink(RankSink):
         body = text if text is not None else self.blobs.read(blob).decode()
         return body if kind == "text" else json.loads(body)
 
+    def _logged_value(self, text: str | None, blob: str | None, meta: dict[str, Any]) -> Any:
+        """An object logged as `meta['logged_as']` that the journal keeps as its JSON (a metric
+        that is not a number, an object a kind's capture cannot take): the JSON value, which
+        `wandb.log` stores as it would the object (a string, a list, null, nested keys for a
+        dict); an array's list as a numpy array, which wandb makes a list, or a histogram
+        above 32 values, as it would the original array."""
+        value = logged_value(text, blob, self.blobs)
+        self.notes.add("wandb: objects logged as a kind that cannot hold them (a metric that "
+                       "is not a number, ...) are shown as wandb.log shows them: their JSON "
+                       "value (a string, a list, null, nested keys)")
+        if meta.get("stringified"):
+            self.notes.add("wandb: objects that JSON cannot hold (which wandb.log refuses) "
+                           "are shown as their str()")
+        if meta.get("type") in ARRAY_TYPES and isinstance(value, list):
+            import numpy as np
+
+            try:
+                return np.asarray(value)
+            except ValueError:  # ragged: not an array of numbers after all
+                return value
+        return value
+
     def _torch_value(self, name: str, blob: str | None) -> Any:
         """The logged torch object as `wandb.log` would take it, when it is tensors and
         containers only: `weights_only` loading cannot run code from the journal. Anything
@@ -602,13 +695,13 @@ class WandbSink(RankSink):
             import torch
         except ImportError:
             self._unshown("torch object (torch is not installed here; kept as artifacts)")
-            return None
+            return NOTHING
         try:
             with self.blobs.open(blob or "") as f:
                 return torch.load(f, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - any object weights_only loading refuses
             self._unshown("torch object that is not tensors (kept as artifacts)")
-            return None
+            return NOTHING
 
     def _unshown(self, what: str) -> None:
         self.unshown[what] = self.unshown.get(what, 0) + 1
@@ -670,9 +763,13 @@ class WandbSink(RankSink):
         self.end()
 
     def end(self) -> None:
+        """Commit what is left and finish the W&B run. After a failed export only finish it:
+        the row being built when the export failed is left out (its records are not covered
+        by a cursor yet, so the next sync exports them again), never written half-made."""
         self.exp._live.pop(self.wb_id, None)
         try:
-            self._commit_tail()
+            if not self.broken:
+                self._commit_tail()
         finally:
             if self.wb is not None:
                 self._finish()

@@ -113,8 +113,8 @@ def metric_fields(item: Any, blobs: BlobStore) -> tuple[str, Captured, str | Non
                 "imaginary part")
     return ("text", json_text_fields(item, blobs, "metric"),
             f"is not a number ({type(item).__name__}): journaled as a text record of its JSON "
-            "(meta['logged_as'] = 'metric'), which W&B and TensorBoard show as text and MLflow "
-            "as a text artifact")
+            "(meta['logged_as'] = 'metric'), which W&B and Prov4ML show as the value, "
+            "TensorBoard as text and MLflow as a text artifact")
 
 
 def json_text_fields(item: Any, blobs: BlobStore, logged_as: str) -> Captured:

@@ -179,25 +179,50 @@ def _reason(e: BaseException) -> str:
     return str(e).split("\n")[0][:200] or type(e).__name__
 
 
+#: How deep below the directory given a run directory is looked for: `<experiment>/<run>` of
+#: that savedir, and of journal savedirs up to two levels below it (a Prov4MLLogger's
+#: `prov_logs/<experiment>/<run>`, or the savedir's parent given instead of it).
+MAX_RUN_DEPTH = 4
+
+
 def find_run_dirs(savedir: Path) -> Iterator[Path]:
-    """Every run directory below `savedir`, at any depth, in sorted order: a directory holding
-    a run.json, or rank directories with segments but no run.json (listed so that the missing
-    run.json is reported, not the run hidden). A run directory is not listed here (it may hold
-    thousands of ranks), nor searched further. Symbolic links to directories are followed (a
-    savedir may link experiments to other file systems), each directory once, so a link loop
-    ends; hidden and unreadable directories are skipped."""
-    yield from _find_run_dirs(Path(savedir), set())
+    """Every run directory below `savedir`, in sorted order: a directory holding a run.json,
+    or rank directories with segments but no run.json (listed so that the missing run.json is
+    reported, not the run hidden), at most MAX_RUN_DEPTH levels down. A run directory is not
+    listed here (it may hold thousands of ranks), nor searched further; hidden and unreadable
+    directories are skipped, and each directory is visited once.
+
+    A symbolic link is followed only as the layout allows one: as an experiment directory (the
+    logger writes through a linked `<savedir>/<experiment>/`, e.g. to another file system),
+    whose entries are runs; nothing deeper below it is searched and no link inside it is
+    followed, and a link to the savedir or one of its ancestors (`/`) is not followed at all.
+    So a journal holding `evil -> /` costs a look at one directory, not a walk of the file
+    system."""
+    root = Path(savedir)
+    try:
+        real = Path(os.path.realpath(root))
+    except OSError:
+        return
+    ancestors = {str(real), *map(str, real.parents)}
+    yield from _find_run_dirs(root, MAX_RUN_DEPTH, False, {}, ancestors)
 
 
-def _find_run_dirs(d: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+def _find_run_dirs(d: Path, depth: int, linked: bool, seen: dict[tuple[int, int], int],
+                   ancestors: set[str]) -> Iterator[Path]:
+    """`d` if it is a run directory, else the run directories below it, `depth` levels down
+    at most; `linked`: `d` is a followed link, whose entries are runs only. `seen`: the
+    directories visited, with the depth they were searched to (one reached again with more
+    depth left is searched again: only its runs not listed yet are listed; -1 marks a run)."""
     try:
         st = os.stat(d)
     except OSError:
         return
-    if (st.st_dev, st.st_ino) in seen:
+    key = (st.st_dev, st.st_ino)
+    if seen.get(key, -2) >= depth or seen.get(key) == -1:
         return
-    seen.add((st.st_dev, st.st_ino))
+    seen[key] = depth
     if os.path.isfile(d / "run.json"):
+        seen[key] = -1
         yield d
         return
     subdirs = []
@@ -206,17 +231,30 @@ def _find_run_dirs(d: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
             for e in entries:
                 try:
                     if not e.name.startswith(".") and e.is_dir():
-                        subdirs.append(e.name)
+                        subdirs.append((e.name, e.is_symlink()))
                 except OSError:
                     continue
     except OSError:
         return
-    rank = next((n for n in subdirs if RANK_DIR.fullmatch(n)), None)
+    rank = next((n for n, _ in subdirs if RANK_DIR.fullmatch(n)), None)
     if rank is not None and os.path.isdir(d / rank / "segments"):
+        seen[key] = -1
         yield d  # a run whose run.json is missing
         return
-    for name in sorted(subdirs):
-        yield from _find_run_dirs(d / name, seen)
+    if depth <= 0:
+        return
+    for name, is_link in sorted(subdirs):
+        if is_link and (linked or _links_to_ancestor(d / name, ancestors)):
+            continue
+        below = min(1, depth - 1) if is_link else depth - 1
+        yield from _find_run_dirs(d / name, below, is_link or linked, seen, ancestors)
+
+
+def _links_to_ancestor(link: Path, ancestors: set[str]) -> bool:
+    try:
+        return os.path.realpath(link) in ancestors
+    except OSError:
+        return True
 
 
 class Journal:
