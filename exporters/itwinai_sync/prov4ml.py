@@ -51,7 +51,9 @@ yprov4ml's default):
   source yprov4ml gives the kind (`fvcore.nn.FlopCountAnalysis`, `codecarbon`, `std.time`;
   system metrics the method that read them, `psutil` or `procfs`, as yprov4ml 3's carry their
   hardware access mode); the method that actually measured a metric (fvcore, FlopCounterMode
-  halved, rapl, ...) is added to its metric entity as `yprov:measurement_method`. Nothing is
+  halved, rapl, ...) is added to its metric entity as `yprov:measurement_method`. Sampled
+  system metrics (`system_metric`, the background sampler's) are shown as `system` records,
+  at step = the sample's ordinal in the rank, in the default context. Nothing is
   measured at export time: yprov4ml's own FLOPs/system/carbon helpers would measure the
   exporting machine;
 - `param`: `log_param` of the JSON value as an input (`provml:HyperParameter`);
@@ -110,6 +112,7 @@ from itwinai_journal.fsutil import fsync_dir, write_atomic
 from itwinai_journal.names import experiment_dirname
 from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
 
+from . import system_metrics
 from .exporter import (
     LOCK_DIR,
     Exporter,
@@ -185,7 +188,7 @@ class Prov4mlExporter(Exporter):
     name = "prov4ml"
     kinds = frozenset({"metric", "param", "flops_pb", "flops_pe", "system", "carbon",
                        "execution_time", "model", "best_model", "torch", "artifact",
-                       "prov_documents"})
+                       "prov_documents", system_metrics.KIND})
     #: The batches only move the cursor (documents are rebuilt from the journal): few, large.
     batch_records = 1_000_000
     #: yprov4ml's global state allows one provenance run at a time per process.
@@ -587,6 +590,8 @@ class _Replay:
         if kind == "metric":
             self.metric(name, value, step, meta, None)
             return
+        if kind == system_metrics.KIND:  # a background sample: shown as yprov4ml's system
+            kind = "system"
         if kind not in MEASURED_KINDS:  # pragma: no cover - kinds are filtered by the engine
             raise ExportError(f"prov4ml exporter got an unexpected kind {kind!r}")
         shown = self.measured.metrics(kind, name, value, text, meta, t)
