@@ -497,8 +497,8 @@ def test_prov4ml_system_metrics(journal, tmp_path):
         "process_rss_bytes": [s["fields"]["process_rss_bytes"] for s in got],
     }
     for name, values in expected.items():
-        entity = entities[f"psutil//{name}//training"]
-        assert entity["yprov:source"] == "psutil"
+        entity = entities[f"psutil.sampled//{name}//training"]
+        assert entity["yprov:source"] == "psutil.sampled"
         with open(entity["dcterms:identifier"], newline="") as f:
             rows = [(int(r["epoch"]), float(r["value"]), int(r["timestep"]))
                     for r in csv.DictReader(f)]

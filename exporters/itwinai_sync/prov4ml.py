@@ -53,7 +53,8 @@ yprov4ml's default):
   hardware access mode); the method that actually measured a metric (fvcore, FlopCounterMode
   halved, rapl, ...) is added to its metric entity as `yprov:measurement_method`. Sampled
   system metrics (`system_metric`, the background sampler's) are shown as `system` records,
-  at step = the sample's ordinal in the rank, in the default context. Nothing is
+  at step = the sample's ordinal in the rank, in the default context, with the source
+  `<method>.sampled` (their own series beside those of logged `system` records). Nothing is
   measured at export time: yprov4ml's own FLOPs/system/carbon helpers would measure the
   exporting machine;
 - `param`: `log_param` of the JSON value as an input (`provml:HyperParameter`);
@@ -590,7 +591,8 @@ class _Replay:
         if kind == "metric":
             self.metric(name, value, step, meta, None)
             return
-        if kind == system_metrics.KIND:  # a background sample: shown as yprov4ml's system
+        sampled = kind == system_metrics.KIND
+        if sampled:  # a background sample: shown as yprov4ml's system metrics
             kind = "system"
         if kind not in MEASURED_KINDS:  # pragma: no cover - kinds are filtered by the engine
             raise ExportError(f"prov4ml exporter got an unexpected kind {kind!r}")
@@ -603,6 +605,8 @@ class _Replay:
                            f"{', '.join(sorted(skipped))}")
         method = str(meta["method"]) if meta.get("method") else None
         source = (method or "psutil") if kind == "system" else self.source[kind]
+        if sampled:  # its own series, not interleaved with the `system` records logged
+            source += SAMPLED_SOURCE
         for metric_name, number, how in shown:
             self.metric(metric_name, number, step, meta, source, how or method)
 
@@ -705,6 +709,9 @@ def _non_numeric_fields(text: str | None) -> set[str]:
 # -- measured kinds as yprov4ml shows them -------------------------------------------------------
 
 MEASURED_KINDS = ("flops_pb", "flops_pe", "system", "carbon", "execution_time")
+#: Appended to the source of sampled system metrics (`psutil.sampled`), which have their own
+#: metric entities: yprov4ml keys a metric by source, name and context.
+SAMPLED_SOURCE = ".sampled"
 J_PER_KWH = 3.6e6
 #: System fields shown under the names of yprov4ml 2.0.9's log_system_metrics.
 SYSTEM_NAMES = {"cpu_percent_system": "cpu_usage", "memory_percent": "memory_usage",
