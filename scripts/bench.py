@@ -105,6 +105,51 @@ def bench_hot_path(calls: int, tmp: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+#: Sampler settings compared on the hot path: (label, system_metrics_interval).
+SAMPLER_SETTINGS = (("system metrics sampler off", 0), ("sampler on, every 10 s (default)", 10.0),
+                    ("sampler on, every 0.1 s", 0.1))
+
+
+def bench_sampler(calls: int, tmp: Path, rounds: int = 3) -> dict[str, Any]:
+    """The hot path (MLFlowLogger.log of one metric) with the background system-metrics sampler
+    off and on, in the same process: `rounds` rounds, each timing every setting once in a
+    rotated order (the order of runs matters as much as small differences on a shared
+    machine); median over the rounds of each setting's median and wall. Also what one sample
+    costs the sampler thread (reading the host, no GPU here), and how many samples the 0.1 s
+    setting wrote while the loop ran (a busy loop delays the thread; it never blocks it)."""
+    from itwinai_journal import Journal, sysmetrics
+    from itwinai_journal.loggers import MLFlowLogger
+
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in SAMPLER_SETTINGS}
+    written = 0
+    for k in range(rounds):
+        order = SAMPLER_SETTINGS[k % 3:] + SAMPLER_SETTINGS[:k % 3]
+        for label, interval in order:
+            savedir = tmp / f"sampler-{k}-{interval}"
+            lg = MLFlowLogger(savedir=savedir, log_freq="batch", system_metrics_interval=interval)
+            lg.create_logger_context()
+            runs[label].append(per_call(lambda i, lg=lg: lg.log(0.5, "loss", step=i), calls))
+            lg.destroy_logger_context()
+            if interval == 0.1:
+                written += Journal(savedir).records(kinds=[sysmetrics.KIND]).num_rows
+    out: dict[str, Any] = {
+        label: {"median_us": statistics.median(r["median_us"] for r in rs),
+                "wall_us": statistics.median(r["wall_us"] for r in rs),
+                "p99_us": statistics.median(r["p99_us"] for r in rs), "rounds": rounds,
+                "calls": calls}
+        for label, rs in runs.items()}
+    psutil = sysmetrics.measure._optional("psutil")
+    reader = sysmetrics.NvmlReader()
+    costs = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        sysmetrics.read_host(psutil, reader)
+        costs.append((time.perf_counter() - t0) * 1e3)
+    out["one_sample_ms"] = {"min": min(costs), "median": statistics.median(costs)}
+    out["samples_written_at_0.1s"] = written
+    return out
+
+
 def bench_wandb_offline(calls: int, tmp: Path) -> dict[str, float]:
     """`wandb` in offline mode, what WandBLogger users get on a node without network.
 
@@ -514,6 +559,19 @@ def main() -> None:
             print(f"{name:50} {r['median']:9.1f}x {r['wall']:7.1f}x")
         print(f"wandb, after its loop: run.finish() + teardown {hot[WANDB]['drain_seconds']:.2f} s"
               " (what wandb-core still had to write)")
+
+        sampler = bench_sampler(calls // 2, tmp_path)
+        results["system_metrics_sampler"] = sampler
+        print(f"\nHot path with the system-metrics sampler ({calls // 2:,} calls x 3 alternated "
+              "rounds per setting; medians)")
+        print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
+        for label, _ in SAMPLER_SETTINGS:
+            r = sampler[label]
+            print(f"{label:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} {r['wall_us']:8.3f}")
+        cost = sampler["one_sample_ms"]
+        print(f"one sample (sampler thread, no GPU): {cost['min']:.2f} ms min, "
+              f"{cost['median']:.2f} ms median; {sampler['samples_written_at_0.1s']} samples "
+              "written at 0.1 s during the loops")
 
         rounds = 2 if args.quick else 3
         ml = bench_mlflow_export(points, tmp_path, rounds)

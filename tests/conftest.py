@@ -32,6 +32,11 @@ LAUNCHER_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_
 def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in LAUNCHER_ENV:
         monkeypatch.delenv(var, raising=False)
+    # Tests that count a journal's records exactly must not get a background system-metrics
+    # sample by chance (one every 10 s by default): in-process tests run without the sampler
+    # unless they ask for it (test_system_metrics.py). Processes started through `spawn` and
+    # `child_env` do not inherit this, so they run with the default, as users do.
+    monkeypatch.setenv("ITWINAI_SYSTEM_METRICS_INTERVAL", "0")
 
 
 def train_watched_linear(logger, steps: int = 3):

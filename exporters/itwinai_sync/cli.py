@@ -394,7 +394,7 @@ def show_cmd(savedir: Path, run_id: str) -> None:
     sparkline of the whole series, for each rank of one run."""
     import pyarrow.compute as pc
 
-    from .views import metric_summary_lines
+    from .views import metric_summary_lines, system_points
 
     journal = Journal(savedir)
     try:
@@ -427,6 +427,11 @@ def show_cmd(savedir: Path, run_id: str) -> None:
         metrics = mine.filter(pc.equal(mine["kind"], "metric"))
         for line in metric_summary_lines(metrics):
             click.echo(line)
+        system = system_points(mine)
+        if system.num_rows:
+            click.echo("    system metrics (sampled; plot them with --metric 'system/*'):")
+            for line in metric_summary_lines(system, indent="      "):
+                click.echo(line)
 
 
 # -- plot, tail, export (logic in views.py) ---------------------------------------------------
@@ -436,7 +441,8 @@ def show_cmd(savedir: Path, run_id: str) -> None:
 @click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("run_ids", nargs=-1, metavar="[RUN ...]")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
-              help="Only this metric, repeatable; shell-style patterns work ('train/*').")
+              help="Only this metric, repeatable; shell-style patterns work ('train/*'). "
+                   "Sampled system metrics are selected by 'system/...' ('system/*').")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("metrics.png"), show_default=True,
               help="Image (.png, .svg, .pdf: matplotlib) or self-contained page (.html).")

@@ -21,6 +21,11 @@ A different journal with the same experiment and run id gets runs of its own, na
 Where the run goes: `--tracking-uri`, else the MLFlowLogger's `tracking_uri`, else
 `MLFLOW_TRACKING_URI`, else `sqlite:///<savedir>/mlflow.db` (artifacts in `<savedir>/mlartifacts`).
 The experiment is `--experiment`, else the logger's `experiment_name`, else the journal's.
+
+Sampled system metrics (`system_metric` records) are metrics `system/<name>` under the names
+and units of MLflow's own system-metrics monitor (see system_metrics.py), at step = the sample's
+ordinal in the rank and timestamp = when it was read, so MLflow's "System metrics" tab shows
+them. They go in the same `log_batch` requests as the other metrics, covered by the cursor.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from itwinai_journal.fsutil import fsync_dir
 from itwinai_journal.liveness import pid_alive
 from itwinai_journal.segments import read_segment, segment_files
 
+from . import system_metrics
 from .exporter import (
     LOCK_DIR,
     Exporter,
@@ -248,7 +254,7 @@ def _first_line(e: BaseException) -> str:
 class MlflowExporter(Exporter):
     name = "mlflow"
     kinds = frozenset({"metric", "param", "text", "dict", "figure", "image", "artifact", "torch",
-                       "model", "best_model", "dataset"})
+                       "model", "best_model", "dataset", system_metrics.KIND})
     batch_records = 20_000
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
@@ -684,6 +690,14 @@ class MlflowRankSink(RankSink):
                 metrics.append(self._Metric(key, _finite(cols["value"][i]),
                                             int(round(cols["time"][i] * 1000)), step or 0))
                 size += 64 + len(key)
+            elif kind == system_metrics.KIND:
+                points = system_metrics.mlflow_metrics(system_metrics.sample(cols["text"][i]))
+                if len(metrics) + len(params) + len(points) + 1 >= MAX_ENTITIES:
+                    self._commit(metrics, params, last_seq)
+                    metrics, params, size = [], {}, 0
+                ms, step = int(round(cols["time"][i] * 1000)), cols["step"][i] or 0
+                metrics.extend(self._Metric(k, v, ms, step) for k, v in points.items())
+                size += 96 * len(points)
             elif kind == "param":
                 param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i],
                                     cols["meta"][i])

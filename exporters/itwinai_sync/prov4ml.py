@@ -54,7 +54,10 @@ yprov4ml's default):
   source yprov4ml gives the kind (`fvcore.nn.FlopCountAnalysis`, `codecarbon`, `std.time`;
   system metrics the method that read them, `psutil` or `procfs`, as yprov4ml 3's carry their
   hardware access mode); the method that actually measured a metric (fvcore, FlopCounterMode
-  halved, rapl, ...) is added to its metric entity as `yprov:measurement_method`. Nothing is
+  halved, rapl, ...) is added to its metric entity as `yprov:measurement_method`. Sampled
+  system metrics (`system_metric`, the background sampler's) are shown as `system` records,
+  at step = the sample's ordinal in the rank, in the default context, with the source
+  `<method>.sampled` (their own series beside those of logged `system` records). Nothing is
   measured at export time: yprov4ml's own FLOPs/system/carbon helpers would measure the
   exporting machine;
 - `param`: `log_param` of the JSON value as an input (`provml:HyperParameter`);
@@ -114,6 +117,7 @@ from itwinai_journal.fsutil import fsync_dir, write_atomic
 from itwinai_journal.names import experiment_dirname
 from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
 
+from . import system_metrics
 from .exporter import (
     LOCK_DIR,
     Exporter,
@@ -192,7 +196,7 @@ class Prov4mlExporter(Exporter):
     name = "prov4ml"
     kinds = frozenset({"metric", "param", "flops_pb", "flops_pe", "system", "carbon",
                        "execution_time", "model", "best_model", "torch", "artifact",
-                       "prov_documents", "text"})
+                       "prov_documents", "text", system_metrics.KIND})
     #: Metrics that are not numbers, which yprov4ml takes as they are (other texts are not
     #: for this target: itwinai's Prov4MLLogger has no text kind).
     texts_logged_as = frozenset({"metric"})
@@ -620,6 +624,9 @@ class _Replay:
                                "(1+2j)")
             self.metric(name, value, step, meta, None)
             return
+        sampled = kind == system_metrics.KIND
+        if sampled:  # a background sample: shown as yprov4ml's system metrics
+            kind = "system"
         if kind not in MEASURED_KINDS:  # pragma: no cover - kinds are filtered by the engine
             raise ExportError(f"prov4ml exporter got an unexpected kind {kind!r}")
         shown = self.measured.metrics(kind, name, value, text, meta, t)
@@ -631,6 +638,8 @@ class _Replay:
                            f"{', '.join(sorted(skipped))}")
         method = str(meta["method"]) if meta.get("method") else None
         source = (method or "psutil") if kind == "system" else self.source[kind]
+        if sampled:  # its own series, not interleaved with the `system` records logged
+            source += SAMPLED_SOURCE
         for metric_name, number, how in shown:
             self.metric(metric_name, number, step, meta, source, how or method)
 
@@ -757,6 +766,9 @@ def _non_numeric_fields(text: str | None) -> set[str]:
 # -- measured kinds as yprov4ml shows them -------------------------------------------------------
 
 MEASURED_KINDS = ("flops_pb", "flops_pe", "system", "carbon", "execution_time")
+#: Appended to the source of sampled system metrics (`psutil.sampled`), which have their own
+#: metric entities: yprov4ml keys a metric by source, name and context.
+SAMPLED_SOURCE = ".sampled"
 J_PER_KWH = 3.6e6
 #: System fields shown under the names of yprov4ml 2.0.9's log_system_metrics.
 SYSTEM_NAMES = {"cpu_percent_system": "cpu_usage", "memory_percent": "memory_usage",

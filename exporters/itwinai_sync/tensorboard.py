@@ -29,6 +29,9 @@ shown and are skipped with a note; text (inline or, when large, a blob) is a tex
 tensor of shape [1] under the tag `<name>/text_summary`, as `SummaryWriter.add_text` writes it;
 `histogram` records (the W&B-style `watch` capture) are HistogramProtos with the bin
 right edges as `bucket_limit` (an all-NaN tensor's histogram, without bins, is written empty).
+Sampled system metrics (`system_metric`) are scalars `system/<field>` in the journal's units,
+at step = the sample's ordinal in the rank and wall time = when it was read (see
+system_metrics.py), so TensorBoard groups them in a "system" section of the rank's run.
 
 Records logged without a step: a watch histogram is written at step = the forward call it was
 taken at (its meta `call`, the model's iteration count); any other record at step = its
@@ -74,6 +77,7 @@ from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.fsutil import fsync_dir, write_atomic
 from itwinai_journal.names import experiment_dirname
 
+from . import system_metrics
 from .exporter import (
     LOCK_DIR,
     Exporter,
@@ -218,7 +222,8 @@ def hparam_value(text: str | None, meta: str | None = None) -> float | str | Non
 
 class TensorBoardExporter(Exporter):
     name = "tensorboard"
-    kinds = frozenset({"metric", "image", "figure", "text", "param", "histogram"})
+    kinds = frozenset({"metric", "image", "figure", "text", "param", "histogram",
+                       system_metrics.KIND})
     batch_records = 50_000
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
@@ -325,7 +330,9 @@ class TensorBoardSink(RankSink):
                 step = self._journal_form(kind, step, meta)
             if step is None:
                 step = self._implicit_step(kind, seq, meta)
-            if kind == "metric":
+            if kind == system_metrics.KIND:
+                out.extend(self._system_scalars(t, step, text))
+            elif kind == "metric":
                 proto = scalars.get(name)
                 if proto is None:
                     proto = scalars[name] = self._scalar_proto(name)
@@ -379,6 +386,19 @@ class TensorBoardSink(RankSink):
         self.notes.add("tensorboard: records logged without a step are written at step = "
                        "their journal seq")
         return seq
+
+    def _system_scalars(self, t: float, step: int, text: str | None) -> list[bytes]:
+        """A system-metrics sample: one scalar per field under `system/`, at the sample's
+        ordinal as step and its time as wall time."""
+        out = []
+        for tag, value in system_metrics.tensorboard_scalars(system_metrics.sample(text)).items():
+            proto = self._scalars.get(tag)
+            if proto is None:
+                proto = self._scalars[tag] = self._scalar_proto(tag)
+            event, slot = proto
+            event.wall_time, event.step, slot.simple_value = t, step, value
+            out.append(event.SerializeToString())
+        return out
 
     @staticmethod
     def _scalar_proto(name: str) -> tuple[Any, Any]:

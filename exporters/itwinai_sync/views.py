@@ -28,6 +28,8 @@ from itwinai_journal import segments as seg
 from itwinai_journal.names import experiment_dirname
 from itwinai_journal.reader import RunInfo, find_run_dirs, load_run
 
+from . import system_metrics
+
 #: Columns of the tidy metrics table (`Journal.metrics()` and `itwinai-sync export`).
 METRIC_TABLE_COLUMNS = ["experiment", "run_id", "rank", "seq", "time", "name", "step",
                         "batch_idx", "value"]
@@ -37,6 +39,8 @@ SPARK_ASCII = "_.-:=+*#"
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
 X_MODES = ("step", "time", "relative")
+#: Name prefix under which `show` and `plot` present sampled system metrics.
+SYSTEM_PREFIX = "system/"
 
 
 class ViewError(Exception):
@@ -59,8 +63,12 @@ def select_runs(journal: Journal, run_ids: Sequence[str] | None) -> list[RunInfo
 def metrics_table(journal: Journal, runs: Sequence[RunInfo],
                   patterns: Sequence[str] | None = None) -> pa.Table:
     """Metric points of `runs` (names matching any of the fnmatch `patterns`), sorted by
-    experiment, run, rank and seq."""
+    experiment, run, rank and seq. Sampled system metrics are points `system/<field>`,
+    included when a pattern asks for them by that prefix (`'system/*'`, `'system/gpu*'`)."""
     tables = [journal.metrics(experiment=r.experiment, run_id=r.run_id) for r in runs]
+    if any(p.startswith(SYSTEM_PREFIX) for p in patterns or ()):
+        tables += [system_points(journal.records(experiment=r.experiment, run_id=r.run_id,
+                                                 kinds=[system_metrics.KIND])) for r in runs]
     t = pa.concat_tables(tables) if tables else journal.metrics(run_id="\0")
     if patterns:
         names = set(t["name"].unique().to_pylist())
@@ -70,6 +78,24 @@ def metrics_table(journal: Journal, runs: Sequence[RunInfo],
         t = t.take(pc.sort_indices(t, [("experiment", "ascending"), ("run_id", "ascending"),
                                        ("rank", "ascending"), ("seq", "ascending")]))
     return t
+
+
+def system_points(records: pa.Table) -> pa.Table:
+    """The `system_metric` records of a records table as metric points: one per field of each
+    sample, named `system/<field>`, at the sample's time and step (its ordinal in the rank),
+    with the columns of `Journal.metrics()`."""
+    records = records.filter(pc.equal(records["kind"], system_metrics.KIND))
+    rows: dict[str, list] = {c: [] for c in METRIC_TABLE_COLUMNS}
+    cols = [records[c].to_pylist() for c in ("experiment", "run_id", "rank", "seq", "time",
+                                             "step", "text")]
+    for exp, run, rank, seq, tm, step, text in zip(*cols):
+        for name, value in sorted(system_metrics.sample(text).items()):
+            for c, v in zip(METRIC_TABLE_COLUMNS, (exp, run, rank, seq, tm, SYSTEM_PREFIX + name,
+                                                   step, None, value)):
+                rows[c].append(v)
+    schema = records.select(["experiment", "run_id", "rank", "seq", "time", "name", "step",
+                             "batch_idx", "value"]).schema
+    return pa.Table.from_pydict(rows, schema=schema)
 
 
 @dataclass

@@ -25,7 +25,10 @@ a log without exit record is trusted only once unchanged for QUIET_SECONDS.
 W&B keeps one run at a time per process here (`parallel_runs = False`), and artifact staging
 goes to `<savedir>/wandb/.data` unless WANDB_DATA_DIR is set. System metrics, console capture,
 git and requirements of the sync machine are not recorded: they would be mistaken for the
-training job's. What W&B shows about the machine instead comes from the rank's manifest: the run
+training job's. The training job's own system metrics, sampled into the journal
+(`system_metric` records), become the StatsRecords W&B's monitor writes, with its keys (see
+system_metrics.py) and the sample's time, so they appear in the run's System panel. What W&B
+shows about the machine instead comes from the rank's manifest: the run
 starts when the rank's first journal session started, on the compute node's host, and the
 run's environment record (W&B's `wandb-metadata.json`: OS, Python, program, arguments, host,
 user, executable, git commit, SLURM variables) is the training process's. wandb-core computes
@@ -79,6 +82,7 @@ import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 
+from . import system_metrics
 from .exporter import LOCK_DIR, Exporter, ExportError, Notes, RankSink, logged_value, meta_of
 
 #: History key holding the highest journal seq a row covers (a leading '_' keeps it out of the
@@ -331,12 +335,35 @@ def committed_state(root: Path, wb_id: str, project: str) -> tuple[int, int]:
     return cursor, last_step
 
 
+def stats_timestamps(root: Path, wb_id: str, project: str) -> set[int]:
+    """Timestamps (ns) of the StatsRecords in W&B run `wb_id` of `project`'s transaction logs
+    below `root`: the system-metrics samples the run holds (one per sample time)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    found: set[int] = set()
+    for path in sorted(root.glob(f"*-{wb_id}*/run-{wb_id}.wandb")):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        for payload in iter_wandb_records(data):
+            rec = Record()
+            rec.ParseFromString(payload)
+            kind = rec.WhichOneof("record_type")
+            if kind == "run" and rec.run.project != project:
+                break  # the same id in another project: another W&B run
+            if kind == "stats":
+                found.add(rec.stats.timestamp.ToNanoseconds())
+    return found
+
+
 # -- the exporter ----------------------------------------------------------------------------
 
 
 class WandbExporter(Exporter):
     name = "wandb"
-    kinds = frozenset(ROW_KINDS | ARTIFACT_KINDS | {"param", "watch", "dataset"})
+    kinds = frozenset(ROW_KINDS | ARTIFACT_KINDS | {"param", "watch", "dataset",
+                                                    system_metrics.KIND})
     #: wandb keeps process-wide state (the service, staging, settings): one run at a time.
     parallel_runs = False
 
@@ -456,6 +483,8 @@ class WandbSink(RankSink):
         self.defined: set[str] = set()
         self.unshown: dict[str, int] = {}
         self.broken = False
+        #: Times (ns) of the system-metrics samples the run holds, read when first needed.
+        self.stats_times: set[int] | None = None
 
     # -- the W&B run -------------------------------------------------------------------------
 
@@ -542,7 +571,9 @@ class WandbSink(RankSink):
             shown = row_step(step, meta_d)
             if shown is not step:
                 self._note_step(shown)
-            if kind in ROW_KINDS:
+            if kind == system_metrics.KIND:
+                self._system_stats(t, text, meta_d)
+            elif kind in ROW_KINDS:
                 item = self._history_item(kind, name, value, text, blob, meta_d)
                 if meta_d.get("logged_as") in STEPPED_KINDS:  # charted as what was logged
                     kind = "dict" if isinstance(item, dict) else "metric"
@@ -702,6 +733,33 @@ class WandbSink(RankSink):
         except Exception:  # noqa: BLE001 - any object weights_only loading refuses
             self._unshown("torch object that is not tensors (kept as artifacts)")
             return NOTHING
+
+    def _system_stats(self, t: float, text: str | None, meta: dict[str, Any]) -> None:
+        """A system-metrics sample as the StatsRecord W&B's own monitor writes, stamped with the
+        sample's time (`publish_stats` would stamp the export's). Stats are not history rows,
+        so the cursor does not cover them: a sample whose time the run's logs already hold (an
+        export killed before its cursor was written) is not written again."""
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        items = system_metrics.wandb_stats(system_metrics.sample(text), meta)
+        nanos = round(t * 1e9)
+        if not items or nanos in self._stats_written():
+            return
+        interface = getattr(self._start(), "_interface", None)
+        if interface is None or not hasattr(interface, "_publish"):
+            self._unshown("system-metrics sample (this wandb version cannot take them)")
+            return
+        stats = pb.StatsRecord(stats_type=pb.StatsRecord.StatsType.SYSTEM)
+        stats.timestamp.FromNanoseconds(nanos)
+        for key, value in items.items():
+            stats.item.add(key=key, value_json=json.dumps(value))
+        interface._publish(pb.Record(stats=stats))
+        self.stats_times.add(nanos)
+
+    def _stats_written(self) -> set[int]:
+        if self.stats_times is None:
+            self.stats_times = stats_timestamps(self.exp.root, self.wb_id, self.project)
+        return self.stats_times
 
     def _unshown(self, what: str) -> None:
         self.unshown[what] = self.unshown.get(what, 0) + 1

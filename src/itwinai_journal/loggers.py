@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from . import measure, names
+from . import measure, names, sysmetrics
 from .capture import (
     CAPTURE,
     INT64_MAX,
@@ -268,7 +268,9 @@ class _JournalLogger(Logger):
     example `<savedir>/mlflow`), so code that reads it finds what it found with itwinai.
     Extra keyword-only options: `run_id` (else ITWINAI_RUN_ID, the launcher, rank 0 through
     torch.distributed, or a new time-sortable id), `flush_interval` (seconds after which a
-    record survives SIGKILL, default 1), `strict` (raise on journal write errors).
+    record survives SIGKILL, default 1), `strict` (raise on journal write errors),
+    `system_metrics_interval` (seconds between background system-metrics samples, 0 for none;
+    default ITWINAI_SYSTEM_METRICS_INTERVAL, else 10: see sysmetrics.py).
     """
 
     supported_kinds: tuple[str, ...] = ()
@@ -292,7 +294,7 @@ class _JournalLogger(Logger):
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, experiment_id: str | None = None,
                  run_id: int | str | None = None, *, flush_interval: float | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, system_metrics_interval: float | None = None) -> None:
         self._writer: RankWriter | None = None
         self._append: Callable[[tuple], None] | None = None
         self._pending: Any = None
@@ -313,6 +315,8 @@ class _JournalLogger(Logger):
         if self.flush_interval <= 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval}")
         self.strict = strict
+        #: Seconds between system-metrics samples, None when off (see sysmetrics.py).
+        self.system_metrics_interval = sysmetrics.configured_interval(system_metrics_interval)
         self.journal_savedir = Path(savedir)
         sub = self.journal_savedir / self.savedir_name if self.savedir_name else savedir
         super().__init__(savedir=sub, log_freq=log_freq, log_on_workers=log_on_workers,
@@ -404,6 +408,7 @@ class _JournalLogger(Logger):
         self._append = self._writer.append
         self._pending = self._writer.pending
         self._writer.declare(self.target, {**self.destination(), **(self._context or {})})
+        sysmetrics.attach(self._writer, self.system_metrics_interval)
         if self._collection is not None:
             self._writer.declare_collection(*self._collection)
         self._journal_opened()
@@ -441,6 +446,7 @@ class _JournalLogger(Logger):
         journal closes it)."""
         if self._writer is not None:
             release_writer(self._writer, status)
+            sysmetrics.wake()
             self._writer = None
             self._append = None
         self.is_initialized = False
@@ -792,9 +798,11 @@ class ConsoleLogger(_JournalLogger):
 
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 system_metrics_interval: float | None = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         run_id=run_id, flush_interval=flush_interval, strict=strict)
+                         run_id=run_id, flush_interval=flush_interval, strict=strict,
+                         system_metrics_interval=system_metrics_interval)
 
     @check_initialized
     def destroy_logger_context(self) -> None:
@@ -880,10 +888,11 @@ class MLFlowLogger(_JournalLogger):
                  run_description: str | None = None, run_name: str | None = None,
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0, *,
                  run_id: str | None = None, flush_interval: float | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, system_metrics_interval: float | None = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=experiment_name, run_id=run_id,
-                         flush_interval=flush_interval, strict=strict)
+                         flush_interval=flush_interval, strict=strict,
+                         system_metrics_interval=system_metrics_interval)
         self.run_description = run_description
         self.run_name = run_name
         self.experiment_name = experiment_name
@@ -971,10 +980,12 @@ class WandBLogger(_JournalLogger):
     def __init__(self, savedir: Path | str = "mllogs", project_name: str = BASE_EXP_NAME,
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0,
                  offline_mode: bool = False, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 system_metrics_interval: float | None = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=project_name, run_id=run_id,
-                         flush_interval=flush_interval, strict=strict)
+                         flush_interval=flush_interval, strict=strict,
+                         system_metrics_interval=system_metrics_interval)
         self.project_name = project_name
         self.offline_mode = offline_mode
 
@@ -1010,9 +1021,11 @@ class TensorBoardLogger(_JournalLogger):
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  framework: Literal["tensorflow", "pytorch"] = "pytorch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 system_metrics_interval: float | None = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         run_id=run_id, flush_interval=flush_interval, strict=strict)
+                         run_id=run_id, flush_interval=flush_interval, strict=strict,
+                         system_metrics_interval=system_metrics_interval)
         if framework.lower() not in ("tensorflow", "pytorch"):
             raise ValueError(
                 "Accepted values for TensorBoardLogger framework are 'tensorflow' and "
@@ -1060,10 +1073,12 @@ class Prov4MLLogger(_JournalLogger):
                  save_after_n_logs: int | None = 100, create_graph: bool | None = True,
                  create_svg: bool | None = True, log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 system_metrics_interval: float | None = None) -> None:
         super().__init__(savedir=provenance_save_dir, log_freq=log_freq,
                          log_on_workers=log_on_workers, experiment_id=experiment_name,
-                         run_id=run_id, flush_interval=flush_interval, strict=strict)
+                         run_id=run_id, flush_interval=flush_interval, strict=strict,
+                         system_metrics_interval=system_metrics_interval)
         self.prov_user_namespace = prov_user_namespace
         self.experiment_name = experiment_name
         self.provenance_save_dir = str(provenance_save_dir)
@@ -1149,6 +1164,10 @@ class LoggersCollection(_JournalLogger):
         first = journals[0].journal_savedir if journals else "mllogs"
         self._metric_plans: dict[Any, tuple[list, list]] = {}
         super().__init__(savedir=first, log_freq=1, log_on_workers=-1)
+        if journals:  # the members' own choice: the shortest interval of those that sample
+            self.system_metrics_interval = min(
+                (lg.system_metrics_interval for lg in journals if lg.system_metrics_interval),
+                default=None)
         self.loggers = loggers
         self._plain: list[_JournalLogger] = []
         self._custom: list[Logger] = []

@@ -630,7 +630,8 @@ def cpu_percentages(now: CpuSample, previous: CpuSample | None, cpu_count: int,
         proc = (now.process_cpu_s - previous.process_cpu_s) / interval * 100
         fields["cpu_percent_process"] = min(max(proc, 0.0), limit)
         busy = now.system_busy - previous.system_busy  # type: ignore[operator]
-        fields["cpu_percent_system"] = 100 * busy / (now.system_total - previous.system_total)
+        system = 100 * busy / (now.system_total - previous.system_total)
+        fields["cpu_percent_system"] = min(max(system, 0.0), 100.0)  # float sums of tick counts
         return fields, {"cpu_window": window, "cpu_interval_s": interval}
     if now.process_start is not None and now.wall > now.process_start:
         proc = now.process_cpu_s / (now.wall - now.process_start) * 100
