@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from . import measure, names
+from . import live, measure, names
 from .capture import (
     CAPTURE,
     INT64_MAX,
@@ -268,7 +268,9 @@ class _JournalLogger(Logger):
     example `<savedir>/mlflow`), so code that reads it finds what it found with itwinai.
     Extra keyword-only options: `run_id` (else ITWINAI_RUN_ID, the launcher, rank 0 through
     torch.distributed, or a new time-sortable id), `flush_interval` (seconds after which a
-    record survives SIGKILL, default 1), `strict` (raise on journal write errors).
+    record survives SIGKILL, default 1), `strict` (raise on journal write errors), `live_sync`
+    (sync to the trackers while the job runs, from a sidecar process: see
+    itwinai_journal.live; default: the ITWINAI_SYNC_LIVE variable, else off).
     """
 
     supported_kinds: tuple[str, ...] = ()
@@ -292,7 +294,7 @@ class _JournalLogger(Logger):
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, experiment_id: str | None = None,
                  run_id: int | str | None = None, *, flush_interval: float | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, live_sync: live.LiveSetting = None) -> None:
         self._writer: RankWriter | None = None
         self._append: Callable[[tuple], None] | None = None
         self._pending: Any = None
@@ -313,6 +315,7 @@ class _JournalLogger(Logger):
         if self.flush_interval <= 0:
             raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval}")
         self.strict = strict
+        self.live_sync = live_sync
         self.journal_savedir = Path(savedir)
         sub = self.journal_savedir / self.savedir_name if self.savedir_name else savedir
         super().__init__(savedir=sub, log_freq=log_freq, log_on_workers=log_on_workers,
@@ -408,6 +411,15 @@ class _JournalLogger(Logger):
             self._writer.declare_collection(*self._collection)
         self._journal_opened()
         self._state_changed()
+        self._start_live_sync(experiment)
+
+    def _start_live_sync(self, experiment: str) -> None:
+        """Start the run's live sync sidecar when asked to (see itwinai_journal.live)."""
+        targets = live.targets_of(self.live_sync)
+        if targets is not None and live.starts_here(self.worker_rank, self.log_on_workers):
+            problem = live.start(self.journal_savedir, experiment, str(self._run_id), targets)
+            if problem:
+                self._warn_once("live-sync", problem)
 
     def _journal_opened(self) -> None:
         """Called once this logger's journal is open (Prov4ML takes its first readings)."""
@@ -792,9 +804,11 @@ class ConsoleLogger(_JournalLogger):
 
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         run_id=run_id, flush_interval=flush_interval, strict=strict)
+                         run_id=run_id, flush_interval=flush_interval, strict=strict,
+                         live_sync=live_sync)
 
     @check_initialized
     def destroy_logger_context(self) -> None:
@@ -880,10 +894,12 @@ class MLFlowLogger(_JournalLogger):
                  run_description: str | None = None, run_name: str | None = None,
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0, *,
                  run_id: str | None = None, flush_interval: float | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=experiment_name, run_id=run_id,
-                         flush_interval=flush_interval, strict=strict)
+                         flush_interval=flush_interval, strict=strict,
+                         live_sync=live_sync)
         self.run_description = run_description
         self.run_name = run_name
         self.experiment_name = experiment_name
@@ -971,10 +987,12 @@ class WandBLogger(_JournalLogger):
     def __init__(self, savedir: Path | str = "mllogs", project_name: str = BASE_EXP_NAME,
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0,
                  offline_mode: bool = False, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=project_name, run_id=run_id,
-                         flush_interval=flush_interval, strict=strict)
+                         flush_interval=flush_interval, strict=strict,
+                         live_sync=live_sync)
         self.project_name = project_name
         self.offline_mode = offline_mode
 
@@ -1010,9 +1028,11 @@ class TensorBoardLogger(_JournalLogger):
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  framework: Literal["tensorflow", "pytorch"] = "pytorch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         run_id=run_id, flush_interval=flush_interval, strict=strict)
+                         run_id=run_id, flush_interval=flush_interval, strict=strict,
+                         live_sync=live_sync)
         if framework.lower() not in ("tensorflow", "pytorch"):
             raise ValueError(
                 "Accepted values for TensorBoardLogger framework are 'tensorflow' and "
@@ -1060,10 +1080,12 @@ class Prov4MLLogger(_JournalLogger):
                  save_after_n_logs: int | None = 100, create_graph: bool | None = True,
                  create_svg: bool | None = True, log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
-                 flush_interval: float | None = None, strict: bool = False) -> None:
+                 flush_interval: float | None = None, strict: bool = False,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=provenance_save_dir, log_freq=log_freq,
                          log_on_workers=log_on_workers, experiment_id=experiment_name,
-                         run_id=run_id, flush_interval=flush_interval, strict=strict)
+                         run_id=run_id, flush_interval=flush_interval, strict=strict,
+                         live_sync=live_sync)
         self.prov_user_namespace = prov_user_namespace
         self.experiment_name = experiment_name
         self.provenance_save_dir = str(provenance_save_dir)
