@@ -129,22 +129,46 @@ class _Unavailable(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("outage", ["connection refused", "HTTP 503"])
+def _stand_in(outage: str, port: int) -> object | None:
+    """What answers on the server's port during the outage: nothing (connection refused), a
+    proxy whose backend is down (HTTP 503), or a hung server that takes connections and never
+    answers (timed out)."""
+    if outage == "HTTP 503":
+        standin = ThreadingHTTPServer(("127.0.0.1", port), _Unavailable)
+        threading.Thread(target=standin.serve_forever, daemon=True).start()
+        return standin
+    if outage == "timed out":
+        hung = socket.socket()
+        hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hung.bind(("127.0.0.1", port))
+        hung.listen(64)  # the kernel completes connections; nobody ever reads them
+        return hung
+    return None
+
+
+def _stop_stand_in(standin: object | None) -> None:
+    if isinstance(standin, ThreadingHTTPServer):
+        standin.shutdown()
+        standin.server_close()
+    elif isinstance(standin, socket.socket):
+        standin.close()
+
+
+@pytest.mark.parametrize("outage", ["connection refused", "HTTP 503", "timed out"])
 def test_server_gone_mid_run_and_back_gets_every_point_exactly_once(tmp_path, outage):
     savedir, store = tmp_path / "mllogs", tmp_path / "mlflow"
     gates = [tmp_path / "outage", tmp_path / "back", None]
     server = MlflowServer(store)
     server.start()
     try:
-        train = _train(savedir, server.uri, gates, per_phase=1000)
+        # A short MLflow timeout (the sidecar's default is 30 s) keeps the hung case short.
+        train = _train(savedir, server.uri, gates, per_phase=1000,
+                       MLFLOW_HTTP_REQUEST_TIMEOUT="3")
         # The first phase reaches the server while the training runs (it waits at the gate).
         _wait(lambda: _loss_points(server.uri) == 1000, 120, "the first phase live", savedir)
         port = server.port
         server.stop()
-        standin = None
-        if outage == "HTTP 503":
-            standin = ThreadingHTTPServer(("127.0.0.1", port), _Unavailable)
-            threading.Thread(target=standin.serve_forever, daemon=True).start()
+        standin = _stand_in(outage, port)
         gates[0].touch()
         # The sidecar reports the outage for what it is (it may have seen the connection
         # refused before the stand-in answered).
@@ -156,9 +180,7 @@ def test_server_gone_mid_run_and_back_gets_every_point_exactly_once(tmp_path, ou
               f"the sidecar to report {outage}", savedir)
         listing = CliRunner().invoke(main, ["ls", str(savedir)]).output
         assert "mlflow: behind since" in listing and outage in listing, listing
-        if standin is not None:
-            standin.shutdown()
-            standin.server_close()
+        _stop_stand_in(standin)
         # The second phase is journaled while the server is down; same store, same port.
         server = MlflowServer(store, port=port)
         server.start()
@@ -196,7 +218,8 @@ def test_server_never_reachable_then_itwinai_sync_completes_exactly_once(tmp_pat
     assert "left in the journal for `itwinai-sync`" in _log(savedir)
     assert not [p for p in savedir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     listing = CliRunner().invoke(main, ["ls", str(savedir)]).output
-    assert "live sync: left" in listing and "mlflow, when it ended: behind since" in listing, listing
+    assert "live sync: left" in listing, listing
+    assert "mlflow, when it ended: behind since" in listing, listing
     with MlflowServer(tmp_path / "mlflow", port=port) as server:
         result = CliRunner().invoke(main, [str(savedir)], catch_exceptions=False)
         assert result.exit_code == 0, result.output

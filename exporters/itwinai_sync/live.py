@@ -61,6 +61,8 @@ MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 _PR_SET_PDEATHSIG = 1
+#: The status entry of a failure to read the run itself (not one target's).
+JOURNAL = "(journal)"
 #: States of a sidecar that has not ended.
 RUNNING = ("starting", "following", "draining")
 #: Sent by the kernel when the parent ends: it only wakes the loop, which then drains.
@@ -124,9 +126,6 @@ class LiveSync:
         self.savedir = savedir
         self.run_key = run
         self.parent = parent
-        #: The parent must already run when the sidecar starts: a later process with its pid
-        #: (reused after it ended) is not it.
-        self.since = time.time()
         self.interval = interval
         self.drain = drain
         self.out = out or sys.stdout
@@ -137,6 +136,8 @@ class LiveSync:
                                              workers=1))
         self.wake = threading.Event()
         self.states: dict[str, TargetState] = {}
+        #: The parent must already run when the sidecar starts: a later process with its pid
+        #: (reused after it ended) is not it.
         self.started = time.time()
         self.state = "starting"
         self._notes_said = 0
@@ -147,8 +148,9 @@ class LiveSync:
     def run(self) -> int:
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
-        watched = ask_for_parent_signal(self.parent)
+        # The handler first: the signal's default action would end the sidecar undrained.
         signal.signal(PARENT_SIGNAL, lambda *_: self.wake.set())
+        watched = ask_for_parent_signal(self.parent)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
         targets = ", ".join(self.engine.req.targets or ["the declared destinations"])
@@ -159,7 +161,7 @@ class LiveSync:
         drain_until: float | None = None
         try:
             while True:
-                parent_gone = not pid_alive(self.parent, self.since)
+                parent_gone = not pid_alive(self.parent, self.started)
                 if parent_gone and drain_until is None:
                     drain_until = time.monotonic() + self.drain
                     self.state = "draining"
@@ -175,12 +177,12 @@ class LiveSync:
                     return self._end("done", "every record is exported; done", 0)
                 if drain_until is not None and time.monotonic() >= drain_until:
                     left = sum(s.pending for s in self.states.values())
-                    return self._end("left", f"the training process has ended and a target is "
-                                     f"still unreachable after {self.drain:.0f} s: {left} "
-                                     "record(s) left in the journal for `itwinai-sync`", 1)
+                    return self._end("left", f"the training process has ended and a target "
+                                     f"still fails after {self.drain:.0f} s: {left} record(s) "
+                                     "left in the journal for `itwinai-sync`", 1)
                 failures = 0 if ok else failures + 1
                 delay = (self.interval if ok
-                         else min(MAX_BACKOFF, self.interval * 2 ** (failures - 1)))
+                         else min(MAX_BACKOFF, self.interval * 2 ** min(failures - 1, 20)))
                 if drain_until is not None:
                     delay = min(delay, max(0.1, drain_until - time.monotonic()))
                 if not ok:
@@ -205,8 +207,9 @@ class LiveSync:
             finished = bool(plan) and not any(self.engine.still_running(r) for r, _ in plan)
             results = self.engine.run(plan)
         except (ExportError, OSError) as e:  # the run is not readable now: retried
-            self._account_failure("*", str(e))
+            self._account_failure(JOURNAL, str(e))
             return False, False
+        self.states.pop(JOURNAL, None)
         ok = True
         for result in results:
             ok = self._account(result, plan) and ok
