@@ -102,7 +102,7 @@ def start(savedir: Path, experiment: str, run_id: str, targets: list[str]) -> st
                      "is not installed here (neither importable nor on PATH): the run is only "
                      "journaled; sync it later with `itwinai-sync`")
     log_path, _ = live_paths(savedir, experiment, run_id)
-    argv = [*command, "live", str(savedir), "--run", f"{experiment}/{run_id}",
+    argv = [*command, "live", key[0], "--run", f"{experiment}/{run_id}",
             "--parent", str(os.getpid())]
     for target in targets:
         argv += ["--to", target]
