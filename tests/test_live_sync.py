@@ -52,12 +52,30 @@ lg.destroy_logger_context()
 """
 
 
+#: Processes a test started (training runs, sidecars), ended when it ends, also when it fails
+#: while a training waits at a gate: each in its own process group.
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _end_processes():
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def _train(savedir: Path, uri: str, gates: list, per_phase: int, live: object = True,
            pause: float = 0.02, **env: str) -> subprocess.Popen:
     env.setdefault("ITWINAI_SYNC_LIVE_INTERVAL", "0.3")
-    return spawn(TRAIN.format(savedir=str(savedir), uri=uri, live=live, pause=pause,
+    env.setdefault("ITWINAI_SYNC_LIVE_DRAIN", "20")  # a failed test leaves no sidecar for long
+    proc = spawn(TRAIN.format(savedir=str(savedir), uri=uri, live=live, pause=pause,
                               gates=[str(g) if g else None for g in gates],
                               per_phase=per_phase), **env)
+    _started.append(proc)
+    return proc
 
 
 def _status(savedir: Path) -> dict:
@@ -231,10 +249,12 @@ def test_server_never_reachable_then_itwinai_sync_completes_exactly_once(tmp_pat
 
 
 def _sidecar(savedir: Path, parent: int, log) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "itwinai_sync.cli", "live", str(savedir), "--run", "exp/live",
          "--parent", str(parent), "--interval", "0.2"],
         stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    _started.append(proc)
+    return proc
 
 
 def test_sidecars_killed_at_random_moments_lose_and_duplicate_nothing(tmp_path):
