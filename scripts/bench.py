@@ -18,6 +18,7 @@ import json
 import operator
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -437,6 +438,49 @@ def bench_mlflow_server_export(points: int, tmp: Path, rounds: int = 3) -> dict[
                               {"tracking_uri": server.uri})
 
 
+def bench_live_sync(calls: int, tmp: Path) -> dict[str, Any]:
+    """The hot path with live sync off, on, and off again (same logger, same sizes, one run):
+    on, a sidecar process follows the journal into a loopback `mlflow server` every 0.5 s.
+    Each loop is preceded by a backlog of records and a pause, so that the sidecar is busy
+    exporting while the loop is timed: on two cores its CPU (and the server's) shows here if
+    anywhere. The sidecar is then stopped (SIGTERM: after the batch in progress) rather than
+    left to export the whole loop's records."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from mlflow_server import MlflowServer
+
+    from itwinai_journal.fsutil import read_json
+    from itwinai_journal.live import live_paths
+    from itwinai_journal.loggers import MLFlowLogger
+
+    os.environ["ITWINAI_SYNC_LIVE_INTERVAL"] = "0.5"
+    out: dict[str, Any] = {}
+    with MlflowServer(tmp / "live-server") as server:
+        for label, on in (("off", False), ("on", True), ("off again", False)):
+            savedir = tmp / f"live-{label.replace(' ', '-')}"
+            lg = MLFlowLogger(savedir=savedir, experiment_name="bench", log_freq="batch",
+                              tracking_uri=server.uri, run_id="hot", live_sync=on)
+            lg.create_logger_context()
+            for i in range(max(BLOCK, calls // 10)):
+                lg.log(0.5, "backlog", step=i)
+            time.sleep(3.0)  # the backlog is flushed; the sidecar has started exporting it
+            row = per_call(lambda i, log=lg.log: log(0.5, "loss", step=i), calls)
+            if on:
+                status_file = live_paths(savedir, "bench", "hot")[1]
+                os.kill(read_json(status_file)["pid"], signal.SIGTERM)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and read_json(status_file).get(
+                        "state") not in ("done", "left", "failed", "stopped"):
+                    time.sleep(0.2)
+                status = read_json(status_file)
+                row["sidecar_state"] = status.get("state")
+                row["exported_live"] = sum(
+                    t.get("exported", 0) for t in status.get("targets", {}).values())
+            lg.destroy_logger_context()
+            out[label] = row
+    os.environ.pop("ITWINAI_SYNC_LIVE_INTERVAL")
+    return out
+
+
 def bench_ls_scale(runs: int, ranks: int, tmp: Path) -> dict[str, float]:
     """`itwinai-sync ls` (a fresh process) over a synthetic savedir of runs x ranks."""
     import subprocess
@@ -572,6 +616,17 @@ def main() -> None:
         print(f"one sample (sampler thread, no GPU): {cost['min']:.2f} ms min, "
               f"{cost['median']:.2f} ms median; {sampler['samples_written_at_0.1s']} samples "
               "written at 0.1 s during the loops")
+
+        live = bench_live_sync(calls, tmp_path)
+        results["live_sync"] = live
+        print(f"\nHot path with live sync ({OURS}, {calls:,} calls; sidecar -> loopback "
+              "mlflow server every 0.5 s)")
+        print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
+        for label, r in live.items():
+            print(f"{'live sync ' + label:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} "
+                  f"{r['wall_us']:8.3f}")
+        print(f"(each loop after a backlog of {max(BLOCK, calls // 10):,} records; the sidecar "
+              f"had exported {live['on']['exported_live']:,} records live when stopped)")
 
         rounds = 2 if args.quick else 3
         ml = bench_mlflow_export(points, tmp_path, rounds)

@@ -22,10 +22,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-#: Variables from which the journal takes a run id or world size: a test must not inherit them
-#: from the environment it runs in (a CI job may well be a SLURM job).
+#: Variables from which the journal takes a run id or world size, or that switch live sync on:
+#: a test must not inherit them from the environment it runs in (a CI job may well be a SLURM
+#: job).
 LAUNCHER_ENV = ("ITWINAI_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-                "SLURM_PROCID", "WORLD_SIZE")
+                "SLURM_PROCID", "WORLD_SIZE", "ITWINAI_SYNC_LIVE")
 
 
 @pytest.fixture(autouse=True)

@@ -152,6 +152,32 @@ def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], rank
         sys.exit(130)
 
 
+@main.command("live")
+@click.argument("savedir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--run", "run_key", required=True, metavar="EXPERIMENT/RUN_ID",
+              help="The run to follow.")
+@click.option("--to", "targets", multiple=True, metavar="TARGET",
+              help="Target, repeatable. Default: the destinations the run's loggers declared.")
+@click.option("--parent", type=click.IntRange(min=1), required=True, metavar="PID",
+              help="The training process: followed while it runs, drained after it ends.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="S", envvar="ITWINAI_SYNC_LIVE_INTERVAL",
+              help="Seconds between passes; also the first retry delay after a failure "
+                   "(doubled per failure up to 60 s). Env: ITWINAI_SYNC_LIVE_INTERVAL.")
+@click.option("--drain", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              metavar="S", envvar="ITWINAI_SYNC_LIVE_DRAIN",
+              help="After the training process ends, how long to keep trying to export "
+                   "what is left. Env: ITWINAI_SYNC_LIVE_DRAIN.")
+def live_cmd(savedir: Path, run_key: str, targets: tuple[str, ...], parent: int,
+             interval: float, drain: float) -> None:
+    """The live sync sidecar of one run, which the loggers start themselves with
+    `live_sync=True` or ITWINAI_SYNC_LIVE (see the README): follows the run to its trackers
+    while the training process runs, rides out outages, exits after the training does."""
+    from .live import LiveSync
+
+    sys.exit(LiveSync(savedir, run_key, list(targets), parent, interval, drain).run())
+
+
 def _one_pass(engine: SyncEngine, plan: list, show_bar: bool) -> list[RunResult]:
     from .engine import total_pending
 
@@ -263,6 +289,8 @@ def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
     journal beside the main one, or journals that merely share an experiment and run id."""
     from itwinai_journal.liveness import writer_gone
 
+    from .live import read_status
+
     synced: dict[str, dict[str, dict[int, int]]] = {}
     for entry in ledger_entries(savedir):
         cursors = {int(k): v for k, v in entry.get("cursors", {}).items()}
@@ -274,7 +302,7 @@ def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
             rows.append({"experiment": run.experiment, "run_id": run.run_id, "run_name": None,
                          "status": "damaged", "ranks": len(run.ranks), "records": 0,
                          "destinations": [], "synced": {}, "path": str(run.path),
-                         "journals": [], "error": run.error})
+                         "journals": [], "live": None, "error": run.error})
         else:
             by_key.setdefault(run.key, []).append(run)
     for journals in by_key.values():
@@ -305,6 +333,7 @@ def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
             "records": sum(p["records"] for p in parts),
             "destinations": sorted({d for p in parts for d in p["destinations"]}),
             "synced": progress,
+            "live": read_status(savedir, first.experiment, first.run_id),
             "path": str(first.path),
             "journals": parts,
             "error": None,
@@ -322,6 +351,8 @@ def ls_cmd(savedir: Path, as_json: bool) -> None:
     Record counts come from manifests and indexes (no segment is read), so a run still being
     written may show fewer records than it holds. A damaged run (run.json or a manifest that
     cannot be read) is listed as DAMAGED with the reason; sync skips it."""
+    from .live import status_lines
+
     rows = _ls_rows(savedir)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -349,6 +380,9 @@ def ls_cmd(savedir: Path, as_json: bool) -> None:
                            f"{', '.join(j['destinations']) or '-'}")
         for key, s in row["synced"].items():
             click.echo(f"      synced to {key}: {s['records']}/{s['of']} records")
+        if row["live"]:
+            for line in status_lines(row["live"]):
+                click.echo(f"      {line}")
 
 
 @main.command("verify")

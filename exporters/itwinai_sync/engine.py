@@ -171,6 +171,13 @@ class SyncEngine:
                                  f"{r.error}") for r in self.damaged)
         return results
 
+    def forget_unreachable(self) -> None:
+        """Let targets found unreachable be tried again by the next pass (live sync outlives
+        outages; a one-off sync reports an unreachable target once and moves on)."""
+        with self._lock:
+            for exp in self._exporters.values():
+                exp.forget_unreachable()
+
     def close(self) -> None:
         for exp in self._exporters.values():
             exp.close()
@@ -434,9 +441,11 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if not isinstance(e, ExportError) else first
 
 
-def total_pending(engine: SyncEngine, plan: list[tuple[RunInfo, str]]) -> int:
-    """Records still to look at, estimated from manifests and the local ledger (for the
-    progress bar; the target's own cursor decides what is actually exported)."""
+def total_pending(engine: SyncEngine, plan: list[tuple[RunInfo, str]],
+                  written: Callable[[RankInfo], int] = lambda rank: rank.last_seq) -> int:
+    """Records still to look at, estimated from what each rank has `written` (by default what
+    its manifest and index say) and the local ledger (for the progress bar and live sync's
+    status; the target's own cursor decides what is actually exported)."""
     total = 0
     for run, target in plan:
         ranks = engine.ranks_for(run, target)
@@ -447,6 +456,6 @@ def total_pending(engine: SyncEngine, plan: list[tuple[RunInfo, str]]) -> int:
         except Exception:  # noqa: BLE001 - an estimate only
             cursors = {}
         for rank in ranks:
-            total += max(0, rank.last_seq - cursors.get(rank.rank, 0))
+            total += max(0, written(rank) - cursors.get(rank.rank, 0))
     return total
 

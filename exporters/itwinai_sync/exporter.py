@@ -134,6 +134,9 @@ class Exporter(ABC):
         a target without a directory of its own (the lock is then in the savedir)."""
         return None
 
+    def forget_unreachable(self) -> None:
+        """Forget that a target could not be reached, so that it is tried again."""
+
     def close(self) -> None:
         """Release resources held for the whole sync."""
 

@@ -299,6 +299,10 @@ class MlflowExporter(Exporter):
     def connect(self, run: RunInfo) -> None:
         self.client(self.tracking_uri(run))
 
+    def forget_unreachable(self) -> None:
+        with self._guard:
+            self._unreachable.clear()
+
     def lock_dir(self, run: RunInfo) -> Path | None:
         """Beside a store on this machine (sqlite file, file store); none for a server."""
         local = _local_store(self.tracking_uri(run))

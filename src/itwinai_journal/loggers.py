@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from . import measure, names, sysmetrics
+from . import live, measure, names, sysmetrics
 from .capture import (
     CAPTURE,
     INT64_MAX,
@@ -271,6 +271,8 @@ class _JournalLogger(Logger):
     record survives SIGKILL, default 1), `strict` (raise on journal write errors),
     `system_metrics_interval` (seconds between background system-metrics samples, 0 for none;
     default ITWINAI_SYSTEM_METRICS_INTERVAL, else 10: see sysmetrics.py).
+    `live_sync` (sync to the trackers while the job runs, from a sidecar process: see
+    itwinai_journal.live; default: the ITWINAI_SYNC_LIVE variable, else off).
     """
 
     supported_kinds: tuple[str, ...] = ()
@@ -294,7 +296,8 @@ class _JournalLogger(Logger):
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, experiment_id: str | None = None,
                  run_id: int | str | None = None, *, flush_interval: float | None = None,
-                 strict: bool = False, system_metrics_interval: float | None = None) -> None:
+                 strict: bool = False, system_metrics_interval: float | None = None,
+                 live_sync: live.LiveSetting = None) -> None:
         self._writer: RankWriter | None = None
         self._append: Callable[[tuple], None] | None = None
         self._pending: Any = None
@@ -317,6 +320,7 @@ class _JournalLogger(Logger):
         self.strict = strict
         #: Seconds between system-metrics samples, None when off (see sysmetrics.py).
         self.system_metrics_interval = sysmetrics.configured_interval(system_metrics_interval)
+        self.live_sync = live_sync
         self.journal_savedir = Path(savedir)
         sub = self.journal_savedir / self.savedir_name if self.savedir_name else savedir
         super().__init__(savedir=sub, log_freq=log_freq, log_on_workers=log_on_workers,
@@ -413,6 +417,15 @@ class _JournalLogger(Logger):
             self._writer.declare_collection(*self._collection)
         self._journal_opened()
         self._state_changed()
+        self._start_live_sync(experiment)
+
+    def _start_live_sync(self, experiment: str) -> None:
+        """Start the run's live sync sidecar when asked to (see itwinai_journal.live)."""
+        targets = live.targets_of(self.live_sync)
+        if targets is not None and live.starts_here(self.worker_rank, self.log_on_workers):
+            problem = live.start(self.journal_savedir, experiment, str(self._run_id), targets)
+            if problem:
+                self._warn_once("live-sync", problem)
 
     def _journal_opened(self) -> None:
         """Called once this logger's journal is open (Prov4ML takes its first readings)."""
@@ -799,10 +812,11 @@ class ConsoleLogger(_JournalLogger):
     def __init__(self, savedir: Path | str = "mllogs", log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
                  flush_interval: float | None = None, strict: bool = False,
-                 system_metrics_interval: float | None = None) -> None:
+                 system_metrics_interval: float | None = None,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          run_id=run_id, flush_interval=flush_interval, strict=strict,
-                         system_metrics_interval=system_metrics_interval)
+                         system_metrics_interval=system_metrics_interval, live_sync=live_sync)
 
     @check_initialized
     def destroy_logger_context(self) -> None:
@@ -888,11 +902,12 @@ class MLFlowLogger(_JournalLogger):
                  run_description: str | None = None, run_name: str | None = None,
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0, *,
                  run_id: str | None = None, flush_interval: float | None = None,
-                 strict: bool = False, system_metrics_interval: float | None = None) -> None:
+                 strict: bool = False, system_metrics_interval: float | None = None,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=experiment_name, run_id=run_id,
                          flush_interval=flush_interval, strict=strict,
-                         system_metrics_interval=system_metrics_interval)
+                         system_metrics_interval=system_metrics_interval, live_sync=live_sync)
         self.run_description = run_description
         self.run_name = run_name
         self.experiment_name = experiment_name
@@ -981,11 +996,12 @@ class WandBLogger(_JournalLogger):
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0,
                  offline_mode: bool = False, *, run_id: str | None = None,
                  flush_interval: float | None = None, strict: bool = False,
-                 system_metrics_interval: float | None = None) -> None:
+                 system_metrics_interval: float | None = None,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=project_name, run_id=run_id,
                          flush_interval=flush_interval, strict=strict,
-                         system_metrics_interval=system_metrics_interval)
+                         system_metrics_interval=system_metrics_interval, live_sync=live_sync)
         self.project_name = project_name
         self.offline_mode = offline_mode
 
@@ -1022,10 +1038,11 @@ class TensorBoardLogger(_JournalLogger):
                  framework: Literal["tensorflow", "pytorch"] = "pytorch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
                  flush_interval: float | None = None, strict: bool = False,
-                 system_metrics_interval: float | None = None) -> None:
+                 system_metrics_interval: float | None = None,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
                          run_id=run_id, flush_interval=flush_interval, strict=strict,
-                         system_metrics_interval=system_metrics_interval)
+                         system_metrics_interval=system_metrics_interval, live_sync=live_sync)
         if framework.lower() not in ("tensorflow", "pytorch"):
             raise ValueError(
                 "Accepted values for TensorBoardLogger framework are 'tensorflow' and "
@@ -1074,11 +1091,12 @@ class Prov4MLLogger(_JournalLogger):
                  create_svg: bool | None = True, log_freq: LogFreq = "epoch",
                  log_on_workers: int | list[int] = 0, *, run_id: str | None = None,
                  flush_interval: float | None = None, strict: bool = False,
-                 system_metrics_interval: float | None = None) -> None:
+                 system_metrics_interval: float | None = None,
+                 live_sync: live.LiveSetting = None) -> None:
         super().__init__(savedir=provenance_save_dir, log_freq=log_freq,
                          log_on_workers=log_on_workers, experiment_id=experiment_name,
                          run_id=run_id, flush_interval=flush_interval, strict=strict,
-                         system_metrics_interval=system_metrics_interval)
+                         system_metrics_interval=system_metrics_interval, live_sync=live_sync)
         self.prov_user_namespace = prov_user_namespace
         self.experiment_name = experiment_name
         self.provenance_save_dir = str(provenance_save_dir)
