@@ -23,7 +23,9 @@ import pytest
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "itwinai_reference.json").read_text())
 #: Each logger skips the kinds it does not support, with a warning, as itwinai's do silently.
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not support kind:UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*is a kind it does not support; such calls are ignored"
+    ":itwinai_journal.loggers.JournalWarning")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import segments
+from .capture import safe_repr
 from .fsutil import read_json
 from .redaction import redact, redact_argv
 from .validate import DAMAGED, check_manifest
@@ -123,6 +124,22 @@ def load_for_session(rank_dir: Path, rank: int, world_size: int, last_seq: int
                   f"and rebuilt from the index and segments (records 1..{last_seq} kept)",
                   RuntimeWarning, stacklevel=4)
     return manifest
+
+
+def declarable(options: dict[str, Any]) -> dict[str, Any]:
+    """A logger's declared options (constructor arguments, `create_logger_context` keywords)
+    as the manifest can always hold them, secrets redacted: each value as JSON, an object JSON
+    cannot hold by its repr (as `destinations_digest` digests it), and a value JSON cannot
+    hold at all (a self-referencing list, a dict with tuple keys) as its repr. Declared
+    options are only descriptive: a repr never stops the manifest from being written."""
+    return redact({str(k): _json_value(v) for k, v in options.items()})
+
+
+def _json_value(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, default=safe_repr))
+    except (TypeError, ValueError, RecursionError):
+        return safe_repr(value)
 
 
 def anchors(run_dir: Path, destinations: dict[str, Any]) -> dict[str, str]:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .blobs import file_sha256
 from .fsutil import fsync_dir, read_bytes
-from .schema import ARROW_SCHEMA
+from .schema import ARROW_SCHEMA, INT64_MAX, INT64_MIN
 from .validate import BLOB_REF, JournalCorruption, check_records
 
 SEGMENT_RE = re.compile(r"^(\d{6,})\.(jsonl|parquet)$")
@@ -46,7 +46,6 @@ def format_float(v: float) -> str:
 #: int64 or a string that is not valid Unicode (Arrow raises OverflowError or ArrowInvalid for
 #: the first, UnicodeEncodeError for the second), TypeError for a value of the wrong type.
 ENCODE_ERRORS = (ValueError, TypeError, OverflowError, pa.ArrowException)
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _check_int64(value: Any, what: str) -> None:
