@@ -240,6 +240,34 @@ say("steps", step, interrupted)
     assert session["start"] <= session["sigterm_at"] <= session["end"]
 
 
+def test_a_user_handler_that_exits_ends_the_session_interrupted(tmp_path):
+    """A SIGTERM handler installed before the logger that ends the program (sys.exit): the
+    session SIGTERM ended is `interrupted`, with its end, its last seq and `sigterm_at`, and
+    the process exits with the handler's code; nothing is lost."""
+    savedir = tmp_path / "mllogs"
+    code = """
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(3))
+""" + PREAMBLE.format(savedir=str(savedir), flush=FLUSH) + """
+step = 0
+while True:
+    lg.log(float(step), "loss", step=step)
+    step += 1
+    if step == 2000:
+        say("logging")
+    time.sleep(0.0002)
+"""
+    proc = spawn("import signal, sys\n" + code)
+    wait_for(proc, "logging")
+    sigterm_group(proc)
+    assert exit_code(proc) == 3, proc.stderr.read()
+    n = Journal(savedir).metrics().num_rows
+    assert n >= 2000
+    check_journal(savedir, losses(0, n))
+    session = manifest(savedir)["sessions"][-1]
+    assert (session["status"], session["last_seq"]) == ("interrupted", n)
+    assert session["start"] <= session["sigterm_at"] <= session["end"]
+
+
 def test_a_handler_that_wraps_ours_decides_whether_the_process_ends(tmp_path):
     """A handler registered after the loggers exist that calls the one it found (ours), as
     Lightning's signal connector does (`_HandlersCompose`: its own flag, then the previous

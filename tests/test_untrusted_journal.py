@@ -566,6 +566,31 @@ def test_an_index_that_is_not_a_regular_file_costs_only_its_own_run(tmp_path):
         assert "Traceback" not in out.stdout + out.stderr
 
 
+def test_a_new_session_on_an_index_or_manifest_that_is_not_a_file_never_waits(tmp_path):
+    """index.jsonl or manifest.json made a FIFO (opening it to read would wait for a writer
+    for ever): a new session of the rank sets each aside with a warning, rebuilds the index
+    from the sealed segments and the manifest from the index, and logs on; nothing already
+    logged is lost. In a child process: a hang fails within a minute."""
+    savedir = tmp_path / "mllogs"
+    rank = journal(savedir, run_id="b", sessions=2, n=50)
+    for name in ("index.jsonl", "manifest.json"):
+        (rank / name).unlink()
+        os.mkfifo(rank / name)
+    proc = spawn(RESUME.format(savedir=str(savedir)))
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert "index.jsonl is not a regular file; it is kept as index.jsonl.damaged-" in stderr
+    assert "manifest.json was damaged" in stderr
+    steps = [r["step"] for r in Journal(savedir).records(run_id="b").to_pylist()]
+    assert steps == list(range(100)) + list(range(50, 80))
+    assert not list(rank.glob("index.jsonl.damaged-*"))[0].is_file()
+
+
 RESUME = """
 from itwinai_journal.loggers import MLFlowLogger
 lg = MLFlowLogger(savedir={savedir!r}, experiment_name="exp", run_id="b", log_freq="batch")

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import segments
 from .capture import safe_repr
-from .fsutil import read_json
+from .fsutil import read_bytes, read_json
 from .redaction import redact, redact_argv
 from .validate import DAMAGED, check_manifest
 
@@ -146,9 +146,8 @@ def anchors(run_dir: Path, destinations: dict[str, Any]) -> dict[str, str]:
     """What an index entry records about the files the hash chain does not cover otherwise:
     the sha256 of run.json and of the declared destinations (canonical JSON)."""
     try:
-        with open(run_dir / "run.json", "rb") as f:
-            run = hashlib.sha256(f.read()).hexdigest()
-    except OSError:
+        run = hashlib.sha256(read_bytes(run_dir / "run.json")).hexdigest()
+    except OSError:  # missing, or not a regular file (never waited on)
         run = ""
     return {"run_sha256": run, "destinations_sha256": destinations_digest(destinations)}
 
