@@ -131,11 +131,13 @@ def verify_rank(rank: RankInfo, run_sha: str | None = None) -> list[Problem]:
             f"{rebuilt.get('damaged_copy')}: sessions before then are summarised as one",
             "warning")
 
-    if any("parquet" in f and n not in {e["segment"] for e in entries}
-           for n, f in files.items()):
+    known = {e["segment"] for e in entries}
+    if any("parquet" in f and n not in known for n, f in files.items()):
         # A live rank: a segment sealed after the index was read is indexed by now (its
-        # Parquet file is renamed into place before its index line is written).
+        # Parquet file is renamed into place before its index line is written). Segments
+        # sealed after the listing are for the next verify.
         entries, hashes, _ = segments.read_index_lines(rank_dir)
+        entries = [e for e in entries if e["segment"] in known or e["segment"] in files]
     indexed = {e["segment"]: e for e in entries}
     last_number = max(files, default=0)
     newest_indexed = max(indexed, default=0)
@@ -181,8 +183,8 @@ def verify_rank(rank: RankInfo, run_sha: str | None = None) -> list[Problem]:
                 elif (not closed and number == last_number - 1 > newest_indexed
                       and "parquet" not in files[last_number]):
                     err(path, "sealed segment not in the index as read, followed by the active "
-                        "segment only: a copy of the rank taken during this segment's seal "
-                        "(copy it again once the seal is over)", "warning")
+                        "segment only: the rank was copied (or read) during this segment's "
+                        "seal (copy it again once the seal is over)", "warning")
                 else:
                     err(path, "sealed segment missing from the index: the index was cut or "
                         "edited")
@@ -236,8 +238,8 @@ def _mid_seal_copy(path: Path, entry: dict[str, Any], table: Any, closed: bool,
             "segment is here, and it does not hold what the index says (or the session ended)")
     else:
         err(path, f"the index lists segment {entry['segment']} as sealed, but only its active "
-            "segment is here, holding the records the index lists: a copy of the rank taken "
-            "during this segment's seal (copy it again once the seal is over)", "warning")
+            "segment is here, holding the records the index lists: the rank was copied (or "
+            "read) during this segment's seal (copy it again once the seal is over)", "warning")
 
 
 def _entry_problems(path: Path, entry: dict[str, Any], table: Any) -> list[Problem]:
