@@ -132,14 +132,14 @@ def test_hostile_values(tmp_path):
     savedir = tmp_path / "mllogs"
     lg = _logger(savedir)
     lg.log("y" * (10 << 20), "huge", kind="text")  # 10 MB: stored as a blob
-    with pytest.raises(TypeError, match="JSON"):
-        lg.log({"lock": threading.Lock()}, "d", kind="dict")
+    lg.log({"lock": threading.Lock()}, "d", kind="dict")  # journaled as its str()
     with pytest.raises(TypeError, match="pickled"):
         lg.log(threading.Lock(), "obj", kind="artifact")
     lg.log(float("nan"), "nan", step=0)
     lg.log(float("inf"), "inf", step=0)
     lg.destroy_logger_context()
     recs = {r["name"]: r for r in Journal(savedir).records().to_pylist()}
-    assert set(recs) == {"huge", "nan", "inf"}
+    assert set(recs) == {"huge", "d", "nan", "inf"}
+    assert json.loads(recs["d"]["text"]).startswith("{'lock': <unlocked _thread.lock object")
     assert recs["huge"]["text"] is None and recs["huge"]["blob"]
     assert recs["inf"]["value"] == float("inf") and recs["nan"]["value"] != recs["nan"]["value"]

@@ -104,6 +104,10 @@ def deviation(cls: str, case: str) -> tuple[str, str] | None:
     return found
 
 
+#: Tracker calls that each receive one metric value.
+METRIC_CALLS = {"mlflow.log_metric", "wandb.log", "tb.add_scalar", "yprov4ml.log_metric"}
+
+
 def reference_outcome(result: dict[str, Any]) -> str:
     if "raise" in result:
         return "raises"
@@ -243,6 +247,8 @@ def test_log_call_does_what_itwinai_does(ours, cls, case):
     if expected == "tracker":
         assert got["raise"] is None, f"itwinai's tracker took it; ours raised {got['error']}"
         assert kept >= 1, "itwinai's tracker took it; nothing was journaled"
+        if cls != "LoggersCollection" and {c["fn"] for c in ref["calls"]} <= METRIC_CALLS:
+            assert kept == len(ref["calls"]), "one record per value the tracker received"
         check_fidelity(cls, ref, got)
     elif expected == "ignored":
         assert got["raise"] is None and kept == 0, got
@@ -254,23 +260,33 @@ def test_log_call_does_what_itwinai_does(ours, cls, case):
             assert kept == 0, "a call that raises journals nothing"
 
 
+def as_recorded(name: str) -> str:
+    """A name as the recording keeps the names trackers received (its `short()`)."""
+    return name.encode("utf-8", "backslashreplace").decode()[:120]
+
+
 def check_fidelity(cls: str, ref: dict[str, Any], got: dict[str, Any]) -> None:
     """What the tracker stored is what the journal holds: names, values (as MLflow's float()
     and TensorBoard's float32 make them), steps; and ConsoleLogger's lines."""
     records = got["journal"]
     for call in ref["calls"]:
         fn = call["fn"]
-        name = call.get("key", call.get("tag", call.get("label")))
-        matching = [r for r in records if r["name"] == name] if isinstance(name, str) else []
-        if fn in ("mlflow.log_metric", "tb.add_scalar") and matching:
-            record = matching[0]
-            stored = call.get("stored")
-            if isinstance(stored, float) and record["kind"] == "metric":
-                value = record["value"]
-                if fn == "tb.add_scalar":
-                    value = float(np.float32(value))
-                assert value == stored or (math.isnan(value) and math.isnan(stored)), (
-                    fn, value, stored)
+        if fn not in ("mlflow.log_metric", "tb.add_scalar"):
+            continue
+        name = call.get("key", call.get("tag"))
+        if name is None:  # the documented mapping of identifier=None: the kind's name
+            name = "metric"
+        matching = [r for r in records if as_recorded(r["name"]) == name]
+        assert matching, (fn, name, [r["name"] for r in records])
+        record = matching[0]
+        stored = call.get("stored")
+        if isinstance(stored, float):
+            assert record["kind"] == "metric", (fn, name, record["kind"])
+            value = record["value"]
+            if fn == "tb.add_scalar":
+                value = float(np.float32(value))
+            assert value == stored or (math.isnan(value) and math.isnan(stored)), (
+                fn, value, stored)
             step = call.get("step", call.get("global_step"))
             if isinstance(step, (int, float)) and not isinstance(step, bool):
                 meta = json.loads(record["meta"]) if record["meta"] else {}
@@ -573,6 +589,55 @@ def test_overridden_should_log_alone_and_in_a_collection(tmp_path):
         ("loss", 0, 0.0, ["mlflow"]), ("loss", 0, 0.0, ["tensorboard"]),
         ("loss", 1, 1.0, ["mlflow"]), ("loss", 2, 2.0, ["mlflow"]),
         ("loss", 2, 2.0, ["tensorboard"])]
+
+
+def _even_batches(self, batch_idx: int | None = None) -> bool:
+    return batch_idx is not None and batch_idx % 2 == 0
+
+
+def test_should_log_replaced_after_construction_is_honoured(tmp_path):
+    """should_log replaced on an instance (plain assignment, mock.patch.object) or on a class
+    (of the logger, or of one of its bases) after the loggers exist and log: the metric fast
+    path (alone and in a collection) honours it from the next call on, and what it filters
+    out is not written; undoing the patch restores the logger's own should_log."""
+    from unittest import mock
+
+    alone = TensorBoardLogger(savedir=tmp_path / "alone", log_freq="batch")
+    other = TensorBoardLogger(savedir=tmp_path / "other", log_freq="batch")
+    coll = LoggersCollection([MLFlowLogger(savedir=tmp_path / "coll", log_freq="batch"),
+                              TensorBoardLogger(savedir=tmp_path / "coll", log_freq="batch")])
+    for lg in (alone, other, coll):
+        lg.create_logger_context()
+
+    def log_batches(start: int) -> None:
+        for batch_idx in range(start, start + 4):
+            for lg in (alone, other, coll):
+                lg.log(float(batch_idx), "loss", batch_idx=batch_idx)
+
+    log_batches(0)  # the fast paths are taken
+    alone.should_log = functools.partial(_even_batches, alone)
+    log_batches(4)
+    with mock.patch.object(coll.loggers[1], "should_log", return_value=False):
+        log_batches(8)
+    del alone.should_log
+    with mock.patch.object(TensorBoardLogger, "should_log", _even_batches):
+        log_batches(12)
+    with mock.patch.object(mod.Logger, "should_log", _even_batches):
+        log_batches(16)
+    log_batches(20)
+    for lg in (alone, other, coll):
+        lg.destroy_logger_context()
+
+    def batches(root: Path, target: str | None = None) -> list[int]:
+        return [b for _, b, _, targets in _by_name(root) if target in (targets or [target])]
+
+    every, even = list(range(24)), [b for b in range(24) if b % 2 == 0]
+    assert batches(tmp_path / "alone") == [b for b in every if not 4 <= b < 20 or b % 2 == 0]
+    assert batches(tmp_path / "other") == [b for b in every if not 12 <= b < 20 or b in even]
+    assert batches(tmp_path / "coll", "mlflow") == [b for b in every
+                                                    if not 16 <= b < 20 or b in even]
+    assert batches(tmp_path / "coll", "tensorboard") == [
+        b for b in every if not 8 <= b < 20 or (b >= 12 and b in even)]
 
 
 def test_overridden_log_alone_and_in_a_collection(tmp_path):

@@ -18,7 +18,9 @@ import recordings
 
 REFERENCE = recordings.load("trackers")
 #: Each logger skips the kinds it does not support, with a warning, as itwinai's do silently.
-pytestmark = pytest.mark.filterwarnings("ignore:.*does not support kind:UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*is a kind it does not support; such calls are ignored"
+    ":itwinai_journal.loggers.JournalWarning")
 
 
 @pytest.fixture(scope="module")

@@ -308,14 +308,85 @@ def test_dict_json_equality(mlf):
     assert json.loads(only(records, "empty")["text"]) == {}
 
 
-def test_dict_with_non_json_value_is_a_type_error(mlf):
-    mlf.log({"ok": 1}, "good", kind="dict")
-    with pytest.raises(TypeError):
-        mlf.log({"bad": object()}, "bad", kind="dict")
-    with pytest.raises(TypeError):
-        mlf.log([("not", "a dict")], "list", kind="dict")
-    records = read_back(mlf)
-    assert [r["name"] for r in records] == ["good"]
+def test_dict_json_cannot_hold_is_journaled_as_its_repr(mlf):
+    """kind='dict' with what JSON cannot hold (an object, a tuple key, a dict or list holding
+    itself) is journaled as the JSON of its str(), the repr of a container, flagged
+    meta['stringified'], with one warning; a JSON value that is not a dict (MLflow's log_dict
+    takes a list) is kept as JSON. Nothing raises, nothing recurses for ever."""
+    cyclic: dict = {"a": 1}
+    cyclic["self"] = cyclic
+    looped: list = [1]
+    looped.append(looped)
+
+    class Obj:
+        def __repr__(self) -> str:
+            return "Obj()"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlf.log({"ok": 1}, "good", kind="dict")
+        mlf.log({"bad": Obj()}, "object", kind="dict")
+        mlf.log({(1, 2): 3}, "tuple_key", kind="dict")
+        mlf.log(cyclic, "cyclic", kind="dict")
+        mlf.log(looped, "looped", kind="dict")
+        mlf.log([("a", 1)], "list", kind="dict")
+    said = [str(w.message) for w in caught if "JSON cannot hold the dict" in str(w.message)]
+    assert len(said) == 1 and "'object'" in said[0]
+    got = {r["name"]: (json.loads(r["text"]), meta(r)) for r in read_back(mlf)}
+    assert got == {
+        "good": ({"ok": 1}, None),
+        "object": ("{'bad': Obj()}", {"stringified": "dict"}),
+        "tuple_key": ("{(1, 2): 3}", {"stringified": "dict"}),
+        "cyclic": ("{'a': 1, 'self': {...}}", {"stringified": "dict"}),
+        "looped": ("[1, [...]]", {"stringified": "list"}),
+        "list": ([["a", 1]], None),
+    }
+
+
+def test_self_referencing_params_are_journaled_as_their_repr(mlf, monkeypatch):
+    """A param (log or save_hyperparameters) holding itself is journaled as its repr, as
+    MLflow's str() would send it; a secret inside one is still redacted, in the copy the
+    repr is taken of (never the original it refers to)."""
+    looped: list = [1]
+    looped.append(looped)
+    cyclic: dict = {"lr": 0.1}
+    cyclic["self"] = cyclic
+    secret: dict = {"api_key": "hunter2", "url": "https://u:pw@host/x"}
+    secret["self"] = secret
+    mlf.log(looped, "looped", kind="param")
+    mlf.save_hyperparameters({"cyclic": cyclic, "secret": secret})
+    got = {r["name"]: (json.loads(r["text"]), meta(r)) for r in read_back(mlf)}
+    assert got == {
+        "looped": ("[1, [...]]", {"stringified": "list"}),
+        "cyclic": ("{'lr': 0.1, 'self': {...}}", {"stringified": "dict"}),
+        "secret": ("{'api_key': '<redacted>', 'url': 'https://host/x', 'self': {...}}",
+                   {"stringified": "dict"}),
+    }
+
+
+def test_empty_names_are_journaled_as_given_with_one_warning(mlf, tmp_path):
+    """'' as a metric name (fast path and slow path), a param, a dict, a text or an artifact
+    identifier: journaled as '' (TensorBoard takes it; the MLflow export maps it), said once
+    per logger; the call never fails."""
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlf.log(1.0, "", step=1)
+        mlf.log(2.0, "", step=2**40)
+        mlf.log([3.0], [""], step=3)
+        mlf.log(4, "", kind="param")
+        mlf.log({"a": 1}, "", kind="dict")
+        mlf.log("t", "", kind="text")
+        mlf.log(str(path), "", kind="artifact")
+    said = [w for w in caught if "empty metric name ('') is journaled as given" in
+            str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    assert not [w for w in caught if "empty" in str(w.message) and w not in said]
+    got = [(r["kind"], r["name"], r["step"], r["value"]) for r in read_back(mlf)]
+    assert got == [("metric", "", 1, 1.0), ("metric", "", 2**40, 2.0), ("metric", "", 3, 3.0),
+                   ("param", "", None, None), ("dict", "", None, None),
+                   ("text", "", None, None), ("artifact", "", None, None)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +617,7 @@ def test_best_model_with_context(prov):
     assert meta(best)["class"] == "torch.nn.modules.container.Sequential"
     assert meta(best)["parameters"] == 4 * 3 + 3 + 3 * 2 + 2
     assert meta(best)["context"] == "validation"
-    assert meta(only(records, "best_default"))["context"] == "training"
+    assert "context" not in meta(only(records, "best_default"))  # the default: not stored
     loss = only(records, "loss")
     assert (loss["value"], loss["step"], meta(loss)) == (0.25, 1, {"context": "evaluation"})
     # the Prov4ML journal under mllogs/prov_logs is found from mllogs/

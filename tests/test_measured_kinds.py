@@ -105,7 +105,7 @@ def test_flops_per_batch_is_counted_by_fvcore_per_call(prov):
     first, second, other = read_back(prov)
     assert (first["value"], second["value"], other["value"]) == (flops(3), flops(8), flops(4))
     assert first["meta"] == {"method": "fvcore.nn.FlopCountAnalysis", "batches": 1,
-                             "samples": 3, "context": "training"}
+                             "samples": 3}  # the default context is not stored
     assert [r["step"] for r in (first, second, other)] == [0, 1, 2]
 
 
@@ -209,7 +209,7 @@ def test_flops_given_as_numbers(prov):
     prov.log((model, torch.randn(2, IN)), "fwd", kind="flops_pb")
     prov.log(np.int64(5), "epoch", kind="flops_pe")
     given, counted, epoch = read_back(prov)
-    assert given["meta"] == {"method": "given", "context": "training"}
+    assert given["meta"] == {"method": "given"}
     assert counted["value"] == flops(2)
     assert (epoch["value"], epoch["meta"]["method"]) == (5.0, "given")
 
@@ -433,8 +433,8 @@ def test_execution_time_is_the_time_of_the_call(prov):
     assert first["value"] == pytest.approx(first["time"], abs=0.01)
     start = _session_start(prov)
     assert second["meta"] == {"method": "time.time", "session_start": start,
-                              "clock": "journal_session", "context": "training"}
-    assert (given["value"], given["meta"]) == (12.5, {"method": "given", "context": "training"})
+                              "clock": "journal_session"}
+    assert (given["value"], given["meta"]) == (12.5, {"method": "given"})
 
 
 def test_a_resumed_session_starts_its_own_measurements(tmp_path):
@@ -644,8 +644,7 @@ def test_prov_documents_marker(prov):
     (record,) = read_back(prov)
     assert (record["kind"], record["name"], record["step"]) == ("prov_documents", "provenance", 9)
     assert (record["value"], record["text"], record["blob"]) == (None, None, None)
-    assert record["meta"] == {"marker": True, "context": "training",
-                              "kwargs": {"create_graph": False}}
+    assert record["meta"] == {"marker": True, "kwargs": {"create_graph": False}}
 
 
 def test_prov_documents_in_a_collection_goes_to_prov4ml_only(tmp_path):
@@ -672,7 +671,8 @@ def test_context_is_kept_for_every_measured_kind(prov):
     for kind in MEASURED:
         assert records[kind]["kind"] == kind
         assert records[kind]["meta"]["context"] == "validation"
-        assert records[kind + "_default"]["meta"]["context"] == "training"
+        # the default context is not stored: the Prov4ML export puts such a record in it
+        assert "context" not in records[kind + "_default"]["meta"]
     assert all(math.isfinite(records[k]["value"]) for k in ("flops_pb", "flops_pe",
                                                             "execution_time"))
 

@@ -177,7 +177,10 @@ time.sleep(600)
 
 
 def test_sigterm_during_the_close_at_exit(tmp_path):
-    """The script has ended and the exit hook is sealing the session when SIGTERM arrives."""
+    """The script has ended and the exit hook is sealing the session when SIGTERM arrives: the
+    process ends by SIGTERM once everything is written. The session is `finished`: the close
+    that ends it was the script's own end, under way before the signal (which `sigterm_at`
+    records); `interrupted` is for a session SIGTERM itself ends, or that is killed after it."""
     savedir = tmp_path / "mllogs"
     code = """
 real_seal = segments.seal
@@ -196,13 +199,16 @@ for i in range(500):
     sigterm_group(proc)
     assert exit_code(proc) == -signal.SIGTERM
     check_journal(savedir, losses(0, 500))
-    assert manifest(savedir)["sessions"][-1]["status"] == "interrupted"
+    session = manifest(savedir)["sessions"][-1]
+    assert session["status"] == "finished" and session["sigterm_at"] >= session["start"]
 
 
 def test_a_user_handler_that_lets_training_go_on(tmp_path):
     """A SIGTERM handler installed before the logger that only sets a flag (checkpoint at the
-    end of the step, then stop): the journal is flushed and marked interrupted at the signal,
-    the handler runs, the process goes on logging and ends normally; nothing is lost."""
+    end of the step, then stop): the journal is flushed and marked interrupted at the signal
+    (in case SIGKILL follows), the handler runs, the process goes on logging and ends normally;
+    nothing is lost. The job chose to finish, and did: the session ends `finished`, with the
+    signal's time kept in `sigterm_at`."""
     savedir = tmp_path / "mllogs"
     code = """
 stop = []
@@ -229,14 +235,45 @@ say("steps", step, interrupted)
     steps, status_at_signal = int(out[out.index("steps") + 1]), out[out.index("steps") + 2]
     assert status_at_signal == "interrupted"  # written at the signal, before the process went on
     check_journal(savedir, losses(0, steps) + losses(0, 5, "after"))
-    assert manifest(savedir)["sessions"][-1]["status"] == "interrupted"
+    session = manifest(savedir)["sessions"][-1]
+    assert session["status"] == "finished"
+    assert session["start"] <= session["sigterm_at"] <= session["end"]
+
+
+def test_a_user_handler_that_exits_ends_the_session_interrupted(tmp_path):
+    """A SIGTERM handler installed before the logger that ends the program (sys.exit): the
+    session SIGTERM ended is `interrupted`, with its end, its last seq and `sigterm_at`, and
+    the process exits with the handler's code; nothing is lost."""
+    savedir = tmp_path / "mllogs"
+    code = """
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(3))
+""" + PREAMBLE.format(savedir=str(savedir), flush=FLUSH) + """
+step = 0
+while True:
+    lg.log(float(step), "loss", step=step)
+    step += 1
+    if step == 2000:
+        say("logging")
+    time.sleep(0.0002)
+"""
+    proc = spawn("import signal, sys\n" + code)
+    wait_for(proc, "logging")
+    sigterm_group(proc)
+    assert exit_code(proc) == 3, proc.stderr.read()
+    n = Journal(savedir).metrics().num_rows
+    assert n >= 2000
+    check_journal(savedir, losses(0, n))
+    session = manifest(savedir)["sessions"][-1]
+    assert (session["status"], session["last_seq"]) == ("interrupted", n)
+    assert session["start"] <= session["sigterm_at"] <= session["end"]
 
 
 def test_a_handler_that_wraps_ours_decides_whether_the_process_ends(tmp_path):
     """A handler registered after the loggers exist that calls the one it found (ours), as
     Lightning's signal connector does (`_HandlersCompose`: its own flag, then the previous
     handler): the journal is flushed and marked, and the process is not ended behind that
-    handler's back; it stops when its flag says so."""
+    handler's back; it stops when its flag says so. Closing the session is then the program's
+    own doing: `finished`, the signal kept in `sigterm_at`."""
     savedir = tmp_path / "mllogs"
     code = """
 received = []
@@ -263,7 +300,8 @@ say("steps", step)
     assert exit_code(proc) == 0, proc.stderr.read()
     steps = int(proc.stdout.read().split()[-1])
     check_journal(savedir, losses(0, steps) + [("after", 0)])
-    assert manifest(savedir)["sessions"][-1]["status"] == "interrupted"
+    session = manifest(savedir)["sessions"][-1]
+    assert session["status"] == "finished" and "sigterm_at" in session
 
 
 SIGTERM_TRIAL = """
@@ -310,6 +348,168 @@ def test_sigterm_at_random_moments(tmp_path):
 @pytest.mark.slow
 def test_sigterm_at_random_moments_many_trials(tmp_path):
     sigterm_trials(tmp_path, 40, 1401)
+
+
+# == the end of a session ======================================================================
+
+
+def test_options_json_cannot_hold_never_stop_the_close(tmp_path):
+    """create_logger_context keywords are declared in the manifest: values JSON cannot hold (an
+    object, a self-referencing list, a dict with tuple keys) are declared by their repr, and
+    the close returns (it used to wait for ever on a flusher killed by the TypeError)."""
+    savedir = tmp_path / "mllogs"
+    code = f"""
+cyclic = []
+cyclic.append(cyclic)
+from itwinai_journal.loggers import TensorBoardLogger
+lg2 = TensorBoardLogger(savedir={str(savedir)!r}, run_id="r2")
+lg2.create_logger_context(rank=0, obj=object(), cyclic=cyclic, keys={{(1, 2): 3}})
+for i in range(100):
+    lg2.log(float(i), "loss", step=i)
+lg2.destroy_logger_context()
+say("closed")
+"""
+    proc = child(code, savedir)
+    assert exit_code(proc, 60) == 0, proc.stderr.read()
+    assert "closed" in proc.stdout.read()
+    assert "Traceback" not in proc.stderr.read()
+    rank = savedir / "unnamed-experiment" / "r2" / "rank-00000"
+    found = json.loads((rank / "manifest.json").read_text())
+    declared = found["destinations"]["tensorboard"]
+    assert declared["obj"].startswith("<object object at ")
+    assert (declared["cyclic"], declared["keys"]) == ("[[...]]", "{(1, 2): 3}")
+    assert found["sessions"][-1]["status"] == "finished"
+    assert found["dropped_records"] == 0
+    assert [r["step"] for r in Journal(savedir).records(run_id="r2").to_pylist()] == \
+        list(range(100))
+    assert verify(savedir) == []
+
+
+def test_a_failing_seal_at_close_with_warnings_as_errors_never_stops_the_close(tmp_path):
+    """Warnings turned into errors (`-W error`, pytest's filterwarnings) and a seal that fails
+    at the close (disk full): the warning cannot be raised in the writer's thread, and the
+    close still returns, the records safe in the JSONL segment and the session recorded."""
+    savedir = tmp_path / "mllogs"
+    code = """
+from itwinai_journal import segments
+
+def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+for i in range(100):
+    lg.log(float(i), "loss", step=i)
+lg._writer.flush()
+warnings.simplefilter("error")
+segments.seal = full
+lg.destroy_logger_context()
+say("closed")
+"""
+    proc = child(code, savedir)
+    assert exit_code(proc, 60) == 0, proc.stderr.read()
+    assert "closed" in proc.stdout.read()
+    check_journal(savedir, losses(0, 100), clean=False)
+    session = manifest(savedir)["sessions"][-1]
+    assert (session["status"], session["last_seq"]) == ("finished", 100)
+    assert list((rank_dir(savedir) / "segments").glob("*.jsonl"))  # not sealed: kept as is
+
+
+def test_a_sigterm_whose_request_the_finished_flusher_missed_is_not_waited_for(tmp_path):
+    """SIGTERM's handler asks each writer's flusher to write everything and waits for it. A
+    flusher that ends the session between the handler's check and its request never answers:
+    the handler must see that, not wait its full 20 s."""
+    from itwinai_journal import writer as journal_writer
+
+    w = journal_writer.RankWriter(tmp_path / "exp" / "r1", 0, 1, {"experiment": "exp",
+                                                                 "run_id": "r1"})
+    w._stop, w._closed = "finished", True  # as close() asks, without waiting
+    real_request = w._request
+
+    def late_request(done):  # the flusher ends the session before the request is queued
+        w._wake.put(None)
+        w._thread.join(30)
+        assert not w._thread.is_alive()
+        real_request(done)
+
+    w._request = late_request
+    requested = w._interrupt(final=True)
+    assert requested is None or requested.is_set()
+    assert manifest(tmp_path)["sessions"][-1]["status"] == "finished"
+
+
+def test_no_journal_thread_outlives_the_close(tmp_path):
+    """close() returns only once the writer's thread has ended, not as soon as its last round
+    released the caller: at interpreter exit, a daemon thread still running while the
+    interpreter is finalized is ended abruptly by CPython, which aborted the process now and
+    then (SIGABRT). The thread is kept busy after it released the close (a request queued
+    during the last round, answered in its cleanup) to make that window wide."""
+    from itwinai_journal import writer as journal_writer
+
+    w = journal_writer.RankWriter(tmp_path / "exp" / "r1", 0, 1, {"experiment": "exp",
+                                                                 "run_id": "r1"})
+    real_finish = w._finish
+    late: list[str] = []
+
+    def finish(status):  # in the thread, during the last round
+        real_finish(status)
+        w._waiters.append(lambda: (time.sleep(0.5), late.append("answered")))
+
+    w._finish = finish
+    w.close()
+    assert not w._thread.is_alive() and late == ["answered"]
+    assert manifest(tmp_path)["sessions"][-1]["status"] == "finished"
+
+
+ATEXIT_LOG = """
+import atexit
+{early}
+from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, TensorBoardLogger
+{late}
+lg = MLFlowLogger(savedir={savedir!r}, experiment_name="exp", run_id="r1", log_freq="batch")
+coll = LoggersCollection([MLFlowLogger(savedir={savedir!r}, experiment_name="exp",
+                                       run_id="r2", log_freq="batch"),
+                          TensorBoardLogger(savedir={savedir!r}, log_freq="batch")])
+lg.create_logger_context()
+coll.create_logger_context()
+lg.log(1.0, "loss", step=0)
+coll.log(1.0, "loss", step=0)
+print("logged", flush=True)
+"""
+FINAL_LOGS = ("atexit.register(lambda: (lg.log(99.0, 'final_at_exit', step=1), "
+              "coll.log(99.0, 'final_at_exit', step=1)))")
+
+
+def test_an_exit_hook_registered_after_the_import_logs_into_the_session(tmp_path):
+    """atexit runs hooks in reverse order: the journal's own hook is registered when the
+    loggers are imported, so a hook the program registers later (even before it creates its
+    loggers) runs first, and what it logs is journaled."""
+    savedir = tmp_path / "mllogs"
+    proc = spawn(ATEXIT_LOG.format(early="", late=FINAL_LOGS, savedir=str(savedir)))
+    assert exit_code(proc, 60) == 0, proc.stderr.read()
+    assert "not journaled" not in proc.stderr.read()
+    for run_id in ("r1", "r2"):
+        got = [(r["name"], r["step"]) for r in Journal(savedir).records(run_id=run_id)
+               .to_pylist()]
+        assert got == [("loss", 0), ("final_at_exit", 1)], run_id
+    assert manifest(savedir)["sessions"][-1]["status"] == "finished"
+
+
+def test_a_log_after_the_journals_exit_hook_is_reported_not_lost_in_silence(tmp_path):
+    """A hook registered before the loggers were imported runs after the journal's own exit
+    hook has ended the sessions: its records cannot be journaled (a session reopened at
+    interpreter exit could never be closed), and each logger says so once (RuntimeWarning)
+    instead of taking them into a queue nobody writes."""
+    savedir = tmp_path / "mllogs"
+    proc = spawn(ATEXIT_LOG.format(early=FINAL_LOGS, late="", savedir=str(savedir)))
+    assert exit_code(proc, 60) == 0, proc.stderr.read()
+    stderr = proc.stderr.read()
+    assert stderr.count("before this call: this record and any logged later are not "
+                        "journaled") == 2, stderr  # the logger, and the collection's member
+    assert "Traceback" not in stderr
+    for run_id in ("r1", "r2"):
+        got = [(r["name"], r["step"]) for r in Journal(savedir).records(run_id=run_id)
+               .to_pylist()]
+        assert got == [("loss", 0)], run_id
+    assert manifest(savedir)["sessions"][-1]["status"] == "finished"
 
 
 # == forks =====================================================================================
@@ -487,6 +687,52 @@ os._exit(0)
     assert "closed" in proc.stdout.read()
     assert "forked without Python's fork hooks" in proc.stderr.read()
     check_journal(savedir, [("parent", 0), ("child", 0)])
+
+
+def test_records_a_child_sends_while_the_parent_seals_are_journaled_or_reported(tmp_path):
+    """The parent's session ends while a forked child still logs: the child sends only after
+    the parent's last round has received what was queued (the parent's seal waits for it, a
+    deterministic worst case). Every record the child's send succeeded for is journaled; one
+    the parent can no longer take fails on the child's side, which warns and counts it. None
+    is lost in silence."""
+    savedir = tmp_path / "mllogs"
+    code = """
+from itwinai_journal import writer
+lg.log(0.0, "parent", step=0)
+go_r, go_w = os.pipe()
+done_r, done_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(go_r, 1)  # the parent's last round is over
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(100):
+            lg.log(float(i), "child", step=i)
+        lg._writer.flush()
+    warned = sum("did not reach the journal writer" in str(w.message) for w in caught)
+    os.write(done_w, f"{lg._writer._dropped} {warned}".encode())
+    os._exit(0)
+real_finish = writer.RankWriter._finish
+
+def finish(self, status):  # in the flusher, after the session's last round
+    os.write(go_w, b"x")
+    say("child-lost-warned", os.read(done_r, 100).decode())
+    real_finish(self, status)
+
+writer.RankWriter._finish = finish
+lg.destroy_logger_context()
+os.waitpid(pid, 0)
+"""
+    proc = child(code, savedir)
+    assert exit_code(proc, 60) == 0, proc.stderr.read()
+    out = proc.stdout.read().split()
+    lost, warned = (int(v) for v in out[out.index("child-lost-warned") + 1:][:2])
+    journaled = [r for r in Journal(savedir).records().to_pylist() if r["name"] == "child"]
+    assert len(journaled) + lost == 100
+    assert warned == (1 if lost else 0)
+    assert lost == 100  # this child sent after the parent stopped receiving: all refused
+    check_journal(savedir, [("parent", 0)])
+    assert manifest(savedir)["sessions"][-1]["status"] == "finished"
 
 
 # == records the schema cannot hold ============================================================

@@ -166,6 +166,81 @@ def test_verify_detects_tampering(tmp_path, case):
     assert "Traceback" not in result.output
 
 
+def test_verify_during_a_seal_warns_naming_the_segment(tmp_path, monkeypatch):
+    """A rank being written: verify reads its active segment while the writer seals it, and
+    copies of the rank taken during a seal (the index and the segments copied at different
+    moments, as rsync does) are warnings naming the segment, not integrity errors (they were
+    false alarms). The same states with records really missing are still errors."""
+    import shutil
+
+    from itwinai_journal import segments
+
+    savedir = tmp_path / "mllogs"
+    lg = MLFlowLogger(savedir=savedir, experiment_name="exp", run_id="live", log_freq="batch")
+    lg.create_logger_context()
+    lg._writer.seal_records = 100
+    run = savedir / "exp" / "live"
+    at_seal: dict[int, tuple[bytes, bytes]] = {}  # index and active segment as a seal starts
+    real_seal = segments.seal
+
+    def seal(rank_dir, number, table, anchors=None):
+        index = rank_dir / "index.jsonl"
+        at_seal[number] = (index.read_bytes() if index.exists() else b"",
+                           (rank_dir / "segments" / f"{number:06d}.jsonl").read_bytes())
+        return real_seal(rank_dir, number, table, anchors)
+
+    monkeypatch.setattr(segments, "seal", seal)
+    for i in range(50):
+        lg.log(float(i), "loss", step=i)
+    lg._writer.flush()  # segment 1 active
+    real_read = segments.read_jsonl
+
+    def read_while_sealing(path, *args, **kwargs):
+        if path.name == "000001.jsonl":
+            for i in range(50, 120):
+                lg.log(float(i), "loss", step=i)
+            lg._writer.flush()  # segment 1 sealed, 2 opened
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(segments, "read_jsonl", read_while_sealing)
+    live = verify(savedir)
+    monkeypatch.setattr(segments, "read_jsonl", real_read)
+    assert [(p.severity, Path(p.path).name) for p in live] == [("warning", "000001.parquet")]
+    assert "sealed while verify read it" in live[0].message
+    for i in range(120, 250):
+        lg.log(float(i), "loss", step=i)
+        if i % 10 == 0:
+            lg._writer.flush()
+    lg._writer.flush()  # segment 2 sealed (at 100 records), 3 active
+    assert sorted(at_seal) == [1, 2]
+    index_before, jsonl_before = at_seal[2]
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name / "exp" / "live"
+        shutil.copytree(run, target)
+        return target / "rank-00000"
+
+    def found(name: str) -> list[tuple[str, str]]:
+        return [(p.severity, Path(p.path).name) for p in verify(tmp_path / name)]
+
+    # the index copied before the seal, the segments after it (3 opened meanwhile)
+    (copy("index-first") / "index.jsonl").write_bytes(index_before)
+    assert found("index-first") == [("warning", "000002.parquet")]
+    # the active segment copied before the seal, the index after it
+    for name, jsonl in (("jsonl-first", jsonl_before),
+                        ("jsonl-cut", b"".join(jsonl_before.splitlines(True)[:40]))):
+        segs = copy(name) / "segments"
+        (segs / "000002.parquet").unlink()
+        (segs / "000003.jsonl").unlink()
+        (segs / "000002.jsonl").write_bytes(jsonl)
+    assert found("jsonl-first") == [("warning", "000002.jsonl")]
+    assert ("error", "000002.jsonl") in found("jsonl-cut")  # records the index lists are gone
+    (copy("deleted") / "segments" / "000002.parquet").unlink()
+    assert ("error", "000002.parquet") in found("deleted")
+    lg.destroy_logger_context()
+    assert verify(savedir) == []
+
+
 def test_a_consistent_forgery_passes_verify_but_not_the_recorded_digest(tmp_path):
     """The stated limit of `verify`: whoever rewrites every copy consistently (segment, index,
     the manifest's record of the index) forges a journal that checks out. A digest recorded
@@ -454,6 +529,67 @@ def test_a_damaged_manifest_or_run_json_costs_only_its_own_run(tmp_path):
         assert [r.run_id for r in Journal(savedir).runs()] == ["a"]
     assert [(r.run_id, bool(r.error)) for r in Journal(savedir).scan()] == [
         ("a", False), ("b", True), ("c", True), ("d", True), ("e", True)]
+
+
+def test_an_index_that_is_not_a_regular_file_costs_only_its_own_run(tmp_path):
+    """index.jsonl made a FIFO (a read would wait for a writer for ever) or a directory: `ls`
+    lists that run as damaged, naming the file, and goes on; sync and verify report it."""
+    savedir = tmp_path / "mllogs"
+    for run_id in ("a", "fifo", "dir"):
+        journal(savedir, run_id=run_id, sessions=1, n=50)
+    fifo = savedir / "exp" / "fifo" / "rank-00000" / "index.jsonl"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    directory = savedir / "exp" / "dir" / "rank-00000" / "index.jsonl"
+    directory.unlink()
+    directory.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess:  # a hang fails within a minute
+        return subprocess.run([sys.executable, "-m", "itwinai_sync.cli", *map(str, args)],
+                              capture_output=True, text=True, env=child_env(), timeout=60)
+
+    listed = run("ls", savedir, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["run_id"]: r for r in json.loads(listed.stdout)}
+    assert (rows["a"]["status"], rows["a"]["records"]) == ("finished", 50)
+    for run_id, path in (("fifo", fifo), ("dir", directory)):
+        assert rows[run_id]["status"] == "damaged"
+        assert rows[run_id]["error"] == f"{path}: unreadable (not a regular file)"
+    synced = run(savedir, "--to", "tensorboard")
+    assert synced.returncode == 1
+    assert "FAILED  exp/fifo -> tensorboard: damaged, not synced" in synced.stdout
+    assert "FAILED  exp/dir -> tensorboard: damaged, not synced" in synced.stdout
+    assert tb_steps(savedir / "tensorboard", "exp", "a") == list(range(50))
+    checked = run("verify", savedir)
+    assert checked.returncode == 1 and str(fifo) in checked.stdout and str(directory) in \
+        checked.stdout
+    for out in (listed, synced, checked):
+        assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_new_session_on_an_index_or_manifest_that_is_not_a_file_never_waits(tmp_path):
+    """index.jsonl or manifest.json made a FIFO (opening it to read would wait for a writer
+    for ever): a new session of the rank sets each aside with a warning, rebuilds the index
+    from the sealed segments and the manifest from the index, and logs on; nothing already
+    logged is lost. In a child process: a hang fails within a minute."""
+    savedir = tmp_path / "mllogs"
+    rank = journal(savedir, run_id="b", sessions=2, n=50)
+    for name in ("index.jsonl", "manifest.json"):
+        (rank / name).unlink()
+        os.mkfifo(rank / name)
+    proc = spawn(RESUME.format(savedir=str(savedir)))
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    assert proc.returncode == 0, stderr
+    assert "index.jsonl is not a regular file; it is kept as index.jsonl.damaged-" in stderr
+    assert "manifest.json was damaged" in stderr
+    steps = [r["step"] for r in Journal(savedir).records(run_id="b").to_pylist()]
+    assert steps == list(range(100)) + list(range(50, 80))
+    assert not list(rank.glob("index.jsonl.damaged-*"))[0].is_file()
 
 
 RESUME = """

@@ -3,6 +3,8 @@
 Every function returns `Captured(value, text, blob, meta)`. Libraries (torch, numpy, PIL,
 matplotlib, plotly, pandas) are imported only when an object of theirs arrives, and no tracker
 library is ever imported: the exporters decide later how each kind is shown in each tracker.
+The measured kinds (measure.py) and `watch` (watch.py) build on this module; `kinds.CAPTURE`
+maps every kind to its function.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import measure
 from .blobs import BlobStore
 from .names import SURROGATE
 from .redaction import redact_param
+from .schema import INT64_MAX, INT64_MIN
 
 #: Text longer than this goes to the blob store rather than into a JSONL line.
 INLINE_TEXT_LIMIT = 64 * 1024
@@ -36,12 +38,10 @@ class Captured(NamedTuple):
     meta: dict[str, Any] | None = None
 
 
-def _module_of(obj: Any) -> str:
+def module_of(obj: Any) -> str:
+    """The top-level package of `obj`'s type ('numpy', 'torch', 'PIL'...), without importing
+    it."""
     return type(obj).__module__.split(".", 1)[0]
-
-
-#: Range of the journal's int64 `step` and `batch_idx` columns.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class NotAPlainMetric(TypeError):
@@ -53,7 +53,7 @@ def _one_element(item: Any) -> Any:
     """The element of a one-element numpy array or torch tensor (any shape), as a numpy or
     Python scalar; anything else unchanged. Trackers take these as numbers: MLflow through
     float(), TensorBoard and W&B by squeezing them."""
-    mod = _module_of(item)
+    mod = module_of(item)
     if mod == "numpy":
         if getattr(item, "ndim", 0) and item.size == 1:
             return item.reshape(()).item() if item.dtype.kind in "biufc" else item.flat[0]
@@ -67,7 +67,7 @@ def _one_element(item: Any) -> Any:
 
 def _is_complex(number: Any) -> bool:
     return isinstance(number, complex) or (
-        _module_of(number) == "numpy" and getattr(number, "dtype", None) is not None
+        module_of(number) == "numpy" and getattr(number, "dtype", None) is not None
         and number.dtype.kind == "c")
 
 
@@ -121,7 +121,7 @@ def json_text_fields(item: Any, blobs: BlobStore, logged_as: str) -> Captured:
     """The fields of a `text` record holding `item`'s JSON (its str() when JSON cannot hold
     it), for an object logged as `logged_as` that the journal cannot keep as that kind."""
     text, meta = _json_or_str(item)
-    cap = _text_fields(text, blobs, "application/json")
+    cap = text_fields(text, blobs, "application/json")
     meta = {**(cap.meta or {}), **meta, "logged_as": logged_as, "type": _qualname(item)}
     return Captured(cap.value, cap.text, cap.blob, meta)
 
@@ -161,7 +161,7 @@ def _exact(value: Any) -> Any:
     """A JSON-able exact form of a step or batch_idx that the int64 column cannot hold."""
     if isinstance(value, (bool, int, float, str)):
         return value
-    if _module_of(value) in ("numpy", "torch") and hasattr(value, "tolist"):
+    if module_of(value) in ("numpy", "torch") and hasattr(value, "tolist"):
         return value.tolist()
     return repr(value)
 
@@ -179,7 +179,7 @@ def storable_text(text: str) -> tuple[str, dict[str, Any] | None]:
     return SURROGATE.sub("\ufffd", text), {"surrogates": found}
 
 
-def _text_fields(text: str, blobs: BlobStore, media_type: str) -> Captured:
+def text_fields(text: str, blobs: BlobStore, media_type: str) -> Captured:
     """A text inline, or in the blob store when long; lone surrogates made storable."""
     text, marks = storable_text(text)
     if len(text) <= INLINE_TEXT_LIMIT:
@@ -190,7 +190,7 @@ def _text_fields(text: str, blobs: BlobStore, media_type: str) -> Captured:
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist") and _module_of(obj) in ("numpy", "torch"):
+    if hasattr(obj, "tolist") and module_of(obj) in ("numpy", "torch"):
         return obj.tolist()
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
@@ -205,17 +205,33 @@ def to_json(obj: Any, what: str) -> str:
     storable by `storable_text`."""
     try:
         return json.dumps(obj, default=_json_default, allow_nan=True, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:  # ValueError: a self-reference
         raise TypeError(f"{what} cannot be logged as JSON: {e}") from None
 
 
+def safe_repr(obj: Any) -> str:
+    """`repr(obj)`; when that fails (a `__repr__` that raises, nesting deeper than the
+    recursion limit), `object.__repr__`'s type and address: describing a value never fails."""
+    try:
+        return repr(obj)
+    except Exception:  # noqa: BLE001 - whatever a user's __repr__ raises
+        return object.__repr__(obj)
+
+
 def _json_or_str(item: Any) -> tuple[str, dict[str, Any]]:
-    """The JSON of `item`, or, when JSON cannot hold it, the JSON of its `str()` flagged in
-    meta (the documented mapping; MLflow itself stringifies params)."""
+    """The JSON of `item`, or, when JSON cannot hold it (an object, a tuple key, a
+    self-referencing list), the JSON of its `str()` (a container's is its repr: `[1, [...]]`)
+    flagged in meta['stringified'] (the documented mapping; MLflow itself stringifies
+    params)."""
     try:
         return to_json(item, "value"), {}
     except TypeError:
-        return to_json(str(item), "value"), {"stringified": type(item).__name__}
+        pass
+    try:
+        text = str(item)
+    except Exception:  # noqa: BLE001 - a __str__ that raises or recurses too deep
+        text = safe_repr(item)
+    return to_json(text, "value"), {"stringified": type(item).__name__}
 
 
 def capture_param(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
@@ -237,13 +253,17 @@ def capture_param(item: Any, blobs: BlobStore, name: str, options: Options) -> C
 def capture_text(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
     if not isinstance(item, str):
         raise TypeError(f"kind='text' needs a str, got {type(item).__name__}")
-    return _text_fields(item, blobs, "text/plain")
+    return text_fields(item, blobs, "text/plain")
 
 
 def capture_dict(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
-    if not isinstance(item, dict):
-        raise TypeError(f"kind='dict' needs a dict, got {type(item).__name__}")
-    return _text_fields(to_json(item, "dict"), blobs, "application/json")
+    """`kind='dict'`: the JSON of `item` (MLflow's log_dict takes any JSON value, W&B any
+    object); what JSON cannot hold (an object, a tuple key, a self-reference, something that
+    is not a dict at all) as the JSON of its str(), flagged meta['stringified'] (see
+    `_json_or_str`): the journal keeps it rather than fail the training step."""
+    text, meta = _json_or_str(item)
+    cap = text_fields(text, blobs, "application/json")
+    return Captured(cap.value, cap.text, cap.blob, {**(cap.meta or {}), **meta} or None)
 
 
 def capture_artifact(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
@@ -351,7 +371,7 @@ def capture_image(item: Any, blobs: BlobStore, name: str, options: Options,
     """Lossless PNG from a PIL image, a numpy HW/HWC/CHW array (see `numpy_image_layout`) or
     a torch HW/CHW tensor. Floats must be in [0, 1] and are scaled to 0..255, as MLflow's
     log_image does."""
-    mod = _module_of(item)
+    mod = module_of(item)
     if mod == "PIL":
         image = item
     elif mod == "numpy":
@@ -369,7 +389,7 @@ def capture_image(item: Any, blobs: BlobStore, name: str, options: Options,
 
 
 def capture_figure(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
-    mod = _module_of(item)
+    mod = module_of(item)
     if mod == "matplotlib" and hasattr(item, "savefig"):
         buf = io.BytesIO()
         item.savefig(buf, format="png")
@@ -393,7 +413,7 @@ def capture_dataset(item: Any, blobs: BlobStore, name: str, options: Options
                     ) -> Captured:
     """A dataset is described, never copied: an `mlflow.data.Dataset` by its own dict form
     (what MLflow's log_input sends; itwinai's MLFlowLogger ignores other datasets)."""
-    if _module_of(item) != "mlflow" or not hasattr(item, "to_dict"):
+    if module_of(item) != "mlflow" or not hasattr(item, "to_dict"):
         raise TypeError(f"kind='dataset' needs an mlflow.data.Dataset, got "
                         f"{type(item).__name__}")
     desc = {**item.to_dict(), "source_type_class": _qualname(item)}
@@ -404,33 +424,6 @@ def capture_metric(item: Any, blobs: BlobStore, name: str, options: Options) -> 
     return metric_fields(item, blobs)[1]
 
 
-def not_yet(feature: str) -> Callable[..., Captured]:
-    def capture(item: Any, blobs: BlobStore, name: str, options: Options) -> Captured:
-        raise NotImplementedError(f"{feature} is not implemented yet in itwinai-journal")
 
-    return capture
-
-
-CAPTURE: dict[str, Callable[..., Captured]] = {
-    "metric": capture_metric,
-    "param": capture_param,
-    "text": capture_text,
-    "dict": capture_dict,
-    "artifact": capture_artifact,
-    "torch": capture_torch,
-    "figure": capture_figure,
-    "image": capture_image,
-    "model": capture_model,
-    "best_model": capture_model,
-    "dataset": capture_dataset,
-    # Torch hooks writing gradient/parameter histograms; see watch.py (imported by name:
-    # watch.py imports this module lazily, and torch only when a module is watched).
-    "watch": __import__("watch", globals(), None, ("capture_watch",), 1).capture_watch,
-    # Prov4ML's measured kinds: measured at log() time on the compute node; see measure.py.
-    "flops_pb": measure.capture_flops_pb,
-    "flops_pe": measure.capture_flops_pe,
-    "system": measure.capture_system,
-    "carbon": measure.capture_carbon,
-    "execution_time": measure.capture_execution_time,
-    "prov_documents": measure.capture_prov_documents,
-}
+#: The signature of every capture function (see `kinds.CAPTURE`).
+Capture = Callable[[Any, BlobStore, str, Options], Captured]

@@ -87,12 +87,18 @@ def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
 
 def open_regular(path: Path | str) -> int:
     """A read-only descriptor of `path`, which must be a regular file. A journal is untrusted:
-    a file of it linked to /dev/zero or made a FIFO would make a reader wait or read for ever."""
+    a file of it linked to /dev/zero or made a FIFO would make a reader wait or read for ever
+    (O_NONBLOCK: opening a FIFO does not wait for a writer), a directory would fail later."""
+    return _open_regular(path)[0]
+
+
+def _open_regular(path: Path | str) -> tuple[int, os.stat_result]:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return fd
+    return fd, st
 
 
 def read_bytes(path: Path | str) -> bytes:
@@ -106,13 +112,11 @@ def read_json(path: Path | str) -> Any:
     reads one manifest per rank, thousands of them: os.open/os.read cost a third of open(),
     whose buffering and text layer buy nothing here, and the size fstat gives (needed anyway
     to refuse what is not a regular file) lets one read(2) take the whole file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd, st = _open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        data = os.read(fd, st.st_size + 1)
-        if len(data) > st.st_size:  # it grew since fstat: read the rest
+        size = st.st_size
+        data = os.read(fd, size + 1)
+        if len(data) > size:  # it grew since fstat: read the rest
             chunks = [data]
             while chunk := os.read(fd, 1 << 16):
                 chunks.append(chunk)

@@ -21,7 +21,8 @@ import pickle
 import sys
 import time
 import warnings
-from abc import ABC, abstractmethod
+import weakref
+from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,19 +31,18 @@ from urllib.parse import urlparse
 
 from . import live, measure, names, sysmetrics
 from .capture import (
-    CAPTURE,
-    INT64_MAX,
-    INT64_MIN,
     NotAPlainMetric,
     capture_image,
     index_value,
     json_text_fields,
     metric_fields,
     metric_value,
+    module_of,
     numpy_image_layout,
 )
-from .schema import ALL_KINDS
-from .writer import JournalWriteError, RankWriter, open_writer, release_writer
+from .kinds import CAPTURE
+from .schema import ALL_KINDS, INT64_MAX, INT64_MIN
+from .writer import BACKLOG, JournalWriteError, RankWriter, open_writer, release_writer
 
 BASE_EXP_NAME: str = "unnamed-experiment"
 
@@ -51,10 +51,13 @@ BASE_EXP_NAME: str = "unnamed-experiment"
 py_logger = logging.getLogger(__name__)
 
 LogFreq = int | Literal["epoch", "batch"]
-#: Records queued beyond this are flushed by the logging thread itself: a loop that logs faster
-#: than the background flusher drains must not grow memory without bound.
-BACKLOG = 20_000
 _now = time.time
+#: The metric fast paths take a step or batch_idx within COMPACT_MIN..COMPACT_MAX: CPython
+#: compares ints of one 30-bit digit fastest (its specialised int comparison); larger ones take
+#: `_log`, which checks the int64 range. Both bounds are names: `-COMPACT_MAX` would make a new
+#: int at every call.
+COMPACT_MAX = (1 << 30) - 1
+COMPACT_MIN = -COMPACT_MAX
 
 #: Kinds whose tracker call takes no label in itwinai (Prov4ML measures the system and the
 #: carbon footprint and writes its documents; W&B's watch and MLflow's log_input name nothing):
@@ -63,21 +66,56 @@ LABEL_FREE_KINDS = ("system", "carbon", "prov_documents", "watch", "dataset")
 
 #: The contexts of yProv4ML (`yprov4ml.Context`), by the lower-case name the journal stores.
 PROV4ML_CONTEXTS = ("training", "validation", "testing", "datasets", "models")
+#: Prov4MLLogger.log's default context, as in itwinai. A record in it carries no context in its
+#: meta: the Prov4ML export puts a record without one in this context.
+DEFAULT_CONTEXT = "training"
 
-#: Methods a user subclass may override. The metric fast path inlines the first four, so a
-#: class overriding any of them always goes through them; a LoggersCollection writes a record
-#: once for the members that override none of the five, and calls the others' own methods.
+#: Methods a user may override (in a subclass, or by replacing them on a class or an instance,
+#: as `mock.patch.object` does). The metric fast path inlines the first four, so a logger
+#: whose class or instance replaces any of them always goes through them; a LoggersCollection
+#: writes a record once for the members that replace none of the five, and calls the others'
+#: own methods. See `_own_hooks`.
 _FAST_PATH_HOOKS = ("should_log", "log", "create_logger_context", "destroy_logger_context")
 _HOOKS = _FAST_PATH_HOOKS + ("save_hyperparameters",)
 #: Attributes should_log reads besides log_freq (whose setter says so itself).
 _STATE = frozenset({"is_initialized", "worker_rank", "log_on_workers"})
+#: Every journal logger alive, told when a hook is replaced on a class (see `_HookWatch`).
+_live: weakref.WeakSet[_JournalLogger] = weakref.WeakSet()
 
 
-class LogMixin(ABC):
+class _HookWatch(ABCMeta):
+    """The loggers' metaclass (an ABCMeta, as itwinai's loggers are ABCs). Replacing a hook on
+    a class after loggers computed their fast path (`MLFlowLogger.should_log = ...`,
+    `mock.patch.object(MLFlowLogger, "should_log", ...)` and its undoing) makes every live
+    logger compute it again, so that nothing is checked per call."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _HOOKS:
+            _hooks_replaced()
+
+    def __delattr__(cls, name: str) -> None:
+        super().__delattr__(name)
+        if name in _HOOKS:
+            _hooks_replaced()
+
+
+def _hooks_replaced() -> None:
+    for logger in list(_live):
+        logger._state_changed()
+
+
+class LogMixin(ABC, metaclass=_HookWatch):
     @abstractmethod
     def log(self, item: Any | list[Any], identifier: str | list[str], kind: str = "metric",
             step: int | None = None, batch_idx: int | None = None, **kwargs: Any) -> None:
         """Log `item` with `identifier` name of `kind` type at `step` time step."""
+
+
+def _not_initialized(logger: Logger) -> RuntimeError:
+    """itwinai's error for a logger used before its initialization (or after its destroy)."""
+    return RuntimeError(f"{logger.__class__.__name__} has not been initialized. Use either the"
+                        " ``start_logging`` context or the ``create_logger_context`` method.")
 
 
 def check_initialized(method: Callable) -> Callable:
@@ -87,10 +125,7 @@ def check_initialized(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: Logger, *args: Any, **kwargs: Any) -> Any:
         if not self.is_initialized:
-            raise RuntimeError(
-                f"{self.__class__.__name__} has not been initialized. Use either the"
-                " ``start_logging`` context or the ``create_logger_context`` method."
-            )
+            raise _not_initialized(self)
         return method(self, *args, **kwargs)
 
     return wrapper
@@ -111,16 +146,14 @@ def check_not_initialized(method: Callable) -> Callable:
     return wrapper
 
 
-@functools.cache
-def overridden(cls: type) -> frozenset[str]:
-    """Which of the hook methods `cls` takes from outside this module (a user subclass, or a
-    Logger that is not one of ours)."""
-    found = set()
-    for name in _HOOKS:
-        owner = next((k for k in cls.__mro__ if name in vars(k)), None)
-        if owner is not None and owner.__module__ != __name__:
-            found.add(name)
-    return frozenset(found)
+def _own_hooks(logger: Logger, hooks: tuple[str, ...] = _HOOKS) -> bool:
+    """Whether `logger` runs this module's own function for each of `hooks`: by identity, so
+    that a user subclass overriding one, a function put on a class or on the instance (a
+    patch, a mock) all count as replaced. `_OWN_HOOKS` is filled at the end of the module."""
+    own = vars(logger)
+    cls = type(logger)
+    return all(name not in own and getattr(cls, name, None) in _OWN_HOOKS[name]
+               for name in hooks)
 
 
 def _world_size() -> int:
@@ -137,12 +170,12 @@ class JournalWarning(UserWarning):
     or name (filter with `warnings.filterwarnings("ignore", category=JournalWarning)`)."""
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, category: type[Warning] = JournalWarning) -> None:
     """Warn, pointing at the first caller outside this package (the training code)."""
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, JournalWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 class Logger(LogMixin):
@@ -326,17 +359,23 @@ class _JournalLogger(Logger):
         super().__init__(savedir=sub, log_freq=log_freq, log_on_workers=log_on_workers,
                          experiment_id=experiment_id,
                          run_id=None if run_id is None else str(run_id))
+        _live.add(self)
 
     # -- state read by should_log: the fast path is recomputed when it changes ----------------
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Plain attributes, read at plain-attribute speed by should_log; setting one that
-        should_log or the fast path depends on recomputes the fast path (log() itself never
-        sets attributes)."""
+        should_log or the fast path depends on (a hook replaced on the instance, too)
+        recomputes the fast path (log() itself never sets attributes)."""
         object.__setattr__(self, name, value)
-        if name in _STATE:
+        if name in _STATE or name in _HOOKS or name == "__class__":
             if name == "log_on_workers":
                 self._check_workers(value)
+            self._state_changed()
+
+    def __delattr__(self, name: str) -> None:
+        object.__delattr__(self, name)
+        if name in _HOOKS:  # an instance's own hook removed (a patch undone)
             self._state_changed()
 
     def _check_workers(self, value: Any) -> None:
@@ -350,19 +389,22 @@ class _JournalLogger(Logger):
                             "ranks, so no rank logs: give a list")
 
     def _state_changed(self) -> None:
+        """Recompute the fast path: called when should_log's state, a hook, or the journal
+        (opened, closed under this logger by an exit hook or SIGTERM) changes."""
         freq = getattr(self, "_log_freq", "epoch")
         self._every = freq if isinstance(freq, int) else (1 if freq == "batch" else 0)
-        fast = (self._writer is not None and self.is_initialized
+        writer = self._writer
+        fast = (writer is not None and not writer.closed and self.is_initialized
                 and not self.strict and not self.echoes
                 and "metric" in self.supported_kinds
-                and not overridden(type(self)) & set(_FAST_PATH_HOOKS)
+                and _own_hooks(self, _FAST_PATH_HOOKS)
                 and Logger.should_log(self))
         # The kind string itself: `kind is self._fast` tests both at once in log(). The
         # default kind and literals are this very (interned) object; an equal string built at
         # run time takes _log, which gives the same result.
         self._fast = "metric" if fast else None
-        for collection in self._observers:
-            collection._metric_plans.clear()
+        for collection in list(self._observers):  # it may stop observing: see _split_members
+            collection._state_changed()
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -411,6 +453,7 @@ class _JournalLogger(Logger):
                                    flush_interval=self.flush_interval, strict=self.strict)
         self._append = self._writer.append
         self._pending = self._writer.pending
+        self._writer.listen(self._state_changed)
         self._writer.declare(self.target, {**self.destination(), **(self._context or {})})
         sysmetrics.attach(self._writer, self.system_metrics_interval)
         if self._collection is not None:
@@ -458,6 +501,7 @@ class _JournalLogger(Logger):
         """End this logger's journal session with `status` (the last logger of a shared
         journal closes it)."""
         if self._writer is not None:
+            self._writer.unlisten(self._state_changed)
             release_writer(self._writer, status)
             sysmetrics.wake()
             self._writer = None
@@ -508,9 +552,12 @@ class _JournalLogger(Logger):
         """
         if not self.should_log() or not self.saves_hyperparameters:
             return
+        writer = self._journal()
+        if writer.closed:
+            return self._ended_under(writer)
         records = [self._record(value, name, "param", None, None, None, self._route)
                    for name, value in params.items()]
-        self._journal().pending.extend(records)
+        self._hand_over(writer, records)
 
     # -- logging ------------------------------------------------------------------------------
 
@@ -526,20 +573,19 @@ class _JournalLogger(Logger):
             batch_idx: DataLoader batch counter, used with `log_freq`.
             kwargs: kept with the record (e.g. `context`) for the exporters.
         """
-        # The hot path: one real number, plain arguments (step and batch_idx ints below 2**30
-        # in magnitude: CPython compares such ints fastest; larger ones take _log, which
-        # checks the int64 range), a class that overrides nothing should_log depends on
-        # (decided when the state changes, see _state_changed). Everything else, and every
-        # message, is in _log.
+        # The hot path: one real number, plain arguments (step and batch_idx within
+        # COMPACT_MIN..COMPACT_MAX), a logger that replaces none of the hooks should_log depends
+        # on, with its journal open (decided when any of that changes, see _state_changed).
+        # Everything else, and every message, is in _log.
         if (kind is self._fast and type(identifier) is str and not kwargs
                 and (batch_idx is None or type(batch_idx) is int)
                 and (step is None or type(step) is int)):
             if batch_idx is not None:
                 if not self._every or batch_idx % self._every:
                     return
-                if not -1073741823 <= batch_idx <= 1073741823:
+                if not COMPACT_MIN <= batch_idx <= COMPACT_MAX:
                     return self._log(item, identifier, kind, step, batch_idx, kwargs)
-            if step is not None and not -1073741823 <= step <= 1073741823:
+            if step is not None and not COMPACT_MIN <= step <= COMPACT_MAX:
                 return self._log(item, identifier, kind, step, batch_idx, kwargs)
             if type(item) is not float:
                 try:
@@ -547,9 +593,9 @@ class _JournalLogger(Logger):
                 except NotAPlainMetric:
                     return self._log(item, identifier, kind, step, batch_idx, kwargs)
             if identifier not in self._names_ok:
-                self._names_ok.add(names.check_name(identifier, "metric name"))
+                self._names_ok.add(self._new_name(identifier, "metric"))
             self._append((_now(), identifier, step, batch_idx, item, self._route))
-            if len(self._pending) > 20_000:  # BACKLOG, inlined
+            if len(self._pending) > BACKLOG:
                 self._writer.flush()
             return
         self._log(item, identifier, kind, step, batch_idx, kwargs)
@@ -562,10 +608,39 @@ class _JournalLogger(Logger):
                             f"{type(logger).__name__} fails on this kind={kind!r} call; the "
                             "journal keeps it")
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, category: type[Warning] = JournalWarning
+                   ) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            _warn(message)
+            _warn(message, category)
+
+    def _new_name(self, name: str, kind: str) -> str:
+        """A record name not seen before (metric names are remembered, so this runs once per
+        name): `name` if it can be stored (see `names.check_name`). An empty name is journaled
+        as given ('': TensorBoard and W&B take it; MLflow refuses it, and itwinai's
+        MLFlowLogger raises): said once, as its export maps it (README, "When things go
+        wrong")."""
+        names.check_name(name, f"{kind} name")
+        if not name:
+            self._warn_once("empty-name", f"{type(self).__name__}: an empty {kind} name ('') is "
+                            "journaled as given; a tracker that refuses empty names (MLflow) "
+                            "gets the export's deterministic name for it")
+        return name
+
+    def _hand_over(self, writer: RankWriter, records: list[tuple]) -> None:
+        """Queue a call's records in `writer` (see `RankWriter.enqueue`)."""
+        if not writer.enqueue(records):
+            self._ended_under(writer)
+
+    def _ended_under(self, writer: RankWriter) -> None:
+        """A call after this logger's journal session was ended by the exit hooks (or SIGTERM)
+        while the logger was still in use, e.g. from an atexit hook registered before the
+        loggers were imported: reopening a session at interpreter exit could not be closed
+        again, so the call is not journaled, and the first one says so."""
+        self._warn_once("ended", f"{type(self).__name__}: the journal session of rank "
+                        f"{self.worker_rank} in {writer.rank_dir} was ended by the interpreter's "
+                        "exit (or SIGTERM) before this call: this record and any logged later "
+                        "are not journaled", RuntimeWarning)
 
     def _accepts(self, kind: str) -> bool:
         """Whether itwinai's logger of this class does something with `kind`; other kinds are
@@ -581,10 +656,7 @@ class _JournalLogger(Logger):
     def _log(self, item: Any, identifier: Any, kind: str, step: Any, batch_idx: Any,
              kwargs: dict[str, Any]) -> None:
         if not self.is_initialized:
-            raise RuntimeError(
-                f"{self.__class__.__name__} has not been initialized. Use either the"
-                " ``start_logging`` context or the ``create_logger_context`` method."
-            )
+            raise _not_initialized(self)
         if not self.should_log(batch_idx) or (kind not in self.supported_kinds
                                               and not self._accepts(kind)):
             return
@@ -593,12 +665,12 @@ class _JournalLogger(Logger):
                 return
             self._say_if_reference_fails(self, item, kind)
         writer = self._writer or self._journal()
+        if writer.closed:
+            return self._ended_under(writer)
         if self.strict:
             writer.check_healthy()
         call = _Call(self, item, identifier, kind, step, batch_idx, kwargs)
-        writer.pending.extend(call.records(self, self._route, self.takes_any_object))
-        if len(writer.pending) > BACKLOG:
-            writer.flush()
+        self._hand_over(writer, call.records(self, self._route, self.takes_any_object))
         if self.echoes:
             call.echo(self)
 
@@ -628,7 +700,7 @@ class _JournalLogger(Logger):
             if record_kind == "metric" and not cap.meta and not meta:
                 return (_now(), identifier, step, batch_idx, cap.value, route)
         else:
-            if kind == "artifact":
+            if kind == "artifact" and identifier:  # '': the run's artifact root, as in MLflow
                 names.safe_relpath(identifier, "artifact identifier")
             record_kind = kind
             blobs = self._journal().blobs
@@ -646,6 +718,11 @@ class _JournalLogger(Logger):
                                 f"(meta['logged_as'] = {kind!r})")
                 record_kind, cap = "text", json_text_fields(item, blobs, kind)
         fields = {**(cap.meta or {}), **(meta or {})}
+        if record_kind == "dict" and "stringified" in fields:
+            self._warn_once("dict-stringified", f"{type(self).__name__}: JSON cannot hold the "
+                            f"dict {identifier!r} (a {type(item).__name__} with an object, a "
+                            "non-str key or a self-reference): journaled as the JSON of its "
+                            "str(), meta['stringified'] (MLflow's log_dict fails on it)")
         if "surrogates" in fields:
             self._warn_once("surrogates", f"{type(self).__name__}: {kind} {identifier!r} "
                             "holds lone surrogates (os.fsdecode's escapes for bytes that are "
@@ -691,7 +768,7 @@ class _Call:
         self.pairs = [(one, _name(logger, name, kind)) for one, name in self.given]
         for _, name in self.pairs:
             if name not in ok:
-                names.check_name(name, f"{kind} identifier")
+                logger._new_name(name, kind)
                 if kind == "metric":
                     ok.add(name)
 
@@ -843,10 +920,6 @@ class ConsoleLogger(_JournalLogger):
             py_logger.info(f"ConsoleLogger saved {identifier} to the journal...")
 
 
-def _module_of(obj: Any) -> str:
-    return type(obj).__module__.split(".", 1)[0]
-
-
 def _is_module(item: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(item, torch.nn.Module)
@@ -938,8 +1011,8 @@ class MLFlowLogger(_JournalLogger):
     @check_initialized
     def save_hyperparameters(self, params: dict[str, Any]) -> None:
         """Save hyperparameters as 'param' records. Through `self.log(kind='param', step=0)`
-        for each, as itwinai does, when a subclass overrides `log`."""
-        if "log" in overridden(type(self)):
+        for each, as itwinai does, when `log` is replaced (a subclass, a patch)."""
+        if not _own_hooks(self, ("log",)):
             if self.should_log():
                 for name, value in params.items():
                     self.log(item=value, identifier=name, step=0, kind="param")
@@ -952,13 +1025,13 @@ class MLFlowLogger(_JournalLogger):
         if kind == "model" and not _is_module(item):
             py_logger.warning("Unrecognized model type.")
             return True
-        if kind == "dataset" and not (_module_of(item) == "mlflow" and hasattr(item, "to_dict")):
+        if kind == "dataset" and not (module_of(item) == "mlflow" and hasattr(item, "to_dict")):
             py_logger.warning("Unrecognized dataset type. Must be an MLFlow dataset")
             return True
         return False
 
     def _reference_fails(self, item: Any, kind: str) -> str | None:
-        if kind == "image" and _module_of(item) == "torch":
+        if kind == "image" and module_of(item) == "torch":
             return "MLflow's log_image takes numpy arrays and PIL images, not tensors"
         if kind == "artifact" and not isinstance(item, str):
             return "itwinai's MLFlowLogger logs artifacts given as a str path only"
@@ -1009,7 +1082,7 @@ class WandBLogger(_JournalLogger):
         return {"project_name": self.project_name, "offline_mode": self.offline_mode}
 
     def _reference_fails(self, item: Any, kind: str) -> str | None:
-        if kind == "image" and _module_of(item) == "PIL":
+        if kind == "image" and module_of(item) == "PIL":
             return "wandb.log takes a PIL image only wrapped in wandb.Image"
         return None
 
@@ -1054,9 +1127,9 @@ class TensorBoardLogger(_JournalLogger):
         return {"framework": self.framework}
 
     def _reference_fails(self, item: Any, kind: str) -> str | None:
-        if kind == "image" and _module_of(item) == "PIL":
+        if kind == "image" and module_of(item) == "PIL":
             return "add_image takes tensors and numpy arrays, not PIL images"
-        if (kind == "image" and _module_of(item) in ("numpy", "torch")
+        if (kind == "image" and module_of(item) in ("numpy", "torch")
                 and numpy_image_layout(item, "CHW") == "HWC"):
             return "add_image reads images as CHW (the journal reads this one as HW or HWC)"
         if kind == "torch" and not _is_module(item):
@@ -1119,15 +1192,20 @@ class Prov4MLLogger(_JournalLogger):
 
     def log(self, item: Any | list[Any], identifier: str | list[str], kind: str = "metric",
             step: int | None = None, batch_idx: int | None = None,
-            context: str | None = "training", **kwargs: Any) -> None:
+            context: str | None = DEFAULT_CONTEXT, **kwargs: Any) -> None:
         """Record `item`; `context` (a yProv4ML context: `Context.VALIDATION`, 'validation'
-        or 'VALIDATION' all name the same one) is kept with the record."""
+        or 'VALIDATION' all name the same one) is kept with the record, unless it is the
+        default one (see DEFAULT_CONTEXT): then a metric takes the hot path."""
+        if context is DEFAULT_CONTEXT and not kwargs:  # the default: nothing to keep
+            return _JournalLogger.log(self, item, identifier, kind, step, batch_idx)
         name = context_name(context)
         if name not in PROV4ML_CONTEXTS:
             self._warn_once(f"context:{name}", f"Prov4MLLogger: context={context!r} is not a "
                             f"yProv4ML context ({', '.join(PROV4ML_CONTEXTS)}); itwinai's "
                             "Prov4MLLogger fails on it. Journaled as given")
-        self._log(item, identifier, kind, step, batch_idx, {"context": context, **kwargs})
+        if name != DEFAULT_CONTEXT:
+            kwargs = {"context": context, **kwargs}
+        self._log(item, identifier, kind, step, batch_idx, kwargs)
 
 
 class EmptyLogger(Logger):
@@ -1205,6 +1283,29 @@ class LoggersCollection(_JournalLogger):
         """Transparent: each member applies its own `should_log`. Always returns True."""
         return True
 
+    def _split_members(self) -> None:
+        """Which members share journals and get their records written by the collection
+        (`_plain`: loggers of this module replacing no hook) and which get their own methods
+        called (`_custom`). Done at create_logger_context, and again when a hook is replaced
+        on a member's class or instance (see `_state_changed`), so a patch made mid-run is
+        honoured from the next call on."""
+        plain = [lg for lg in self.loggers if isinstance(lg, _JournalLogger)
+                 and not isinstance(lg, LoggersCollection) and _own_hooks(lg)]
+        for lg in self._plain:
+            if lg not in plain and self in lg._observers:
+                lg._observers.remove(self)
+        for lg in plain:
+            if self not in lg._observers:
+                lg._observers.append(self)
+        self._plain = plain
+        self._custom = [lg for lg in self.loggers if lg not in plain]
+        self._metric_plans.clear()
+
+    def _state_changed(self) -> None:
+        super()._state_changed()
+        if self.is_initialized:  # else the members are split by create_logger_context
+            self._split_members()
+
     @check_not_initialized
     def create_logger_context(self, rank: int = 0, **kwargs: Any) -> None:
         """Initializes all loggers, on one run id."""
@@ -1221,12 +1322,7 @@ class LoggersCollection(_JournalLogger):
             lg._run_id = self._run_id
             lg._journal_experiment = experiment
             lg._run_info_extra = info
-        self._plain = [lg for lg in journals
-                       if not overridden(type(lg)) and not isinstance(lg, LoggersCollection)]
-        self._custom = [lg for lg in self.loggers if lg not in self._plain]
-        for lg in self._plain:
-            if self not in lg._observers:
-                lg._observers.append(self)
+        self._split_members()
         # Members with their own savedir (a Prov4MLLogger's provenance_save_dir) write a
         # second journal of the same run: each journal records the destinations of the whole
         # collection and whether it is the primary one (the first member's), so that the sync
@@ -1271,10 +1367,14 @@ class LoggersCollection(_JournalLogger):
         other members save them themselves."""
         chosen = [lg for lg in self._plain if lg.saves_hyperparameters and lg.should_log()]
         for group in _by_writer(chosen):
-            route = _route(group)
-            records = [group[0]._record(value, name, "param", None, None, None, route)
+            first, route = group[0], _route(group)
+            writer = first._journal()
+            if writer.closed:
+                first._ended_under(writer)
+                continue
+            records = [first._record(value, name, "param", None, None, None, route)
                        for name, value in params.items()]
-            group[0]._journal().pending.extend(records)
+            first._hand_over(writer, records)
         for lg in self._custom:
             lg.save_hyperparameters(params=params)
 
@@ -1284,14 +1384,16 @@ class LoggersCollection(_JournalLogger):
         then through each other member's own `log`."""
         if (kind == "metric" and type(identifier) is str and not kwargs and self.is_initialized
                 and (batch_idx is None
-                     or type(batch_idx) is int and -1073741823 <= batch_idx <= 1073741823)
-                and (step is None or type(step) is int and -1073741823 <= step <= 1073741823)):
+                     or type(batch_idx) is int and COMPACT_MIN <= batch_idx <= COMPACT_MAX)
+                and (step is None or type(step) is int and COMPACT_MIN <= step <= COMPACT_MAX)):
             # The hot path (see _JournalLogger.log): which journals get the record, with which
-            # route, depends only on batch_idx while the members' state stays (a change
-            # clears the plans).
+            # route, depends only on batch_idx while the members' state, hooks and journals
+            # stay (a change clears the plans).
             plan = self._metric_plans.get(batch_idx)
             if plan is None:
                 plan = self._metric_plan(batch_idx)
+                if plan is None:
+                    return self._log(item, identifier, kind, step, batch_idx, kwargs)
             writes, then = plan
             if writes:
                 value = item
@@ -1301,7 +1403,7 @@ class LoggersCollection(_JournalLogger):
                     except NotAPlainMetric:
                         return self._log(item, identifier, kind, step, batch_idx, kwargs)
                 if identifier not in self._names_ok:
-                    self._names_ok.add(names.check_name(identifier, "metric name"))
+                    self._names_ok.add(self._new_name(identifier, "metric"))
                 t = _now()
                 for writer, route in writes:
                     writer.append((t, identifier, step, batch_idx, value, route))
@@ -1315,10 +1417,7 @@ class LoggersCollection(_JournalLogger):
     def _log(self, item: Any, identifier: Any, kind: str, step: Any, batch_idx: Any,
              kwargs: dict[str, Any]) -> None:
         if not self.is_initialized:
-            raise RuntimeError(
-                f"{self.__class__.__name__} has not been initialized. Use either the"
-                " ``start_logging`` context or the ``create_logger_context`` method."
-            )
+            raise _not_initialized(self)
         accepting = [lg for lg in self._accepting(kind, batch_idx)
                      if not lg._ignores(item, kind)]
         if accepting:
@@ -1328,10 +1427,11 @@ class LoggersCollection(_JournalLogger):
             for group in _by_writer(accepting):
                 first = group[0]
                 writer = first._journal()
+                if writer.closed:
+                    first._ended_under(writer)
+                    continue
                 any_object = any(lg.takes_any_object for lg in group)
-                writer.pending.extend(call.records(first, _route(group), any_object))
-                if len(writer.pending) > BACKLOG:
-                    writer.flush()
+                first._hand_over(writer, call.records(first, _route(group), any_object))
             for lg in accepting:
                 if lg.echoes:
                     call.echo(lg)
@@ -1349,12 +1449,15 @@ class LoggersCollection(_JournalLogger):
             lg._journal()
         return found
 
-    def _metric_plan(self, batch_idx: int | None) -> tuple[list, list]:
+    def _metric_plan(self, batch_idx: int | None) -> tuple[list, list] | None:
         """(writer, route) of each journal the metric goes to, and what follows the writes:
         the console lines of accepting members that echo, then the other members' own
-        log()."""
+        log(). None when a journal was ended under the collection (by the exit hooks): the
+        slow path says so."""
         accepting = self._accepting("metric", batch_idx)
         writes = [(group[0]._writer, _route(group)) for group in _by_writer(accepting)]
+        if any(writer.closed for writer, _ in writes):
+            return None
         then = [_echo_of(lg) for lg in accepting if lg.echoes]
         then += [_log_of(lg) for lg in self._custom]
         plan = (writes, then)
@@ -1399,6 +1502,14 @@ def get_mlflow_logger(logger: Logger | None) -> MLFlowLogger | None:
     if isinstance(logger, MLFlowLogger):
         return logger
     return None
+
+
+#: This module's own function for each hook, in every class of it (see `_own_hooks`).
+_OWN_HOOKS: dict[str, frozenset[Any]] = {
+    name: frozenset(vars(cls)[name] for cls in (
+        Logger, _JournalLogger, ConsoleLogger, MLFlowLogger, WandBLogger, TensorBoardLogger,
+        Prov4MLLogger, EmptyLogger, LoggersCollection) if name in vars(cls))
+    for name in _HOOKS}
 
 
 __all__ = [

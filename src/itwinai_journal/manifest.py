@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import segments
-from .fsutil import read_json
+from .capture import safe_repr
+from .fsutil import read_bytes, read_json
 from .redaction import redact, redact_argv
 from .validate import DAMAGED, check_manifest
 
@@ -125,13 +126,28 @@ def load_for_session(rank_dir: Path, rank: int, world_size: int, last_seq: int
     return manifest
 
 
+def declarable(options: dict[str, Any]) -> dict[str, Any]:
+    """A logger's declared options (constructor arguments, `create_logger_context` keywords)
+    as the manifest can always hold them, secrets redacted: each value as JSON, an object JSON
+    cannot hold by its repr (as `destinations_digest` digests it), and a value JSON cannot
+    hold at all (a self-referencing list, a dict with tuple keys) as its repr. Declared
+    options are only descriptive: a repr never stops the manifest from being written."""
+    return redact({str(k): _json_value(v) for k, v in options.items()})
+
+
+def _json_value(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, default=safe_repr))
+    except (TypeError, ValueError, RecursionError):
+        return safe_repr(value)
+
+
 def anchors(run_dir: Path, destinations: dict[str, Any]) -> dict[str, str]:
     """What an index entry records about the files the hash chain does not cover otherwise:
     the sha256 of run.json and of the declared destinations (canonical JSON)."""
     try:
-        with open(run_dir / "run.json", "rb") as f:
-            run = hashlib.sha256(f.read()).hexdigest()
-    except OSError:
+        run = hashlib.sha256(read_bytes(run_dir / "run.json")).hexdigest()
+    except OSError:  # missing, or not a regular file (never waited on)
         run = ""
     return {"run_sha256": run, "destinations_sha256": destinations_digest(destinations)}
 

@@ -76,6 +76,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .capture import Captured, metric_value
+from .schema import INT64_MAX, INT64_MIN
+
 Fields = dict[str, float]
 Meta = dict[str, Any]
 
@@ -91,13 +94,6 @@ DEFAULT_DATASET_BATCH_SIZE = 64
 RAPL_ROOT = Path("/sys/class/powercap")
 PROC = Path("/proc")
 J_PER_KWH = 3.6e6
-
-
-def _result(value: float | None, text: str | None, meta: Meta) -> Any:
-    """A `capture.Captured`, imported here because capture.py imports this module."""
-    from .capture import Captured
-
-    return Captured(value=value, text=text, meta=meta)
 
 
 def _optional(name: str) -> Any:
@@ -199,8 +195,6 @@ def _given_number(item: Any) -> float | None:
     """`item` as a float when it is a number (Python, numpy, 0-d tensor), else None."""
     if item is None or isinstance(item, (tuple, list, str, bytes)):
         return None
-    from .capture import metric_value
-
     try:
         return metric_value(item)
     except TypeError:
@@ -226,7 +220,7 @@ def _exact(number: float) -> float | int:
     """Integral FLOP counts stay ints in meta (JSON keeps them exact beyond 2**53)."""
     if isinstance(number, int):
         return number
-    return int(number) if number.is_integer() and abs(number) < 2**63 else number
+    return int(number) if number.is_integer() and INT64_MIN < number <= INT64_MAX else number
 
 
 # -- FLOPs ------------------------------------------------------------------------------------
@@ -261,7 +255,7 @@ def _capture_flops(kind: str, item: Any, blobs: Any, name: str, options: dict[st
                    ) -> Any:
     given = _given_number(item)
     if given is not None:
-        return _result(_non_negative(given, f"kind={kind!r} item"), None, {"method": "given"})
+        return Captured(_non_negative(given, f"kind={kind!r} item"), meta={"method": "given"})
     model, data = _model_and_data(item, kind)
     if kind == "flops_pb":
         count, meta = count_flops(model, [data]), {}
@@ -272,7 +266,7 @@ def _capture_flops(kind: str, item: Any, blobs: Any, name: str, options: dict[st
         meta["samples"] = count.samples
     if count.fallback:
         meta["fvcore_unused"] = count.fallback
-    return _result(float(count.flops), None, meta)
+    return Captured(float(count.flops), meta=meta)
 
 
 def _model_and_data(item: Any, kind: str) -> tuple[Any, Any]:
@@ -517,7 +511,7 @@ def capture_system(item: Any, blobs: Any, name: str, options: dict[str, Any]) ->
     """`kind='system'`: one record of the system metrics measured now. `item` is ignored, as
     in itwinai (which asks Prov4ML to read the system)."""
     fields, meta = measure_system(session_of(blobs))
-    return _result(None, json.dumps(fields), meta)
+    return Captured(text=json.dumps(fields), meta=meta)
 
 
 def measure_system(session: Session) -> tuple[Fields, Meta]:
@@ -850,7 +844,7 @@ def capture_carbon(item: Any, blobs: Any, name: str, options: dict[str, Any]) ->
             try:
                 fields, cc_meta = _codecarbon_reading(session, codecarbon, str(country))
                 value = fields.get("emissions_total_g")
-                return _result(value, json.dumps(fields), {**meta, **cc_meta})
+                return Captured(value, json.dumps(fields), meta={**meta, **cc_meta})
             except Exception as e:
                 meta["codecarbon_error"] = f"{type(e).__name__}: {e}"
         elif country:
@@ -858,7 +852,7 @@ def capture_carbon(item: Any, blobs: Any, name: str, options: dict[str, Any]) ->
         fields, counter_meta = _counter_reading(session, intensity)
     meta.update(counter_meta)
     meta.update({"carbon_intensity_g_per_kwh": intensity, "carbon_intensity_source": source})
-    return _result(fields.get("emissions_total_g"), json.dumps(fields), meta)
+    return Captured(fields.get("emissions_total_g"), json.dumps(fields), meta=meta)
 
 
 def carbon_intensity(options: Mapping[str, Any]) -> tuple[float, str]:
@@ -1100,10 +1094,10 @@ def capture_execution_time(item: Any, blobs: Any, name: str, options: dict[str, 
     so that the time elapsed can be read too; or the number given (seconds)."""
     given = _given_number(item)
     if given is not None:
-        return _result(_non_negative(given, "kind='execution_time' item"), None,
-                       {"method": "given"})
+        return Captured(_non_negative(given, "kind='execution_time' item"),
+                        meta={"method": "given"})
     session = session_of(blobs)
-    return _result(time.time(), None, {"method": "time.time",
+    return Captured(time.time(), meta={"method": "time.time",
                                        "session_start": session.start_wall,
                                        "clock": session.clock})
 
@@ -1131,4 +1125,4 @@ def begin_session(blobs: Any) -> None:
 
 def capture_prov_documents(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Any:
     """`kind='prov_documents'`: where the exporter produces the provenance documents."""
-    return _result(None, None, {"marker": True})
+    return Captured(meta={"marker": True})

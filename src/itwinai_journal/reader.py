@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import segments
-from .fsutil import read_bytes, read_json
+from .fsutil import open_regular, read_bytes, read_json
 from .validate import (
     DAMAGED,
     RANK_DIR,
@@ -40,8 +40,11 @@ class RankInfo:
     rank: int
     path: Path
     manifest: dict[str, Any]
-    #: Why the manifest cannot be trusted (then `manifest` is empty), else None.
+    #: Why the manifest (or the index) cannot be trusted (then `manifest` may be empty), else
+    #: None.
     error: str | None = None
+    #: The index's last seq as `load_run` read it (None: read when `last_seq` is asked).
+    index_last_seq: int | None = None
 
     @property
     def status(self) -> str:
@@ -53,10 +56,17 @@ class RankInfo:
 
     @property
     def last_seq(self) -> int:
-        """Highest seq known without opening segments: the last closed session or the index."""
+        """Highest seq known without opening segments: the last closed session or the index
+        (an index that cannot be read counts as empty; `load_run` reports it)."""
         sessions = self.manifest.get("sessions") or []
         closed = max((s.get("last_seq") or 0 for s in sessions), default=0)
-        return max(closed, _index_last_seq(self.path))
+        indexed = self.index_last_seq
+        if indexed is None:
+            try:
+                indexed = _index_last_seq(self.path)
+            except OSError:
+                indexed = 0
+        return max(closed, indexed)
 
 
 @dataclass
@@ -118,9 +128,11 @@ class RunInfo:
 
 
 def _index_last_seq(rank_dir: Path) -> int:
-    """last_seq of the index's final line, read from the end of the file (cheap for `ls`)."""
+    """last_seq of the index's final line, read from the end of the file (cheap for `ls`).
+    0 without an index; OSError when it cannot be read or is not a regular file (a FIFO would
+    make the read wait for ever)."""
     try:
-        fd = os.open(os.path.join(rank_dir, segments.INDEX_NAME), os.O_RDONLY)
+        fd = open_regular(os.path.join(rank_dir, segments.INDEX_NAME))
     except FileNotFoundError:
         return 0
     try:
@@ -168,7 +180,12 @@ def load_run(run_dir: Path) -> RunInfo:
         except DAMAGED as e:
             rank.error = f"{path}: damaged ({_reason(e)}); the next session of this rank " \
                          "rebuilds it"
-            run.error = run.error or rank.error
+        try:
+            rank.index_last_seq = _index_last_seq(rank.path)
+        except OSError as e:
+            rank.error = rank.error or (f"{rank.path / segments.INDEX_NAME}: unreadable "
+                                        f"({_reason(e)})")
+        run.error = run.error or rank.error
         run.ranks.append(rank)
     return run
 

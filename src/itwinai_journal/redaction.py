@@ -161,25 +161,60 @@ def redact(obj: Any) -> Any:
 
 
 def _redact(obj: Any, secrets: re.Pattern[str] | None) -> Any:
+    """`obj` itself when nothing in it must change, else a redacted copy. A container that
+    holds itself (a self-referencing list) is looked at once, and its copy holds the copy,
+    never the original: it has the same shape (`[...]` in its repr) and no secret."""
+    if not _holds_secret(obj, secrets, set()):
+        return obj
+    return _copy(obj, secrets, {})
+
+
+def _holds_secret(obj: Any, secrets: re.Pattern[str] | None, seen: set[int]) -> bool:
+    if isinstance(obj, str):
+        return _scrub(obj, secrets) is not obj
+    if not isinstance(obj, (dict, list, tuple)) or id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return any(_hidden(v, secrets, seen) if is_secret_name(k)
+                   else _holds_secret(v, secrets, seen) for k, v in obj.items())
+    return any(_holds_secret(v, secrets, seen) for v in obj)
+
+
+def _hidden(value: Any, secrets: re.Pattern[str] | None, seen: set[int]) -> bool:
+    """Whether `_hide` changes `value`."""
+    if value is None or isinstance(value, bool):
+        return False
+    return not isinstance(value, dict) or _holds_secret(value, secrets, seen)
+
+
+def _copy(obj: Any, secrets: re.Pattern[str] | None, memo: dict[int, Any]) -> Any:
+    """A redacted copy of `obj` (tuples become lists, as JSON has them); `memo` maps each
+    container copied so far to its copy."""
     if isinstance(obj, str):
         return _scrub(obj, secrets)
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, dict):
-        out = {k: _hide(v, secrets) if is_secret_name(k) else _redact(v, secrets)
-               for k, v in obj.items()}
-        return obj if all(out[k] is v for k, v in obj.items()) else out
-    if isinstance(obj, (list, tuple)):
-        items = [_redact(v, secrets) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else items
-    return obj
+        out: Any = memo.setdefault(id(obj), {})
+        for k, v in obj.items():
+            out[k] = _hide(v, secrets, memo) if is_secret_name(k) else _copy(v, secrets, memo)
+        return out
+    out = memo.setdefault(id(obj), [])
+    out.extend(_copy(v, secrets, memo) for v in obj)
+    return out
 
 
-def _hide(value: Any, secrets: re.Pattern[str] | None) -> Any:
+def _hide(value: Any, secrets: re.Pattern[str] | None, memo: dict[int, Any] | None = None
+          ) -> Any:
     """The value of a secret-looking name: a dict is searched further, anything else but None
     and booleans is replaced."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, dict):
-        return _redact(value, secrets)
+        return _redact(value, secrets) if memo is None else _copy(value, secrets, memo)
     return REDACTED
 
 
@@ -212,12 +247,18 @@ _warned_params: set[str] = set()
 def redact_param(name: str, value: Any) -> Any:
     """A param's value as it may be journaled: hidden under a secret-looking name, else
     scrubbed (a dict's secret-looking keys hidden). Warns once per name when anything was
-    removed, so that a user who sees `<redacted>` in a tracker knows why."""
+    removed, so that a user who sees `<redacted>` in a tracker knows why. A value nested
+    deeper than the recursion limit cannot be searched: it is journaled as its type only."""
     secrets = _environment_secrets()
-    out = _hide(value, secrets) if is_secret_name(name) else _redact(value, secrets)
+    try:
+        out = _hide(value, secrets) if is_secret_name(name) else _redact(value, secrets)
+        why, instead = ("holds a secret (a secret-looking name, a URI password or an environment "
+                        "secret)", REDACTED)
+    except RecursionError:
+        out = instead = f"<{type(value).__name__} nested too deeply to be searched for secrets>"
+        why = "is nested too deeply to be searched for secrets"
     if out is not value and name not in _warned_params:
         _warned_params.add(name)
-        warnings.warn(f"itwinai-journal: param {name!r} holds a secret (a secret-looking name, "
-                      f"a URI password or an environment secret); it is journaled with "
-                      f"{REDACTED!r} in its place", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"itwinai-journal: param {name!r} {why}; it is journaled with {instead!r} "
+                      "in its place", RuntimeWarning, stacklevel=4)
     return out

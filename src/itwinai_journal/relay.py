@@ -59,6 +59,14 @@ class Relay:
             dropped += lost
             records.extend(batch)
 
+    def stop_receiving(self) -> None:
+        """At the session's end, before the last `receive()`: from now on a child's send fails
+        (EPIPE), so the child warns and counts what it could not send, and every datagram
+        accepted before is still queued for that last `receive()`. (The kernel checks the
+        shutdown and queues a datagram under one lock: none can slip in between.)"""
+        with suppress(OSError):
+            self._recv.shutdown(socket.SHUT_RD)
+
     def close(self) -> None:
         """Close both ends in this process; children sending afterwards are refused."""
         self._recv.close()
@@ -88,7 +96,7 @@ class Relay:
                 dropped += count
             elif not broken:
                 try:
-                    self._send.send(data)
+                    self._send.send(data, socket.MSG_NOSIGNAL)
                     continue
                 except OSError as e:
                     first_error = first_error or e
@@ -97,7 +105,8 @@ class Relay:
         self._unreported += dropped
         if self._unreported and not broken:
             try:
-                self._send.send(pickle.dumps((self._unreported, []), pickle.HIGHEST_PROTOCOL))
+                self._send.send(pickle.dumps((self._unreported, []), pickle.HIGHEST_PROTOCOL),
+                                socket.MSG_NOSIGNAL)
                 self._unreported = 0
             except OSError as e:
                 first_error = first_error or e

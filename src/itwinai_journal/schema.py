@@ -6,6 +6,9 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 
+#: Range of the int64 `seq`, `step` and `batch_idx` columns.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
 #: Column order of a journal record, as in the JSONL lines and the sealed Parquet files.
 COLUMNS = ("seq", "time", "kind", "name", "step", "batch_idx", "value", "text", "blob", "meta")
 

@@ -11,6 +11,9 @@ import io
 import json
 import os
 import re
+import stat
+import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import itemgetter
@@ -22,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .blobs import file_sha256
 from .fsutil import fsync_dir, read_bytes
-from .schema import ARROW_SCHEMA
+from .schema import ARROW_SCHEMA, INT64_MAX, INT64_MIN
 from .validate import BLOB_REF, JournalCorruption, check_records
 
 SEGMENT_RE = re.compile(r"^(\d{6,})\.(jsonl|parquet)$")
@@ -46,7 +49,6 @@ def format_float(v: float) -> str:
 #: int64 or a string that is not valid Unicode (Arrow raises OverflowError or ArrowInvalid for
 #: the first, UnicodeEncodeError for the second), TypeError for a value of the wrong type.
 ENCODE_ERRORS = (ValueError, TypeError, OverflowError, pa.ArrowException)
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _check_int64(value: Any, what: str) -> None:
@@ -376,8 +378,7 @@ def append_index(rank_dir: Path, entry: dict[str, Any]) -> None:
     path = rank_dir / INDEX_NAME
     prev = ""
     try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+        lines = read_bytes(path).split(b"\n")  # a regular file: never waits on a FIFO
         complete = [ln for ln in lines[:-1] if ln]
         if complete:
             prev = line_hash(complete[-1])
@@ -449,6 +450,7 @@ def recover(rank_dir: Path) -> tuple[int, int]:
     segment the index misses, remove JSONL already sealed, seal a leftover active segment.
     Returns (last seq, last segment number). Must only run while holding the rank's lock."""
     seg_dir = rank_dir / "segments"
+    _set_aside_if_not_a_file(rank_dir / INDEX_NAME)
     entries, _ = read_index(rank_dir)
     indexed = {e["segment"] for e in entries}
     last_seq = max((e["last_seq"] or 0 for e in entries), default=0)
@@ -472,6 +474,25 @@ def recover(rank_dir: Path) -> tuple[int, int]:
                 last_seq = max(last_seq, table["seq"][table.num_rows - 1].as_py())
         last_number = max(last_number, number)
     return last_seq, last_number
+
+
+def _set_aside_if_not_a_file(path: Path) -> None:
+    """An index that is not a regular file (a FIFO would make every read and append wait for
+    ever, a directory cannot be appended to) is renamed aside, `<name>.damaged-<time>-<pid>`,
+    with a warning; `recover` then indexes the sealed segments again (as for a damaged
+    manifest, `verify` reports the index lines the manifest saw as removed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-"
+                           f"{os.getpid()}")
+    os.replace(path, aside)
+    warnings.warn(f"itwinai-journal: {path} is not a regular file; it is kept as {aside.name} "
+                  "and the index is rebuilt from the sealed segments", RuntimeWarning,
+                  stacklevel=2)
 
 
 def seq_problems(seqs: pa.ChunkedArray | pa.Array, start_after: int, where: str

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,19 +131,60 @@ def verify_rank(rank: RankInfo, run_sha: str | None = None) -> list[Problem]:
             f"{rebuilt.get('damaged_copy')}: sessions before then are summarised as one",
             "warning")
 
+    known = {e["segment"] for e in entries}
+    if any("parquet" in f and n not in known for n, f in files.items()):
+        # A live rank: a segment sealed after the index was read is indexed by now (its
+        # Parquet file is renamed into place before its index line is written). Segments
+        # sealed after the listing are for the next verify.
+        entries, hashes, _ = segments.read_index_lines(rank_dir)
+        entries = [e for e in entries if e["segment"] in known or e["segment"] in files]
     indexed = {e["segment"]: e for e in entries}
     last_number = max(files, default=0)
+    newest_indexed = max(indexed, default=0)
     blobs_used: set[str] = set()
     trees: set[str] = set()
     last = 0
     for number, found in files.items():
         entry = indexed.pop(number, None)
-        if "parquet" in found:
+        table = None
+        if "jsonl" in found and "parquet" not in found:
+            path = found["jsonl"]
+            try:
+                got = segments.read_jsonl(path)
+            except FileNotFoundError:
+                # Sealed since the listing (a verify of a live rank): read its sealed copy.
+                found = segments.segment_files(seg_dir).get(number, {})
+                if "parquet" not in found:
+                    err(path, "active segment vanished while it was read, and no sealed copy "
+                        "of it came: removed?")
+                    continue
+                err(found["parquet"], "sealed while verify read it: checked as sealed",
+                    "warning")
+                entry = entry or _index_entry(rank_dir, number)
+            except (OSError, JournalCorruption) as e:
+                err(path, str(e))
+                continue
+            else:
+                if number != last_number:
+                    err(path, "active segment before a later segment: only a rank's last "
+                        "segment is ever active")
+                if got.torn_tail:
+                    err(path, "torn last line (a write cut short by a crash); readers ignore "
+                        "it", "warning")
+                table = segments.rows_to_table(got.rows)
+                if entry is not None:
+                    _mid_seal_copy(path, entry, table, closed, err)
+        if table is None:
             path = found["parquet"]
             if entry is None:
                 if number == last_number and not closed:
                     err(path, "sealed segment not yet in the index (the process was stopped "
                         "while sealing; the next session of this rank indexes it)", "warning")
+                elif (not closed and number == last_number - 1 > newest_indexed
+                      and "parquet" not in files[last_number]):
+                    err(path, "sealed segment not in the index as read, followed by the active "
+                        "segment only: the rank was copied (or read) during this segment's "
+                        "seal (copy it again once the seal is over)", "warning")
                 else:
                     err(path, "sealed segment missing from the index: the index was cut or "
                         "edited")
@@ -160,20 +201,6 @@ def verify_rank(rank: RankInfo, run_sha: str | None = None) -> list[Problem]:
             if "jsonl" in found:
                 err(found["jsonl"], "leftover active segment beside its sealed copy "
                     "(removed on the next session)", "warning")
-        else:
-            path = found["jsonl"]
-            if number != last_number:
-                err(path, "active segment before a later segment: only a rank's last segment "
-                    "is ever active")
-            try:
-                got = segments.read_jsonl(path)
-            except (OSError, JournalCorruption) as e:
-                err(path, str(e))
-                continue
-            if got.torn_tail:
-                err(path, "torn last line (a write cut short by a crash); readers ignore it",
-                    "warning")
-            table = segments.rows_to_table(got.rows)
         problems, last = segments.seq_problems(table["seq"], last, str(path))
         for p in problems:
             err(path, p.split(": ", 1)[1])
@@ -192,6 +219,27 @@ def verify_rank(rank: RankInfo, run_sha: str | None = None) -> list[Problem]:
         out.extend(_digest_problems(where, m, entries, run_sha, closed))
     out.extend(_verify_blobs(BlobStore(rank_dir / "blobs"), blobs_used, trees))
     return out
+
+
+def _index_entry(rank_dir: Path, number: int) -> dict[str, Any] | None:
+    """Segment `number`'s index entry as the index is now."""
+    entries, _, _ = segments.read_index_lines(rank_dir)
+    return next((e for e in entries if e["segment"] == number), None)
+
+
+def _mid_seal_copy(path: Path, entry: dict[str, Any], table: Any, closed: bool,
+                   err: Callable[..., None]) -> None:
+    """An indexed segment of which only the active JSONL is here: what a copy of a rank still
+    being written holds when it was taken during that segment's seal (the JSONL copied before
+    the Parquet file was renamed into place, the index after its line was written). A warning
+    when the JSONL holds exactly the records the index entry describes; else an error."""
+    if _entry_problems(path, entry, table) or closed:
+        err(path, f"the index lists segment {entry['segment']} as sealed, but only its active "
+            "segment is here, and it does not hold what the index says (or the session ended)")
+    else:
+        err(path, f"the index lists segment {entry['segment']} as sealed, but only its active "
+            "segment is here, holding the records the index lists: the rank was copied (or "
+            "read) during this segment's seal (copy it again once the seal is over)", "warning")
 
 
 def _entry_problems(path: Path, entry: dict[str, Any], table: Any) -> list[Problem]:

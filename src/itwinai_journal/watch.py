@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from .capture import Captured, text_fields
+from .writer import open_writer_at
 
 #: Number of histogram bins, as wandb.watch.
 NUM_BINS = 64
@@ -181,20 +185,14 @@ def _writer_of(blobs: Any) -> Any:
     """The open journal writer whose blob store is `blobs`. The capture signature gives the
     blob store only; the writer registry maps rank directories (the blob store's parent) to
     their writer, so the hooks reach the very queue the logger appends to."""
-    from .writer import open_writer_at
-
     writer = open_writer_at(blobs.root.parent)
     if writer is None:
         raise RuntimeError(f"kind='watch': no open journal writer for {blobs.root.parent}")
     return writer
 
 
-def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Any:
+def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Captured:
     """The `log(kind='watch')` capture: hooks the module and returns its topology record."""
-    import sys
-
-    from .capture import Captured, _text_fields
-
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(item, torch.nn.Module):
         raise TypeError(f"kind='watch' needs a torch.nn.Module, got {type(item).__name__}")
@@ -207,7 +205,7 @@ def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> 
     writer = _writer_of(blobs)
     attach(item, writer.append, ROUTE, log=log, log_freq=log_freq,
            alive=lambda: not writer.closed)
-    cap = _text_fields(json.dumps(topology(item, name)), blobs, "application/json")
+    cap = text_fields(json.dumps(topology(item, name)), blobs, "application/json")
     meta = {**(cap.meta or {}), "source": "watch", "log": log, "log_freq": log_freq,
             "log_graph": bool(options.get("log_graph", True))}
     return Captured(cap.value, cap.text, cap.blob, meta)

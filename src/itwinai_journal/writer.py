@@ -63,6 +63,9 @@ COLUMNAR_BATCH = 256
 SIGTERM_WAIT = 20.0
 #: How long a failed seal or manifest write waits before it is tried again (disk full).
 RETRY_AFTER = 5.0
+#: Records queued beyond this are flushed by the logging thread itself: a loop that logs faster
+#: than the background flusher drains must not grow memory without bound.
+BACKLOG = 20_000
 
 
 class RankWriter:
@@ -81,6 +84,7 @@ class RankWriter:
         self.seal_records = seal_records
         self.seal_bytes = seal_bytes
         self.blobs = BlobStore(self.rank_dir / "blobs")
+        self._thread: threading.Thread | None = None  # the flusher, started once the rank opens
         #: Records waiting for the flusher. Metric records are 6-tuples
         #: (time, name, step, batch_idx, value, route); others are 10-tuples
         #: (time, kind, name, step, batch_idx, value, text, blob, meta, route). `route` is a
@@ -97,9 +101,17 @@ class RankWriter:
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters: collections.deque[Callable[[], Any]] = collections.deque()
         self._closed = False  # close() was called, or SIGTERM asked for the session's end
+        #: Called when the session ends under the loggers writing here (an exit hook, SIGTERM),
+        #: so that they stop taking their fast path into a queue nobody will write.
+        self._listeners: list[Callable[[], Any]] = []
         self._stop: str | None = None  # the status the flusher ends the session with
-        self._finished = False  # the flusher has ended the session and stopped
-        self._status: str | None = None  # how the session ended, once known (sticky)
+        self._finished = False  # the flusher has stopped (the session has ended)
+        #: A status decided before the close (a shared writer's logger that failed, a
+        #: start_logging block that raised): the close ends the session with it.
+        self._status: str | None = None
+        #: When SIGTERM reached this process (time.time()), else None. The session is marked
+        #: interrupted at once, in case SIGKILL follows; its final status is the close's.
+        self._sigterm_at: float | None = None
         self._manifest_dirty = False
         self._dropped = 0  # counted by the flusher only
         self._drops: collections.deque[int] = collections.deque()  # from logging threads
@@ -168,12 +180,13 @@ class RankWriter:
     # -- destinations and routing -----------------------------------------------------------
 
     def declare(self, target: str, options: dict[str, Any]) -> None:
-        """Record a logger's destination (its constructor arguments, secrets redacted) in the
-        manifest. The manifest and the routing cache are replaced, never changed in place: the
-        flusher reads them without a lock."""
+        """Record a logger's destination (its constructor arguments and context options, as
+        JSON with secrets redacted: see `manifest.declarable`) in the manifest. The manifest and
+        the routing cache are replaced, never changed in place: the flusher reads them without
+        a lock."""
         if self._forwarding:
             return  # a forked child's logger: the parent's manifest is the parent's
-        options = mf.redact(options)
+        options = mf.declarable(options)
         if self.destinations.get(target) != options:
             self.destinations = {**self.destinations, target: options}
             self._route_meta = {}
@@ -209,6 +222,32 @@ class RankWriter:
             cache[route] = found
             return found
 
+    # -- what loggers hand over --------------------------------------------------------------
+
+    def enqueue(self, records: list[tuple]) -> bool:
+        """Queue `records` (and flush when the backlog is too long). False when the session
+        has ended (closed by an exit hook or SIGTERM while a logger still used it): nothing
+        would write them, and the caller says so."""
+        if self._closed:
+            return False
+        self.pending.extend(records)
+        if len(self.pending) > BACKLOG:
+            self.flush()
+        return True
+
+    def listen(self, callback: Callable[[], Any]) -> None:
+        """Call `callback` when the session ends (see `_listeners`); `unlisten` stops it."""
+        self._listeners.append(callback)
+
+    def unlisten(self, callback: Callable[[], Any]) -> None:
+        with suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _tell_listeners(self) -> None:
+        """Lock-free (a SIGTERM handler calls this): the loggers only recompute a flag."""
+        for callback in list(self._listeners):
+            callback()
+
     # -- what other threads ask of the flusher --------------------------------------------------
 
     def flush(self, wait: bool = True) -> None:
@@ -228,8 +267,22 @@ class RankWriter:
             if not self._closed:
                 self._stop = status
                 self._closed = True
+        self._tell_listeners()
         self._await()
+        self._join()
         _forget(self)
+
+    def _join(self) -> None:
+        """Wait for the flusher thread itself to end once it has ended the session. The waiter
+        a close() gets is released inside the thread's last round, which then still runs
+        Python code (and the threading module's cleanup); at interpreter exit, the main thread
+        would otherwise finalize the interpreter under a daemon thread still running, which
+        CPython ends abruptly where it next takes the GIL (an abort when that is inside a C++
+        library's frames). Joined, no thread of the journal outlives the exit hooks."""
+        thread = self._thread
+        if (thread is not None and thread is not threading.current_thread()
+                and self._stop is not None and os.getpid() == self._pid):
+            thread.join(SIGTERM_WAIT)
 
     def _await(self, timeout: float | None = None) -> bool:
         """Wake the flusher and wait until it has completed a round that began after this call:
@@ -252,20 +305,25 @@ class RankWriter:
         self._wake.put(None)
 
     def _interrupt(self, final: bool) -> threading.Event | None:
-        """For the SIGTERM handler, which must take no lock: mark the session interrupted and
-        ask the flusher to write everything and the manifest (and, when `final`, to end the
-        session); the returned Event is set once it has. It is new, so no one else holds its
-        lock, and waiting on it again after an interruption is harmless.
-        Thread.is_alive() is not asked: it may take a lock of the threading module."""
+        """For the SIGTERM handler, which must take no lock: record the signal (the session is
+        marked interrupted at once, in case SIGKILL follows) and ask the flusher to write
+        everything and the manifest (and, when `final`, to end the session interrupted); the
+        returned Event is set once it has. It is new, so no one else holds its lock, and
+        waiting on it again after an interruption is harmless. None when there is no flusher
+        to wait for. Thread.is_alive() is not asked: it may take a lock of the threading
+        module."""
         if self._finished or os.getpid() != self._pid:  # no flusher in this process to ask
             return None
-        self._status = "interrupted"
+        self._sigterm_at = self._sigterm_at or time.time()
         self._manifest_dirty = True
         if final:
             self._stop = self._stop or "interrupted"
             self._closed = True
+            self._tell_listeners()
         done = threading.Event()
         self._request(done.set)
+        if self._finished:  # it stopped meanwhile: it may have missed the request (see _run)
+            return None
         return done
 
     def drop(self, error: JournalWriteError, count: int = 1) -> None:
@@ -286,28 +344,51 @@ class RankWriter:
     # -- the flusher thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The flusher's loop. Whatever a round or the session's end raises, the callers
+        waiting for it are released: a round's own waiters after it, and, when the thread
+        stops, every waiter still queued (after `_finished` is set, so a caller that queues
+        itself later sees it and does not wait)."""
         tick = min(self.flush_interval / 2, 0.1)
         wake = self._wake
-        while True:
-            with suppress(queue.Empty):
-                wake.get(timeout=tick)
-                while True:
-                    wake.get_nowait()
-            waiters = [self._waiters.popleft() for _ in range(len(self._waiters))]
-            stop = self._stop  # read after the waiters: a close() queued with them is seen
+        try:
+            while True:
+                with suppress(queue.Empty):
+                    wake.get(timeout=tick)
+                    while True:
+                        wake.get_nowait()
+                waiters = [self._waiters.popleft() for _ in range(len(self._waiters))]
+                stop = self._stop  # read after the waiters: a close() queued with them is seen
+                try:
+                    self._flush_round(stop)
+                finally:
+                    for done in waiters:
+                        done()
+                if stop is not None:
+                    return
+        finally:
+            self._finished = True
+            while self._waiters:
+                self._waiters.popleft()()
+
+    def _flush_round(self, stop: str | None) -> None:
+        """One round, then the session's end when `stop` is set. An error is counted and
+        warned about, never raised: the flusher must not die, nor leave a close waiting."""
+        try:
+            if self._forwarding:
+                self._forward()
+            else:
+                if stop is not None and self._relay is not None:
+                    # Refuse what forked children send from now on (they are told, and count
+                    # it), so that this last round receives everything that was sent.
+                    self._relay.stop_receiving()
+                self._round()
+        except Exception as e:  # noqa: BLE001 - the flusher must never die silently
+            self._fail(e, 0)
+        if stop is not None:
             try:
-                if self._forwarding:
-                    self._forward()
-                else:
-                    self._round()
-            except Exception as e:  # noqa: BLE001 - the flusher must never die silently
-                self._fail(e, 0)
-            if stop is not None:
                 self._finish(stop)
-            for done in waiters:
-                done()
-            if stop is not None:
-                return
+            except Exception as e:  # noqa: BLE001
+                self._fail(e, 0)
 
     def _heartbeat(self) -> None:
         """Touch the active segment, so that a sync on another host can tell a writer that
@@ -493,7 +574,14 @@ class RankWriter:
     def _warn_once(self, what: str, message: str, stacklevel: int = 2) -> None:
         if what not in self._warned:
             self._warned.add(what)
-            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+            if threading.current_thread() is not self._thread:
+                warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+                return
+            # In the flusher there is no caller to raise to: a warning filter that turns
+            # warnings into errors (-W error) must not end the thread (what failed is
+            # counted in the manifest anyway).
+            with suppress(Exception):
+                warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _seal_active(self, reopen: bool, force: bool = False) -> None:
         """Seal the active segment (even empty when `force`). If that fails (disk full), the
@@ -533,11 +621,15 @@ class RankWriter:
     def _write_manifest(self, ending: str | None = None) -> None:
         """Write the manifest, fsynced before the rename (a crash leaves the old manifest or the
         new one, never a cut one). SIGTERM marks the session interrupted at once, in case
-        SIGKILL follows; its end, last seq and the index head it leaves are recorded with
-        `ending`, when it has ended (see `manifest.session_ended`)."""
+        SIGKILL follows, and records when it came (`sigterm_at`); the session's end, status,
+        last seq and the index head it leaves are recorded with `ending`, when it has ended
+        (see `manifest.session_ended`): a session that a normal close ends after a SIGTERM
+        (the job's own handler let it finish) is `finished`, `sigterm_at` kept."""
         manifest = self.manifest  # declare() may replace it meanwhile: write one of them whole
         session = manifest["sessions"][-1]
-        status = ending or self._status
+        if self._sigterm_at is not None:
+            session["sigterm_at"] = self._sigterm_at
+        status = ending or self._status or ("interrupted" if self._sigterm_at else None)
         if status is not None:
             session["status"] = status
         if ending is not None:
@@ -550,16 +642,20 @@ class RankWriter:
         try:
             write_json_atomic(mf.manifest_path(self.rank_dir), manifest)
             self._dropped_saved = dropped
-        except OSError as e:
+        except (OSError, TypeError, ValueError) as e:
+            # TypeError/ValueError: something JSON cannot hold got into the manifest (declared
+            # options are made JSON-safe, so it should not): counted as a failed write, and
+            # tried again later, rather than raised in the flusher.
             self._fail(e, 0)
             self._next_manifest_try = time.monotonic() + RETRY_AFTER
 
     def _finish(self, status: str) -> None:
         """The session's end, in the flusher thread: seal the active segment, record how the
-        session ended, release the rank. A forked child's copy only stops."""
+        session ended, release the rank (whatever failed before). A forked child's copy only
+        stops."""
+        if self._forwarding:
+            return
         try:
-            if self._forwarding:
-                return
             if self._file is not None:
                 try:
                     empty = not self._kept and self._bytes == 0
@@ -572,21 +668,18 @@ class RankWriter:
                     # The records are in the JSONL segment already; the next session or a
                     # reader picks them up there. Sealing is an optimisation, not a durability
                     # step.
-                    warnings.warn(f"itwinai-journal: could not seal {self.seg_dir} at close "
-                                  f"({e}); records stay in the active segment", RuntimeWarning,
-                                  stacklevel=2)
                     with suppress(OSError):
                         self._file.close()
                     self._file = None
+                    self._warn_once("seal-at-close", f"itwinai-journal: could not seal "
+                                    f"{self.seg_dir} at close ({e}); records stay in the active "
+                                    "segment")
             self._write_manifest(self._status or status)
+        finally:
             if self._relay is not None:
                 self._relay.close()
             with suppress(Exception):
                 self._lock.release()
-        finally:
-            self._finished = True
-            while self._waiters:
-                self._waiters.popleft()()
 
     # -- forks ------------------------------------------------------------------------------------
 
@@ -754,11 +847,17 @@ def close_all(status: str) -> None:
         w.close(w._status or status)
 
 
+# Registered when this module is imported, not when the first journal opens: atexit runs hooks
+# in reverse order, so the exit hooks a program registers after importing the loggers (one that
+# logs a last value, say) run before the sessions are closed. What is logged after this hook has
+# closed them is not journaled, and the logger says so (`_JournalLogger._ended_under`).
+atexit.register(close_all, "finished")
+
+
 def _install_exit_hooks() -> None:
     global _hooks_installed
     if not _hooks_installed:
         _hooks_installed = True
-        atexit.register(close_all, "finished")
         previous_excepthook = sys.excepthook
 
         def excepthook(exc_type, exc, tb):
@@ -789,11 +888,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM: what SLURM sends at the time limit (slurmstepd, to the whole process group).
 
     Takes no lock and does no I/O, whatever the interrupted code holds: each writer's flusher
-    thread writes every queued record and the manifest (session interrupted) and this waits for
-    them, at most SIGTERM_WAIT. Then it is as if the journal were not there: the handler that
-    was installed before runs; when there was none, the default action ends the process, the
-    sessions having been closed first. When another handler has since wrapped this one (as
-    Lightning's does) and called it, that handler decides, so the process is not ended here."""
+    thread writes every queued record and the manifest (the session marked interrupted, with
+    `sigterm_at`, in case SIGKILL follows) and this waits for them, at most SIGTERM_WAIT. Then
+    it is as if the journal were not there: the handler that was installed before runs; when
+    there was none, the default action ends the process, the sessions having been closed
+    `interrupted` first. When another handler has since wrapped this one (as Lightning's does)
+    and called it, that handler decides, so the process is not ended here. A session the
+    program goes on to close itself (its handler only set a flag) ends as that close says,
+    `finished` usually; one ended by a handler that raises (sys.exit) is `interrupted`."""
     global _handling_sigterm
     if _handling_sigterm:
         return  # a second SIGTERM while the first is handled: the first one finishes the work
@@ -817,7 +919,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     finally:
         _handling_sigterm = False
     if callable(_previous_sigterm):
-        _previous_sigterm(signum, frame)
+        try:
+            _previous_sigterm(signum, frame)
+        except BaseException:
+            # That handler ends the program (sys.exit, an exception): SIGTERM ends the
+            # sessions, whichever close then runs (exit hooks, a start_logging block).
+            for w in _snapshot():
+                w._status = w._status or "interrupted"
+            raise
     elif ending:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
