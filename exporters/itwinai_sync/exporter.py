@@ -97,6 +97,9 @@ class Exporter(ABC):
     batch_records: ClassVar[int] = 10_000
     #: Whether several runs may be exported at once in threads of one process.
     parallel_runs: ClassVar[bool] = True
+    #: Whether the ranks of one run may be exported at once in threads of one process (each
+    #: rank by one thread; the exporter makes what ranks share, such as a parent run, safe).
+    parallel_ranks: ClassVar[bool] = False
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         self.savedir = savedir
