@@ -9,12 +9,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pyarrow.compute as pc
 import pytest
+from conftest import spawn
 from postgres_server import PostgresMlflowServer, PostgresServer
 from test_fault_injection import (
     SEED,
+    SYNC_CRASH_CHILD,
     check_mlflow_exact,
     cli,
+    finish,
     kill_figures,
     kill_sync_repeatedly,
     last_seqs,
@@ -28,6 +32,7 @@ from test_fault_injection import (
     write_journal,
 )
 
+from itwinai_journal import Journal
 from itwinai_sync.mlflow import TAG_CURSOR, MlflowExporter, _sql_store
 
 mlflow = pytest.importorskip("mlflow")
@@ -130,3 +135,47 @@ def test_parallel_ranks_killed_then_exact(pg_server, tmp_path, procs):  # noqa: 
     assert stats.kills + stats.exited_before_kill == 4
     runs = mlflow_runs_of(client, experiment, run_id)
     assert Counter(r.data.tags.get("itwinai.role") for r in runs) == {"parent": 1, "rank": 3}
+
+
+CRASH_AMONG_UNTAGGED = """
+from mlflow import MlflowClient
+real_log_batch = MlflowClient.log_batch
+untagged = [0]
+def log_batch(self, run_id, metrics=(), params=(), tags=(), **kw):
+    done = real_log_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
+    if metrics and not tags:
+        untagged[0] += 1
+        if untagged[0] == 5:
+            os._exit(9)  # points stored past the cursor the store holds
+    return done
+MlflowClient.log_batch = log_batch
+"""
+
+
+def test_crash_among_requests_without_cursor_then_exact(pg_server, tmp_path, procs):  # noqa: F811
+    """A sync that dies right after its fifth request sent without the cursor (forced here,
+    in two ranks exported at once) leaves points in the store past the cursor; the next sync
+    sends them again, and PostgreSQL holds each point once."""
+    savedir, experiment, run_id = tmp_path / "mllogs", "pg-crash", "c2"
+    write_journal(savedir, experiment, run_id, steps=5000, ranks=(0, 1), seal=20_000)
+    target = [str(savedir), "--to", "mlflow", "--tracking-uri", pg_server.uri, "--workers", "2"]
+    proc = spawn(SYNC_CRASH_CHILD.format(patch=CRASH_AMONG_UNTAGGED, args=target),
+                 MLFLOW_DISABLE_TELEMETRY="true")
+    procs.append(proc)
+    _, err = finish(proc, 300)
+    assert proc.returncode == 9, err
+    client = MlflowClient(pg_server.uri)
+    stored = covered = 0
+    for child in mlflow_runs_of(client, experiment, run_id):
+        if child.data.tags.get("itwinai.role") != "rank":
+            continue
+        rank, cursor = int(child.data.tags["itwinai.rank"]), int(child.data.tags[TAG_CURSOR])
+        stored += sum(len(client.get_metric_history(child.info.run_id, key))
+                      for key in child.data.metrics)
+        covered += Journal(savedir).metrics(run_id=run_id, rank=rank).filter(
+            pc.field("seq") <= cursor).num_rows
+    assert stored > covered, (stored, covered)  # the crash left points past the cursor
+    sync_ok(savedir, "--to", "mlflow", "--tracking-uri", pg_server.uri, "--workers", "2")
+    figures = check_mlflow_exact(client, savedir, experiment, run_id)
+    report("crash among requests without the cursor (PostgreSQL)",
+           resent_points=stored - covered, **figures)
