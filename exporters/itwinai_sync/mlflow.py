@@ -3,10 +3,10 @@ online; a run with several ranks becomes a parent run with one nested child run 
 
 Exactly once: metrics and params go through `log_batch` with the rank's cursor as a tag of the
 same request (in a SQL store, which keeps a repeated metric point once, only the last request of
-each batch of metrics carries it: see `MlflowRankSink._commit`). Artifacts (text, dicts, figures, images, files, torch objects) are written to
-deterministic artifact paths, so repeating one after a crash overwrites it with the same bytes;
-the cursor tag is committed right after each. Models are looked up by name in the run before
-being logged again.
+each batch of metrics carries it: see `MlflowRankSink._commit`). Artifacts (text, dicts,
+figures, images, files, torch objects) are written to deterministic artifact paths, so
+repeating one after a crash overwrites it with the same bytes; the cursor tag is committed
+right after each. Models are looked up by name in the run before being logged again.
 
 Which MLflow runs a journal has: every run carries the journal's identity (`itwinai.journal`),
 its role (`parent` or `rank`) and rank, and is found by them, never by name. Find-or-create is a
