@@ -1,6 +1,6 @@
 """Speed of itwinai-sync next to what users would use instead, measured in the same run.
 
-    .venv/bin/python scripts/bench.py [--quick] [--json bench-results.json]
+    .venv/bin/python scripts/bench.py [--quick] [--json bench-results.json] [--only SECTION,...]
 
 Per-call costs are timed in blocks of 1000 calls (a timer call per `log()` would cost more than
 the call itself); median and p99 are over blocks, divided by 1000. "wall" is the whole loop
@@ -32,6 +32,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 BLOCK = 1000
 SLOW_BLOCK = 10
+#: What `--only` can choose; all by default.
+SECTIONS = ("hot", "sampler", "live", "mlflow", "postgres", "tensorboard", "memory", "ls")
 
 OURS = "MLFlowLogger.log(x, 'loss', step=i)"
 TENSORBOARD = "SummaryWriter.add_scalar"
@@ -478,6 +480,105 @@ def bench_live_sync(calls: int, tmp: Path) -> dict[str, Any]:
             lg.destroy_logger_context()
             out[label] = row
     os.environ.pop("ITWINAI_SYNC_LIVE_INTERVAL")
+
+
+def _ranks_journal(savedir: Path, ranks: int, points: int) -> None:
+    """One run of `ranks` ranks, each `points` metric points (loss and acc, alternated)."""
+    from itwinai_journal.loggers import MLFlowLogger
+
+    for rank in range(ranks):
+        lg = MLFlowLogger(savedir=savedir, experiment_name="bench", run_id="ranks",
+                          log_freq="batch", log_on_workers=-1)
+        lg.create_logger_context(rank=rank)
+        for i in range(points // 2):
+            lg.log(1.0 / (i + 1) + rank, "loss", step=i)
+            lg.log(i * 0.001, "acc", step=i)
+        lg.destroy_logger_context()
+
+
+def _raw_streams(uri: str, experiment: str, per_rank: list[list[Any]], streams: int,
+                 cursor_tag: bool = False) -> float:
+    """Points/s of `streams` threads pushing every rank's points with MlflowClient.log_batch,
+    1000 a request (with `cursor_tag`, 999 and a tag: the shape of the sync's requests), each
+    rank into an MLflow run of its own that the stream creates (as the sync creates each rank's
+    run): the ranks are dealt out to the streams, round robin."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(experiment)
+
+    def push(rank_ids: list[int]) -> None:
+        for rank in rank_ids:
+            run_id = client.create_run(experiment_id, run_name=f"rank {rank}").info.run_id
+            points = per_rank[rank]
+            step = 999 if cursor_tag else 1000
+            for k in range(0, len(points), step):
+                tags = [RunTag("cursor", str(k + step))] if cursor_tag else []
+                client.log_batch(run_id, metrics=points[k:k + step], tags=tags)
+
+    share = [list(range(s, len(per_rank), streams)) for s in range(streams)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(push, share))
+    return sum(map(len, per_rank)) / (time.perf_counter() - t0)
+
+
+def _sync_workers(savedir: Path, uri: str, experiment: str, workers: int) -> float:
+    """Points/s of the whole `itwinai-sync --to mlflow --workers N` command (parent and child
+    runs created inside the timing, as the raw streams create theirs)."""
+    from click.testing import CliRunner
+
+    from itwinai_journal import Journal
+    from itwinai_sync.cli import main
+
+    total = sum(r.last_seq for r in Journal(savedir).run("ranks").ranks)
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow", "--tracking-uri", uri,
+                                       "--experiment", experiment, "--workers", str(workers)])
+    seconds = time.perf_counter() - t0
+    assert result.exit_code == 0 and "FAILED" not in result.output, result.output
+    return total / seconds
+
+
+def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
+    """A run of `ranks` ranks x `points` points exported to an `mlflow server` backed by
+    PostgreSQL (both on loopback, started here), with --workers 1 and --workers 4, each right
+    after the raw MlflowClient.log_batch streams it is compared with: one stream, and four
+    in parallel (what this machine and server allow at most). A raw stream with a cursor tag
+    in each request (999 points and the tag) measures what the cursor itself costs here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from mlflow.entities import Metric
+    from postgres_server import PostgresMlflowServer, PostgresServer
+
+    from itwinai_journal import Journal
+
+    savedir = tmp / "pg-ranks"
+    _ranks_journal(savedir, ranks, points)
+    table = Journal(savedir).metrics(run_id="ranks")
+    per_rank: list[list[Any]] = [[] for _ in range(ranks)]
+    for r in table.to_pylist():
+        per_rank[r["rank"]].append(Metric(r["name"], r["value"], int(r["time"] * 1000),
+                                          r["step"]))
+    del table
+    out: dict[str, Any] = {"ranks": ranks, "points_per_rank": points, "server_workers": 4}
+    # The cluster in a directory of its own (PostgreSQL runs as another user when we are
+    # root, and cannot enter `tmp`, which is private).
+    with PostgresServer() as pg, PostgresMlflowServer(pg.uri, tmp / "pg-mlflow",
+                                                      workers=4) as server:
+        out["raw_1_stream_points_per_s"] = _raw_streams(server.uri, "raw-1", per_rank, 1)
+        out["raw_1_tagged_points_per_s"] = _raw_streams(server.uri, "raw-1-tag", per_rank, 1,
+                                                        cursor_tag=True)
+        out["workers_1_points_per_s"] = _sync_workers(savedir, server.uri, "sync-1", 1)
+        out["raw_4_streams_points_per_s"] = _raw_streams(server.uri, "raw-4", per_rank, 4)
+        out["workers_4_points_per_s"] = _sync_workers(savedir, server.uri, "sync-4", 4)
+    out["ratio_workers_1"] = out["workers_1_points_per_s"] / out["raw_1_stream_points_per_s"]
+    out["ratio_workers_4"] = out["workers_4_points_per_s"] / out["raw_4_streams_points_per_s"]
+    out["raw_4_over_1"] = out["raw_4_streams_points_per_s"] / out["raw_1_stream_points_per_s"]
+    out["tagged_over_raw"] = (out["raw_1_tagged_points_per_s"]
+                              / out["raw_1_stream_points_per_s"])
     return out
 
 
@@ -499,10 +600,13 @@ def bench_ls_scale(runs: int, ranks: int, tmp: Path) -> dict[str, float]:
                 "sessions": [{"status": "finished", "last_seq": 1000, "start": 0, "end": 1}]}))
             (rank_dir / "index.jsonl").write_text(json.dumps({"segment": 1, "first_seq": 1,
                                                               "last_seq": 1000}) + "\n")
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "itwinai_sync.cli", "ls", str(savedir)],
-                   capture_output=True, text=True, check=True)
-    return {"runs": runs, "ranks": ranks, "seconds": time.perf_counter() - t0}
+    out: dict[str, float] = {"runs": runs, "ranks": ranks}
+    for command in (["ls"], ["show", f"run{runs // 2:03d}"]):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "itwinai_sync.cli", command[0], str(savedir),
+                        *command[1:]], capture_output=True, text=True, check=True)
+        out[f"{command[0]}_seconds"] = time.perf_counter() - t0
+    return out
 
 
 def hot_path_ratios(hot: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -525,40 +629,61 @@ def _goal(what: str, value: float, measured: str, op: str, target: float,
 
 
 def goals(results: dict) -> list[dict[str, Any]]:
-    """The project's targets checked against this run's measurements. In --quick some sizes are
-    smaller than the ones a target is stated for: the size measured is part of the row."""
-    ours = results["hot_path"][OURS]
-    ratios = results["hot_path_ratios"]
-    mem, peak, scale = results["memory_and_read"], results["export_peak_rss"], results["ls_scale"]
-    rows = [_goal("hot path MLFlowLogger.log, median", ours["median_us"],
-                  f"{ours['median_us']:.3f} µs", "≤", 1, " µs")]
-    for name, label, target in ((TENSORBOARD, "TensorBoard add_scalar", 50),
-                                (WANDB, "W&B offline run.log", 100)):
-        r = ratios[name]
-        rows.append(_goal(f"faster than {label} (median; wall)", r["median"],
-                          f"{r['median']:.0f}x (wall {r['wall']:.1f}x)", "≥", target, "x"))
-    read_mps = mem["read_points_per_s"] / 1e6
-    rows += [
-        _goal(f"RSS growth logging {mem['points']:,} points{_stated(mem['points'], 10**7, '10 M')}",
-              mem["rss_growth_mb"], f"{mem['rss_growth_mb']:.1f} MB", "<", 64, " MB"),
-        _goal(f"Journal.metrics() read, {mem['read_points']:,} points", read_mps,
-              f"{read_mps:.2f} M points/s", "≥", 1, " M points/s"),
-    ]
-    for key, label in (("mlflow_export", "sqlite"), ("mlflow_server_export", "server")):
-        r = results[key]
-        rows.append(_goal(f"MLflow export vs raw log_batch, {label}", r["ratio"],
-                          f"{r['ratio']:.2f}x ({r['ratio_to_tagged']:.2f}x of tagged)", "≥", 0.9,
-                          "x"))
-    tbx = results["tensorboard_export"]
-    rows += [
-        _goal("TensorBoard export vs add_scalar replay", tbx["ratio"], f"{tbx['ratio']:.1f}x",
-              "≥", 5, "x"),
-        _goal(f"export peak RSS ({peak['points']:,} points)", peak["peak_rss_mb"],
-              f"{peak['peak_rss_mb']:.0f} MB", "<", 512, " MB"),
-        _goal(f"ls {scale['runs']} runs x {scale['ranks']} ranks"
-              f"{_stated(scale['runs'] * scale['ranks'], 10 * 1024, '10 x 1024')}",
-              scale["seconds"], f"{scale['seconds']:.2f} s", "<", 2, " s"),
-    ]
+    """The project's targets checked against this run's measurements (of the sections run). In
+    --quick some sizes are smaller than the ones a target is stated for: the size measured is
+    part of the row."""
+    rows = []
+    if "hot_path" in results:
+        ours = results["hot_path"][OURS]
+        rows.append(_goal("hot path MLFlowLogger.log, median", ours["median_us"],
+                          f"{ours['median_us']:.3f} µs", "≤", 1, " µs"))
+        for name, label, target in ((TENSORBOARD, "TensorBoard add_scalar", 50),
+                                    (WANDB, "W&B offline run.log", 100)):
+            r = results["hot_path_ratios"][name]
+            rows.append(_goal(f"faster than {label} (median; wall)", r["median"],
+                              f"{r['median']:.0f}x (wall {r['wall']:.1f}x)", "≥", target, "x"))
+    if "memory_and_read" in results:
+        mem = results["memory_and_read"]
+        read_mps = mem["read_points_per_s"] / 1e6
+        rows += [
+            _goal(f"RSS growth logging {mem['points']:,} points"
+                  f"{_stated(mem['points'], 10**7, '10 M')}",
+                  mem["rss_growth_mb"], f"{mem['rss_growth_mb']:.1f} MB", "<", 64, " MB"),
+            _goal(f"Journal.metrics() read, {mem['read_points']:,} points", read_mps,
+                  f"{read_mps:.2f} M points/s", "≥", 1, " M points/s"),
+        ]
+    for key, label, target in (("mlflow_export", "sqlite", 1.0),
+                               ("mlflow_server_export", "server", 0.9)):
+        if key in results:
+            r = results[key]
+            rows.append(_goal(f"MLflow export vs raw log_batch, {label}", r["ratio"],
+                              f"{r['ratio']:.2f}x ({r['ratio_to_tagged']:.2f}x of tagged)", "≥",
+                              target, "x"))
+    if "postgres_ranks" in results:
+        pg = results["postgres_ranks"]
+        size = f"{pg['ranks']} x {pg['points_per_rank']:,}"
+        stated = _stated(pg["ranks"] * pg["points_per_rank"], 64 * 20_000, "64 x 20,000")
+        rows += [
+            _goal(f"PostgreSQL {size}, --workers 1 / 1 raw stream{stated}",
+                  pg["ratio_workers_1"], f"{pg['ratio_workers_1']:.2f}x", "≥", 1.0, "x"),
+            _goal(f"PostgreSQL {size}, --workers 4 / 4 raw streams{stated}",
+                  pg["ratio_workers_4"], f"{pg['ratio_workers_4']:.2f}x", "≥", 0.9, "x"),
+        ]
+    if "tensorboard_export" in results:
+        tbx = results["tensorboard_export"]
+        rows.append(_goal("TensorBoard export vs add_scalar replay", tbx["ratio"],
+                          f"{tbx['ratio']:.1f}x", "≥", 5, "x"))
+    if "export_peak_rss" in results:
+        peak = results["export_peak_rss"]
+        rows.append(_goal(f"export peak RSS ({peak['points']:,} points)", peak["peak_rss_mb"],
+                          f"{peak['peak_rss_mb']:.0f} MB", "<", 512, " MB"))
+    if "ls_scale" in results:
+        scale = results["ls_scale"]
+        for command in ("ls", "show"):
+            rows.append(_goal(f"{command} {scale['runs']} runs x {scale['ranks']} ranks"
+                              f"{_stated(scale['runs'] * scale['ranks'], 10 * 1024, '10 x 1024')}",
+                              scale[f"{command}_seconds"],
+                              f"{scale[f'{command}_seconds']:.2f} s", "<", 2, " s"))
     return rows
 
 
@@ -578,7 +703,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under 2 minutes)")
     parser.add_argument("--json", default="bench-results.json", help="where to write results")
+    parser.add_argument("--only", default=",".join(SECTIONS), metavar="SECTION,...",
+                        help=f"sections to run (default all: {','.join(SECTIONS)})")
     args = parser.parse_args()
+    sections = set(args.only.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"unknown section(s): {', '.join(sorted(sections - set(SECTIONS)))}")
     calls = 200_000 if args.quick else 1_000_000
     points = 20_000 if args.quick else 100_000
     big = 1_000_000 if args.quick else 10_000_000
@@ -588,81 +718,107 @@ def main() -> None:
                      "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="itwinai-bench-") as tmp:
         tmp_path = Path(tmp)
-        hot = bench_hot_path(calls, tmp_path)
-        results["hot_path"] = hot
-        print(f"\nHot path ({calls:,} calls; per call, blocks of {BLOCK})")
-        print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
-        for name, r in hot.items():
-            print(f"{name:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} {r['wall_us']:8.3f}")
-        print(f"(the wandb and mlflow rows: {hot[WANDB]['calls']:,} and {hot[MLFLOW]['calls']:,}"
-              f" calls, blocks of {SLOW_BLOCK})")
-        results["hot_path_ratios"] = ratios = hot_path_ratios(hot)
-        print("\nalternative / MLFlowLogger.log, per call")
-        print(f"{'':50} {'median':>10} {'wall':>8}")
-        for name, r in ratios.items():
-            print(f"{name:50} {r['median']:9.1f}x {r['wall']:7.1f}x")
-        print(f"wandb, after its loop: run.finish() + teardown {hot[WANDB]['drain_seconds']:.2f} s"
-              " (what wandb-core still had to write)")
+        if "hot" in sections:
+            hot = bench_hot_path(calls, tmp_path)
+            results["hot_path"] = hot
+            print(f"\nHot path ({calls:,} calls; per call, blocks of {BLOCK})")
+            print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
+            for name, r in hot.items():
+                print(f"{name:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} {r['wall_us']:8.3f}")
+            print(f"(the wandb and mlflow rows: {hot[WANDB]['calls']:,} and "
+                  f"{hot[MLFLOW]['calls']:,} calls, blocks of {SLOW_BLOCK})")
+            results["hot_path_ratios"] = ratios = hot_path_ratios(hot)
+            print("\nalternative / MLFlowLogger.log, per call")
+            print(f"{'':50} {'median':>10} {'wall':>8}")
+            for name, r in ratios.items():
+                print(f"{name:50} {r['median']:9.1f}x {r['wall']:7.1f}x")
+            print("wandb, after its loop: run.finish() + teardown "
+                  f"{hot[WANDB]['drain_seconds']:.2f} s (what wandb-core still had to write)")
 
-        sampler = bench_sampler(calls // 2, tmp_path)
-        results["system_metrics_sampler"] = sampler
-        print(f"\nHot path with the system-metrics sampler ({calls // 2:,} calls x 3 alternated "
-              "rounds per setting; medians)")
-        print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
-        for label, _ in SAMPLER_SETTINGS:
-            r = sampler[label]
-            print(f"{label:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} {r['wall_us']:8.3f}")
-        cost = sampler["one_sample_ms"]
-        print(f"one sample (sampler thread, no GPU): {cost['min']:.2f} ms min, "
-              f"{cost['median']:.2f} ms median; {sampler['samples_written_at_0.1s']} samples "
-              "written at 0.1 s during the loops")
+        if "sampler" in sections:
+            sampler = bench_sampler(calls // 2, tmp_path)
+            results["system_metrics_sampler"] = sampler
+            print(f"\nHot path with the system-metrics sampler ({calls // 2:,} calls x 3 "
+                  "alternated rounds per setting; medians)")
+            print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
+            for label, _ in SAMPLER_SETTINGS:
+                r = sampler[label]
+                print(f"{label:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} {r['wall_us']:8.3f}")
+            cost = sampler["one_sample_ms"]
+            print(f"one sample (sampler thread, no GPU): {cost['min']:.2f} ms min, "
+                  f"{cost['median']:.2f} ms median; {sampler['samples_written_at_0.1s']} samples "
+                  "written at 0.1 s during the loops")
 
-        live = bench_live_sync(calls, tmp_path)
-        results["live_sync"] = live
-        print(f"\nHot path with live sync ({OURS}, {calls:,} calls; sidecar -> loopback "
-              "mlflow server every 0.5 s)")
-        print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
-        for label, r in live.items():
-            print(f"{'live sync ' + label:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} "
-                  f"{r['wall_us']:8.3f}")
-        print(f"(each loop after a backlog of {max(BLOCK, calls // 10):,} records; the sidecar "
-              f"had exported {live['on']['exported_live']:,} records live when stopped)")
+        if "live" in sections:
+            live = bench_live_sync(calls, tmp_path)
+            results["live_sync"] = live
+            print(f"\nHot path with live sync ({OURS}, {calls:,} calls; sidecar -> loopback "
+                  "mlflow server every 0.5 s)")
+            print(f"{'':50} {'median µs':>10} {'p99 µs':>8} {'wall µs':>8}")
+            for label, r in live.items():
+                print(f"{'live sync ' + label:50} {r['median_us']:10.3f} {r['p99_us']:8.3f} "
+                      f"{r['wall_us']:8.3f}")
+            print(f"(each loop after a backlog of {max(BLOCK, calls // 10):,} records; the sidecar "
+                  f"had exported {live['on']['exported_live']:,} records live when stopped)")
 
-        rounds = 2 if args.quick else 3
-        ml = bench_mlflow_export(points, tmp_path, rounds)
-        results["mlflow_export"] = ml
-        _print_export_rounds(f"MLflow export of {ml['points']:,} points into embedded sqlite", ml)
-        print(f"  re-sync (nothing to do):    {ml['resync_seconds']:.2f} s")
+        if "mlflow" in sections:
+            rounds = 2 if args.quick else 3
+            ml = bench_mlflow_export(points, tmp_path, rounds)
+            results["mlflow_export"] = ml
+            _print_export_rounds(f"MLflow export of {ml['points']:,} points into embedded "
+                                 "sqlite", ml)
+            print(f"  re-sync (nothing to do):    {ml['resync_seconds']:.2f} s")
 
-        # at least 10 000: below that the run setup (experiment, parent and child runs) dominates
-        srv = bench_mlflow_server_export(max(points // 4, 10_000), tmp_path, rounds)
-        results["mlflow_server_export"] = srv
-        _print_export_rounds(f"MLflow export of {srv['points']:,} points into a loopback "
-                             "mlflow server", srv)
+            # at least 10 000: below that the run setup (experiment, parent and child runs)
+            # dominates
+            srv = bench_mlflow_server_export(max(points // 4, 10_000), tmp_path, rounds)
+            results["mlflow_server_export"] = srv
+            _print_export_rounds(f"MLflow export of {srv['points']:,} points into a loopback "
+                                 "mlflow server", srv)
 
-        tbx = bench_tensorboard_export(points, tmp_path)
-        results["tensorboard_export"] = tbx
-        print(f"\nTensorBoard export of {tbx['points']:,} points")
-        print(f"  SummaryWriter.add_scalar replay: {tbx['add_scalar_replay_points_per_s']:10,.0f}"
-              " points/s")
-        print(f"  itwinai-sync --to tensorboard:   {tbx['itwinai_sync_points_per_s']:10,.0f}"
-              f" points/s ({tbx['ratio']:.1f}x)")
+        if "postgres" in sections:
+            ranks, per_rank = (16, 5_000) if args.quick else (64, 20_000)
+            pg = bench_postgres_ranks(ranks, per_rank, tmp_path)
+            results["postgres_ranks"] = pg
+            print(f"\nMLflow export of a run of {ranks} ranks x {per_rank:,} points into an mlflow "
+                  f"server on PostgreSQL ({pg['server_workers']} server workers), points/s")
+            print(f"  raw log_batch, 1 stream:       {pg['raw_1_stream_points_per_s']:8,.0f}")
+            print(f"  raw, 999 points + a tag:       {pg['raw_1_tagged_points_per_s']:8,.0f}"
+                  f"  ({pg['tagged_over_raw']:.2f}x of 1 stream: the cursor's own cost)")
+            print(f"  itwinai-sync --workers 1:      {pg['workers_1_points_per_s']:8,.0f}"
+                  f"  ({pg['ratio_workers_1']:.2f}x of 1 stream)")
+            print(f"  raw log_batch, 4 streams:      {pg['raw_4_streams_points_per_s']:8,.0f}"
+                  f"  ({pg['raw_4_over_1']:.2f}x of 1 stream: this machine's ceiling)")
+            print(f"  itwinai-sync --workers 4:      {pg['workers_4_points_per_s']:8,.0f}"
+                  f"  ({pg['ratio_workers_4']:.2f}x of 4 streams)")
 
-        mem = bench_memory_and_read(big, tmp_path)
-        results["memory_and_read"] = mem
-        print(f"\nLogging {mem['points']:,} metric points in one process: RSS growth "
-              f"{mem['rss_growth_mb']:.1f} MB ({mem['log_process_seconds']:.1f} s)")
-        print(f"Journal.metrics() read: {mem['read_points']:,} points, "
-              f"{mem['read_points_per_s']:,.0f} points/s")
-        peak = bench_export_peak_rss(mem["savedir"], big)
-        results["export_peak_rss"] = peak
-        print(f"itwinai-sync --to tensorboard of those {big:,} points: peak RSS "
-              f"{peak['peak_rss_mb']:.0f} MB, {peak['points_per_s']:,.0f} points/s")
+        if "tensorboard" in sections:
+            tbx = bench_tensorboard_export(points, tmp_path)
+            results["tensorboard_export"] = tbx
+            print(f"\nTensorBoard export of {tbx['points']:,} points")
+            print("  SummaryWriter.add_scalar replay: "
+                  f"{tbx['add_scalar_replay_points_per_s']:10,.0f} points/s")
+            print(f"  itwinai-sync --to tensorboard:   {tbx['itwinai_sync_points_per_s']:10,.0f}"
+                  f" points/s ({tbx['ratio']:.1f}x)")
 
-        scale = bench_ls_scale(10, 1024 if not args.quick else 256, tmp_path)
-        results["ls_scale"] = scale
-        print(f"\nitwinai-sync ls over {scale['runs']} runs x {scale['ranks']} ranks: "
-              f"{scale['seconds']:.2f} s (a fresh process)")
+        if "memory" in sections:
+            mem = bench_memory_and_read(big, tmp_path)
+            results["memory_and_read"] = mem
+            print(f"\nLogging {mem['points']:,} metric points in one process: RSS growth "
+                  f"{mem['rss_growth_mb']:.1f} MB ({mem['log_process_seconds']:.1f} s)")
+            print(f"Journal.metrics() read: {mem['read_points']:,} points, "
+                  f"{mem['read_points_per_s']:,.0f} points/s")
+            peak = bench_export_peak_rss(mem["savedir"], big)
+            results["export_peak_rss"] = peak
+            print(f"itwinai-sync --to tensorboard of those {big:,} points: peak RSS "
+                  f"{peak['peak_rss_mb']:.0f} MB, {peak['points_per_s']:,.0f} points/s")
+
+        if "ls" in sections:
+            scale = bench_ls_scale(10, 1024 if not args.quick else 256, tmp_path)
+            results["ls_scale"] = scale
+            print(f"\nitwinai-sync over {scale['runs']} runs x {scale['ranks']} ranks (a fresh "
+                  f"process each): ls {scale['ls_seconds']:.2f} s, show of one run "
+                  f"{scale['show_seconds']:.2f} s")
     results["goals"] = goal_rows = goals(results)
     print_goals(goal_rows)
     Path(args.json).write_text(json.dumps(results, indent=1))

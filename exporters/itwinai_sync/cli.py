@@ -446,7 +446,6 @@ def show_cmd(savedir: Path, run_id: str) -> None:
             click.echo(f"  {key}: {value}")
     click.echo(f"  status: {run.status}   path: {run.path}")
     click.echo(f"  destinations: {json.dumps(run.destinations())}")
-    records = journal.records(experiment=run.experiment, run_id=run.run_id)
     for rank in run.ranks:
         m = rank.manifest
         sessions = m.get("sessions", [])
@@ -455,7 +454,7 @@ def show_cmd(savedir: Path, run_id: str) -> None:
                     f"{m.get('dropped_records', 0)} dropped", bold=True)
         if sessions:
             click.echo(f"    argv: {' '.join(sessions[-1].get('argv', []))}")
-        mine = records.filter(pc.equal(records["rank"], rank.rank))
+        mine = journal.rank_records(run, rank)
         kinds = Counter(mine["kind"].to_pylist())
         click.echo(f"    records: {_counts(kinds)}")
         metrics = mine.filter(pc.equal(mine["kind"], "metric"))

@@ -8,6 +8,13 @@ not meant for it (route), and hands batches to the sink together with the cursor
 to. The cursor never passes a gap in the seqs: what is missing is reported and the rank fails
 until it is restored. A target run is only created once there is a record for it. A run that
 fails is reported and skipped; the others go on.
+
+Parallelism (`--workers N`): up to N runs are open at once (each holding its lock), and the
+export work itself (one rank of one run, or all ranks of a run whose exporter takes them one at
+a time) runs on one shared pool of N threads. So N bounds both the runs in progress and the
+streams writing to the targets, whatever the mix of few big runs and many small ones, and the
+memory held (one segment and one batch per stream). Each rank is still written by one thread,
+in seq order, with its own cursor: parallel ranks change nothing about exactly once.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import threading
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +169,12 @@ class SyncEngine:
         parallel = [(r, t) for r, t in plan if self.exporter(t).parallel_runs]
         results: list[RunResult] = []
         if parallel:
-            workers = max(1, min(self.req.workers, len(parallel)))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
-                results.extend(pool.map(lambda rt: self.sync_run(*rt), parallel))
+            workers = max(1, self.req.workers)
+            with (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as streams,
+                  ThreadPoolExecutor(max_workers=min(workers, len(parallel)),
+                                     thread_name_prefix="sync-run") as runs):
+                results.extend(runs.map(lambda rt: self.sync_run(*rt, streams=streams),
+                                        parallel))
         results.extend(self.sync_run(r, t) for r, t in serial)
         target = ", ".join(self.req.targets or ["-"])
         results.extend(RunResult(r.key, target, status="failed", error=f"damaged, not synced: "
@@ -183,7 +193,10 @@ class SyncEngine:
             exp.close()
         self._exporters.clear()
 
-    def sync_run(self, run: RunInfo, target: str) -> RunResult:
+    def sync_run(self, run: RunInfo, target: str,
+                 streams: ThreadPoolExecutor | None = None) -> RunResult:
+        """Export `run` to `target`; its ranks on `streams` (in parallel when the exporter
+        takes them so, else all in one task), or in this thread when there is no pool."""
         exporter = self.exporter(target)
         result = RunResult(run.key, target, journal=run.journal_id, path=str(run.path))
         try:
@@ -202,14 +215,9 @@ class SyncEngine:
                 result.status = "busy"
                 result.error = "being synced to this target by another process; skipped"
                 return result
-            errors: list[str] = []
             try:
                 exporter.connect(view)
-                for rank in view.ranks:
-                    try:
-                        self._sync_rank(exporter, ledger, view, rank, result)
-                    except (ExportError, JournalCorruption) as e:
-                        errors.append(f"rank {rank.rank}: {_one_line(e)}")
+                errors = self._sync_ranks(exporter, ledger, view, result, streams)
             finally:
                 lock.release()
             if errors:
@@ -222,6 +230,46 @@ class SyncEngine:
             result.error = _one_line(e)
             result.trace = traceback.format_exc()
         return result
+
+    def _sync_ranks(self, exporter: Exporter, ledger: Ledger, run: RunInfo, result: RunResult,
+                    streams: ThreadPoolExecutor | None) -> list[str]:
+        """Export every rank of `run` and add up what they did into `result`; the errors, one
+        line per failed rank, in rank order. Each rank counts into a result of its own, merged
+        here by this one thread once the rank is done."""
+
+        def one(rank: RankInfo) -> tuple[RunResult, str | None]:
+            part = RunResult(run.key, result.target)
+            try:
+                self._sync_rank(exporter, ledger, run, rank, part)
+            except (ExportError, JournalCorruption) as e:
+                return part, f"rank {rank.rank}: {_one_line(e)}"
+            return part, None
+
+        def serially(ranks: list[RankInfo]) -> list[tuple[RunResult, str | None]]:
+            return [one(rank) for rank in ranks]
+
+        if streams is None:
+            outcomes = serially(run.ranks)
+        else:
+            if exporter.parallel_ranks:
+                futures = [streams.submit(serially, [rank]) for rank in run.ranks]
+            else:
+                futures = [streams.submit(serially, run.ranks)]
+            # Every rank ends (its sink closed) before the run's lock is released, also when
+            # one of them raised something unexpected: that is raised once all are done.
+            wait(futures)
+            outcomes = [o for f in futures if f.exception() is None for o in f.result()]
+        errors = []
+        for part, error in outcomes:
+            result.exported.update(part.exported)
+            result.skipped.update(part.skipped)
+            result.cursors.update(part.cursors)
+            if error is not None:
+                errors.append(error)
+        if streams is not None:
+            for f in futures:
+                f.result()  # raises what a rank raised that is not an export error
+        return errors
 
     def _sync_rank(self, exporter: Exporter, ledger: Ledger, run: RunInfo, rank: RankInfo,
                    result: RunResult) -> None:

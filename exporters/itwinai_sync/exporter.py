@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,10 +58,13 @@ class Notes:
     collected per sync and printed in the summary, each distinct line once."""
 
     lines: list[str] = field(default_factory=list)
+    #: Notes come from the threads exporting ranks and runs at once.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, line: str) -> None:
-        if line not in self.lines:
-            self.lines.append(line)
+        with self._lock:
+            if line not in self.lines:
+                self.lines.append(line)
 
 
 class RankSink(ABC):
@@ -100,6 +104,9 @@ class Exporter(ABC):
     #: For a target that takes `text` records only when they hold an object logged as another
     #: kind (meta['logged_as']): those kinds. None: every text record of a taken kind.
     texts_logged_as: ClassVar[frozenset[str] | None] = None
+    #: Whether the ranks of one run may be exported at once in threads of one process (each
+    #: rank by one thread; the exporter makes what ranks share, such as a parent run, safe).
+    parallel_ranks: ClassVar[bool] = False
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         self.savedir = savedir

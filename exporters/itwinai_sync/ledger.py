@@ -11,6 +11,7 @@ ever a hint.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,9 @@ class Ledger:
         self.root = savedir / SYNC_DIR / key_digest(target_key)
         self.target_key = target_key
         self.target = target
+        #: The ranks of a run are exported by several threads, each recording its cursor in the
+        #: run's one entry: a read-modify-write, one at a time.
+        self._lock = threading.Lock()
 
     def _path(self, run: RunInfo, suffix: str) -> Path:
         """Named by the journal's identity alone: 32 hex digits fit any file system, whatever
@@ -55,6 +59,10 @@ class Ledger:
         return {int(k): int(v) for k, v in data.get("cursors", {}).items()}
 
     def record(self, run: RunInfo, rank: int, cursor: int) -> None:
+        with self._lock:
+            self._record(run, rank, cursor)
+
+    def _record(self, run: RunInfo, rank: int, cursor: int) -> None:
         target_file = self.root / "target.json"
         if not target_file.exists():
             write_json_atomic(target_file, {"key": self.target_key, "target": self.target},

@@ -2,10 +2,11 @@
 online; a run with several ranks becomes a parent run with one nested child run per rank.
 
 Exactly once: metrics and params go through `log_batch` with the rank's cursor as a tag of the
-same request. Artifacts (text, dicts, figures, images, files, torch objects) are written to
-deterministic artifact paths, so repeating one after a crash overwrites it with the same bytes;
-the cursor tag is committed right after each. Models are looked up by name in the run before
-being logged again.
+same request (in a SQL store, which keeps a repeated metric point once, only the last request of
+each batch of metrics carries it: see `MlflowRankSink._commit`). Artifacts (text, dicts,
+figures, images, files, torch objects) are written to deterministic artifact paths, so
+repeating one after a crash overwrites it with the same bytes; the cursor tag is committed
+right after each. Models are looked up by name in the run before being logged again.
 
 Which MLflow runs a journal has: every run carries the journal's identity (`itwinai.journal`),
 its role (`parent` or `rank`) and rank, and is found by them, never by name. Find-or-create is a
@@ -231,6 +232,28 @@ def unreachable(uri: str) -> str | None:
     return None
 
 
+#: Where an MLflow 3 tracking server tells what it stores runs in.
+SERVER_INFO = "/api/3.0/mlflow/server-info"
+_SQL_SCHEMES = re.compile(r"^(sqlite|postgresql|mysql|mssql)(\+[\w-]+)?://", re.IGNORECASE)
+
+
+def _sql_store(uri: str) -> bool:
+    """Whether `uri` is an MLflow SQL store, directly or behind a tracking server (see
+    MlflowExporter.dedupes)."""
+    if _SQL_SCHEMES.match(uri):
+        return True
+    if urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return False
+    import requests
+
+    try:
+        with requests.get(uri.rstrip("/") + SERVER_INFO, timeout=REACH_TIMEOUT) as answer:
+            info = answer.json() if answer.status_code == 200 else {}
+    except (requests.exceptions.RequestException, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("store_type") == "SqlStore"
+
+
 def idempotent(call: Any, *args: Any, **kwargs: Any) -> Any:
     """Call an MLflow write whose repetition stores nothing twice (a log_batch of points and
     params already sent, a tag, a dataset input), again when it failed only because a
@@ -256,12 +279,17 @@ class MlflowExporter(Exporter):
     kinds = frozenset({"metric", "param", "text", "dict", "figure", "image", "artifact", "torch",
                        "model", "best_model", "dataset", system_metrics.KIND})
     batch_records = 20_000
+    parallel_ranks = True
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         super().__init__(savedir, options, notes)
         self._clients: dict[str, Any] = {}
         self._sqlite_locks: dict[str, threading.Lock] = {}
+        #: Where each journal run goes in each store, shared by the threads exporting its
+        #: ranks, renewed by `connect` at the start of each sync of the run.
+        self._places: dict[tuple[str, str], Place] = {}
         self._unreachable: dict[str, str] = {}
+        self._dedupes: dict[str, bool] = {}
         #: Name -> key maps of each (store, journal, rank), kept across `--watch` passes.
         self._keymaps: dict[tuple[str, str, int], KeyMaps] = {}
         self._guard = threading.Lock()
@@ -297,7 +325,18 @@ class MlflowExporter(Exporter):
         return f"{canonical_uri(self.tracking_uri(run))}, experiment {self.experiment_name(run)!r}"
 
     def connect(self, run: RunInfo) -> None:
-        self.client(self.tracking_uri(run))
+        uri = self.tracking_uri(run)
+        place = Place(self, self.client(uri), uri, run)
+        with self._guard:
+            self._places[(canonical_uri(uri), run.journal_id)] = place
+
+    def place(self, run: RunInfo) -> Place:
+        """The Place of `run` in its store, the one `connect` made for this sync of the run."""
+        uri = self.tracking_uri(run)
+        client = self.client(uri)
+        with self._guard:
+            return self._places.setdefault((canonical_uri(uri), run.journal_id),
+                                           Place(self, client, uri, run))
 
     def forget_unreachable(self) -> None:
         with self._guard:
@@ -334,6 +373,17 @@ class MlflowExporter(Exporter):
                 self._clients[uri] = MlflowClient(tracking_uri=uri)
                 self._sqlite_locks[uri] = threading.Lock()
             return self._clients[uri]
+
+    def dedupes(self, uri: str) -> bool:
+        """Whether the store behind `uri` keeps a metric point once however often it is sent:
+        MLflow's SQL store (sqlite, PostgreSQL, MySQL, ...) keys a point by run, name,
+        timestamp, step and value, and stores a repeated one once; its file store appends it
+        again. A tracking server says which store it has (`store_type` of its server-info,
+        MLflow 3); one that does not say is taken not to."""
+        with self._guard:
+            if uri not in self._dedupes:
+                self._dedupes[uri] = _sql_store(uri)
+            return self._dedupes[uri]
 
     def write_lock(self, uri: str) -> Any:
         """sqlite allows one writer: serialise this process's writes to one database file
@@ -373,9 +423,8 @@ class MlflowExporter(Exporter):
         """The rank's sink. Nothing is created here: the sink creates the MLflow run(s) when
         it first has a record to write, so that a journal with nothing for MLflow leaves no
         empty run."""
-        uri = self.tracking_uri(run)
-        place = Place(self, self.client(uri), uri, run)
-        with self.write_lock(uri):
+        place = self.place(run)
+        with place.write_lock, place.claim_lock:
             target = place.find_rank(rank, create)
         if target is None and not create:
             return None
@@ -383,7 +432,13 @@ class MlflowExporter(Exporter):
 
 
 class Place:
-    """Where one journal run goes in one MLflow store: finding and claiming its runs."""
+    """Where one journal run goes in one MLflow store: finding and claiming its runs.
+
+    One Place serves all ranks of the run during one sync of it, in as many threads: what they
+    share is looked up once (the experiment, the parent run, whether other journals have the
+    same run key) rather than searched again per rank, which on a server with a thousand ranks
+    was most of the requests that were not log_batch. The ranks' own runs are still found and
+    claimed one by one, under `claim_lock`, so that threads never create a parent each."""
 
     def __init__(self, exporter: MlflowExporter, client: Any, uri: str, run: RunInfo):
         self.exporter = exporter
@@ -392,8 +447,12 @@ class Place:
         self.run = run
         self.notes = exporter.notes
         self.write_lock = exporter.write_lock(uri)
+        self.claim_lock = threading.Lock()
         self.nested = len(run.ranks) > 1
         self._exp_id: str | None = None
+        self._parent: Any = None
+        self._parent_terminated = False
+        self._others: bool | None = None
 
     def experiment_id(self, create: bool) -> str | None:
         if self._exp_id is None:
@@ -416,11 +475,11 @@ class Place:
             if not token:
                 return found
 
-    def _claim(self, tags: dict[str, str], create: Any) -> Any:
-        """The run with `tags`, created by `create()` when there is none. Concurrent syncs
-        converge on the earliest created run; the others are deleted (see the module
-        docstring)."""
-        runs = self._search(tags)
+    def _claim(self, tags: dict[str, str], create: Any, searched: bool = False) -> Any:
+        """The run with `tags`, created by `create()` when there is none (`searched`: a search
+        just found none, it is not repeated). Concurrent syncs converge on the earliest created
+        run; the others are deleted (see the module docstring)."""
+        runs = [] if searched else self._search(tags)
         if not runs and create is not None:
             create()
             runs = self._search(tags)
@@ -455,25 +514,50 @@ class Place:
             self._link(target, rank)
         return target
 
-    def claim_rank(self, rank: RankInfo) -> Any:
-        with self.write_lock:
+    def claim_rank(self, rank: RankInfo, searched: bool = False) -> Any:
+        """Create (claim) the rank's run, and the parent when there is none. `searched`: the
+        rank's run was searched for when its sink was opened, and none was found (a run
+        another sync creates meanwhile is found by the search after the creation)."""
+        with self.write_lock, self.claim_lock:
             exp_id = self.experiment_id(create=True)
-            parent = self._claim(self._ids("parent", None),
-                                 lambda: self._create(exp_id, None)) if self.nested else None
+            parent = self._parent_run(create=True)
             target = self._claim(self._ids("rank", rank.rank),
-                                 lambda: self._create(exp_id, rank, parent))
+                                 lambda: self._create(exp_id, rank, parent), searched)
             if parent is not None:
                 self._link(target, rank, parent)
             return target
 
-    def parent(self) -> Any:
-        return self._claim(self._ids("parent", None), None) if self.nested else None
+    def terminate_parent(self) -> None:
+        """Mirror the run's status on the parent (once all ranks ended, with the last end
+        time), once per sync of the run: every rank asks as it closes, and the answer depends
+        on the manifests alone."""
+        with self.claim_lock:
+            parent = None if self._parent_terminated else self._parent_run(create=False)
+            if parent is not None:
+                ends = [_end_ms(r.manifest) for r in self.run.ranks]
+                _terminate(self.client, parent, self.run.status,
+                           None if None in ends else max(ends))
+                self._parent_terminated = True
+
+    def _parent_run(self, create: bool) -> Any:
+        """The parent run (None for a run of one rank), claimed once per sync of the run;
+        the caller holds `claim_lock`."""
+        if self.nested and self._parent is None:
+            exp_id = self.experiment_id(create=True) if create else None
+            self._parent = self._claim(self._ids("parent", None),
+                                       (lambda: self._create(exp_id, None)) if create else None)
+        return self._parent
+
+    def forget(self) -> None:
+        """Drop what was looked up once: a concurrent sync replaced a run of this journal."""
+        with self.claim_lock:
+            self._parent = None
+            self._parent_terminated = False
 
     def _link(self, target: Any, rank: RankInfo, parent: Any = None) -> None:
         """Nest the rank's run under the parent, named worker_<rank>."""
         if parent is None:
-            exp_id = self.experiment_id(create=True)
-            parent = self._claim(self._ids("parent", None), lambda: self._create(exp_id, None))
+            parent = self._parent_run(create=True)
         rid = target.info.run_id
         if target.data.tags.get("mlflow.parentRunId") != parent.info.run_id:
             idempotent(self.client.set_tag, rid, "mlflow.parentRunId", parent.info.run_id)
@@ -511,8 +595,10 @@ class Place:
         return self.client.create_run(exp_id, start_time=start, tags=tags, run_name=name)
 
     def _other_journals(self) -> bool:
-        return any(r.data.tags.get(TAG_JOURNAL) != self.run.journal_id
-                   for r in self._search({TAG_DIGEST: run_digest(self.run)}))
+        if self._others is None:
+            self._others = any(r.data.tags.get(TAG_JOURNAL) != self.run.journal_id
+                               for r in self._search({TAG_DIGEST: run_digest(self.run)}))
+        return self._others
 
 
 def _claim_order(run: Any) -> tuple[str, str]:
@@ -625,6 +711,11 @@ class MlflowRankSink(RankSink):
         self.target = target
         self.run_id = target.info.run_id if target is not None else None
         self._cursor = int(target.data.tags.get(TAG_CURSOR, 0)) if target is not None else 0
+        #: The seq up to which records are written: the cursor, or beyond it by the requests
+        #: sent without it (see `_commit`).
+        self._written = self._cursor
+        self._tag_next = False
+        self.dedupes = place.exporter.dedupes(place.uri)
         self._params = dict(target.data.params) if target is not None else {}
         self.names = place.exporter.keymaps(place.uri, run, rank)
         from mlflow.entities import Metric, Param, RunTag
@@ -637,11 +728,12 @@ class MlflowRankSink(RankSink):
     def _ensure_target(self) -> None:
         """Create (claim) the rank's MLflow run, and the parent's, on the first write."""
         if self.target is None:
-            self.target = self.place.claim_rank(self.rank)
+            self.target = self.place.claim_rank(self.rank, searched=True)
             self.run_id = self.target.info.run_id
             self._params = dict(self.target.data.params)
             claimed = int(self.target.data.tags.get(TAG_CURSOR, 0))
             if claimed != self._cursor:
+                self.place.forget()
                 raise TargetChanged(f"MLflow run {self.run_id} of this rank was created by "
                                     f"another sync meanwhile (cursor {claimed})")
 
@@ -650,7 +742,7 @@ class MlflowRankSink(RankSink):
         if key is not None:  # seen before, in journal order
             return key
         with self.names.lock:
-            self.names.prime(self._cursor)
+            self.names.prime(self._written)
             return self.names.key(kind, name)
 
     def close(self) -> None:
@@ -662,11 +754,7 @@ class MlflowRankSink(RankSink):
 
         try:
             _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank.manifest))
-            parent = self.place.parent()
-            if parent is not None:
-                ends = [_end_ms(r.manifest) for r in self.run.ranks]
-                _terminate(self.client, parent, self.run.status,
-                           None if None in ends else max(ends))
+            self.place.terminate_parent()
         except MlflowException:
             if not self._retired():
                 raise
@@ -709,36 +797,51 @@ class MlflowRankSink(RankSink):
                     params[param.key] = param
                     size += len(param.key) + len(param.value)
             else:
-                self._commit(metrics, params, last_seq)
+                self._commit(metrics, params, last_seq, final=True)
                 metrics, params, size = [], {}, 0
                 self._side_effect(kind, {k: v[i] for k, v in cols.items()})
+                self._tag_next = True
             last_seq = seq
             if (len(metrics) + len(params) + 1 >= MAX_ENTITIES or len(params) + 1 >= MAX_PARAMS
                     or size > MAX_REQUEST_BYTES * 0.8):
                 self._commit(metrics, params, last_seq)
                 metrics, params, size = [], {}, 0
-        self._commit(metrics, params, cursor)
+        self._commit(metrics, params, cursor, final=True)
 
-    def _commit(self, metrics: list[Any], params: dict[str, Any], cursor: int) -> None:
-        """One log_batch: the records and the cursor that covers them, atomically."""
-        if not metrics and not params and cursor == self._cursor:
+    def _commit(self, metrics: list[Any], params: dict[str, Any], cursor: int,
+                final: bool = False) -> None:
+        """One log_batch: the records and, in the same request, the cursor that covers them.
+
+        In a store that keeps a metric point once however often it is sent (`dedupes`), a
+        request of metrics alone leaves the cursor out, unless it is the last of the batch
+        (`final`, also the one before an artifact or model) or follows an artifact or model:
+        a sync killed in between sends those points again and the store keeps them once. The
+        cursor tag costs the store a commit of its own per request (a sixth to a fifth of the
+        time of a 1000-point request on PostgreSQL), so it is written about once per batch of
+        `batch_records` rather than per 1000 points."""
+        tagged = final or bool(params) or self._tag_next or not self.dedupes
+        if not metrics and not params and (cursor == self._cursor or not tagged):
             return
         from mlflow.exceptions import MlflowException
 
-        tag = self._RunTag(TAG_CURSOR, str(cursor))
+        tags = [self._RunTag(TAG_CURSOR, str(cursor))] if tagged else []
         try:
             with self.write_lock:
                 idempotent(self.client.log_batch, self.run_id, metrics=metrics,
-                           params=list(params.values()), tags=[tag])
+                           params=list(params.values()), tags=tags)
         except MlflowException as e:
             if self._retired():
+                self.place.forget()
                 raise TargetChanged(f"MLflow run {self.run_id} was deleted by a concurrent sync "
                                     "of this journal, which keeps another run") from e
             raise
         self._params.update({p.key: p.value for p in params.values()})
-        if self.names.primed >= self._cursor:
+        if self.names.primed >= self._written:
             self.names.primed = cursor  # the names of this commit went through _key
-        self._cursor = cursor
+        self._written = cursor
+        if tagged:
+            self._cursor = cursor
+            self._tag_next = False
 
     def _metric_form(self, step: int | None, meta: str) -> int | None:
         """The step of a metric the journal keeps in one of its storable forms (a step the

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from . import segments
 from .fsutil import open_regular, read_bytes, read_json
+from .manifest import session_ended
 from .validate import (
     DAMAGED,
     RANK_DIR,
@@ -56,10 +57,16 @@ class RankInfo:
 
     @property
     def last_seq(self) -> int:
-        """Highest seq known without opening segments: the last closed session or the index
-        (an index that cannot be read counts as empty; `load_run` reports it)."""
+        """Highest seq known without opening segments: the last closed session or the index.
+        When the last session has ended its last_seq is the rank's last (the index never goes
+        beyond it), and the index is not opened: `ls` of a thousand ranks reads manifests
+        only. An index that cannot be read counts as empty (`load_run` reports it)."""
         sessions = self.manifest.get("sessions") or []
         closed = max((s.get("last_seq") or 0 for s in sessions), default=0)
+        last = sessions[-1] if sessions else None
+        if (isinstance(last, dict) and session_ended(last)
+                and type(last.get("last_seq")) is int):
+            return closed
         indexed = self.index_last_seq
         if indexed is None:
             try:
@@ -190,6 +197,17 @@ def load_run(run_dir: Path) -> RunInfo:
     return run
 
 
+def _may_be(run_dir: Path, run_id: str) -> bool:
+    """Whether the run in `run_dir` may be `run_id` (an id or experiment/id), from its run.json
+    alone; a run.json that cannot be read leaves it to `load_run`, which names the run after
+    its directories."""
+    try:
+        experiment, rid = check_run_info(read_json(run_dir / "run.json"), run_dir)
+    except DAMAGED:
+        return True
+    return run_id in (rid, f"{experiment}/{rid}")
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError):
         return e.strerror or type(e).__name__
@@ -302,7 +320,11 @@ class Journal:
     def run(self, run_id: str) -> RunInfo:
         """A run by id, or by 'experiment/run_id' when ids repeat across experiments. A KeyError
         when there is no such run, JournalCorruption when it is damaged."""
-        found = [r for r in self.scan() if run_id in (r.run_id, r.key)]
+        # Only the runs that may be the one are loaded (their ranks' manifests read): a savedir
+        # of runs with a thousand ranks each is not loaded whole to show one.
+        found = [r for r in map(load_run, (d for d in find_run_dirs(self.savedir)
+                                           if _may_be(d, run_id)))
+                 if run_id in (r.run_id, r.key)]
         if not found:
             raise KeyError(f"no run {run_id!r} in {self.savedir}")
         if len(found) > 1:
@@ -326,22 +348,17 @@ class Journal:
     def records(self, experiment: str | None = None, run_id: str | None = None,
                 rank: int | None = None, kinds: Iterable[str] | None = None) -> pa.Table:
         """Every record (sealed and active segments) with experiment, run_id and rank columns."""
-        import pyarrow.compute as pc  # not at module level: listing runs does not need it
-
         kinds = list(kinds) if kinds is not None else None
-        tables = []
-        for run, r in self._select(experiment, run_id, rank):
-            for t in segments.iter_tables(r.path / "segments"):
-                if kinds is not None:
-                    wanted = (pc.equal(t["kind"], kinds[0]) if len(kinds) == 1
-                              else pc.is_in(t["kind"], pa.array(kinds, pa.string())))
-                    if not pc.all(wanted).as_py():  # a segment of wanted kinds only is kept whole
-                        t = t.filter(wanted)
-                if t.num_rows:
-                    tables.append(_label(t, run, r))
-        if not tables:
-            return _label(segments.ARROW_SCHEMA.empty_table(), None, None)
-        return pa.concat_tables(tables)
+        tables = [t for run, r in self._select(experiment, run_id, rank)
+                  for t in _rank_tables(run, r, kinds)]
+        return pa.concat_tables(tables) if tables else _no_records()
+
+    @staticmethod
+    def rank_records(run: RunInfo, rank: RankInfo) -> pa.Table:
+        """The records of one rank of a run already found (as `records` labels them), without
+        scanning the savedir again: `show` of a run with a thousand ranks reads each once."""
+        tables = list(_rank_tables(run, rank, None))
+        return pa.concat_tables(tables) if tables else _no_records()
 
     def metrics(self, experiment: str | None = None, run_id: str | None = None,
                 rank: int | None = None, name: str | None = None) -> pa.Table:
@@ -352,6 +369,26 @@ class Journal:
         if name is not None:
             t = t.filter(pc.equal(t["name"], name))
         return t.select(["experiment", "run_id", "rank", *METRIC_COLUMNS])
+
+
+def _rank_tables(run: RunInfo, r: RankInfo, kinds: list[str] | None) -> Iterator[pa.Table]:
+    """The rank's segments as labelled tables, only records of `kinds` when given."""
+    import pyarrow.compute as pc  # not at module level: listing runs does not need it
+
+    for t in segments.iter_tables(r.path / "segments"):
+        if kinds is not None:
+            wanted = (pc.equal(t["kind"], kinds[0]) if len(kinds) == 1
+                      else pc.is_in(t["kind"], pa.array(kinds, pa.string())))
+            if not pc.all(wanted).as_py():  # a segment of wanted kinds only is kept whole
+                t = t.filter(wanted)
+        if t.num_rows:
+            yield _label(t, run, r)
+
+
+@functools.lru_cache(maxsize=1)
+def _no_records() -> pa.Table:
+    """An empty table of labelled records (made once: building it costs a millisecond)."""
+    return _label(segments.ARROW_SCHEMA.empty_table(), None, None)
 
 
 def _label(t: pa.Table, run: RunInfo | None, r: RankInfo | None) -> pa.Table:
