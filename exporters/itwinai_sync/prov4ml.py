@@ -267,9 +267,24 @@ class Prov4mlExporter(Exporter):
         found = find_journal_dir(self.root / experiment_dirname(run.experiment), run.run_id,
                                  run)
         path = found / f"rank-{rank.rank:05d}" if found is not None else None
-        if not create and (path is None or not path.is_dir()):
+        if not create and (path is None or committed_documents(path) is None):
             return None
         return Prov4mlSink(self, run, rank, path, create)
+
+
+def committed_documents(path: Path) -> Path | None:
+    """Where the rank's committed documents are: `path`, or, after an export killed between
+    its two renames (see `_swap`), the copy it renamed aside, which the next export puts back.
+    Read from there, the cursor never goes back while the documents are aside."""
+    if path.is_dir():
+        return path
+    tag = path.name.removeprefix("rank-") + "-"
+    try:
+        aside = sorted(p for p in path.parent.iterdir()
+                       if p.name.startswith(OLD_PREFIX + tag) and p.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return aside[0] if aside else None
 
 
 class Prov4mlSink(RankSink):
@@ -289,10 +304,11 @@ class Prov4mlSink(RankSink):
     # -- the cursor -----------------------------------------------------------------------------
 
     def _marker(self) -> Path | None:
-        if self.path is None:
+        documents = committed_documents(self.path) if self.path is not None else None
+        if documents is None:
             return None
         try:
-            folders = sorted(p for p in self.path.iterdir() if p.is_dir())
+            folders = sorted(p for p in documents.iterdir() if p.is_dir())
         except (FileNotFoundError, NotADirectoryError):
             return None
         for folder in folders:
