@@ -604,7 +604,7 @@ class WandbSink(RankSink):
             row = None
         if step is not None and kind in STEPPED_KINDS:
             # before a row takes the value: a failure leaves no half-made row behind
-            self._define_step_metric(key, kind)
+            self._define_step_metric(key, nested=isinstance(item, dict))
         if row is None:
             row = self.row = {}
             self.row_step, self.row_time = None, t
@@ -622,8 +622,9 @@ class WandbSink(RankSink):
                            f"(1.5, 2**70, '12') are charted at that exact step ({STEP_KEY}, a "
                            "W&B float64; a string at the number it spells)")
 
-    def _define_step_metric(self, key: str, kind: str) -> None:
-        """Chart `key` against the journal step (for a dict, every nested key under it)."""
+    def _define_step_metric(self, key: str, nested: bool) -> None:
+        """Chart `key` against the journal step (for a dict value, every nested key under it:
+        a list logged as a dict is one key, as wandb.log stores it)."""
         if key in self.defined:
             return
         if not chartable(key):
@@ -634,7 +635,7 @@ class WandbSink(RankSink):
         wb = self._start()
         if not self.defined:
             wb.define_metric(STEP_KEY)
-        wb.define_metric(key if kind == "metric" else f"{key}.*", step_metric=STEP_KEY)
+        wb.define_metric(f"{key}.*" if nested else key, step_metric=STEP_KEY)
         self.defined.add(key)
 
     def _flush_row(self) -> None:
