@@ -46,9 +46,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["MlflowServer", "MlflowServerError", "hermetic_mlflow_env"]
 
@@ -92,6 +93,24 @@ def hermetic_mlflow_env(base: Mapping[str, str] | None = None) -> dict[str, str]
         env.pop(name, None)
     env.update(HERMETIC_ENV)
     return env
+
+
+def start_on_a_port(server: Any, wait: Callable[[], None], error: type[Exception]) -> None:
+    """Spawn `server` (its `_spawn(port)`, `stop()`, `log_tail()`) on its requested port, or on
+    a free one, and `wait` until it serves. A free port can be taken by another process between
+    the choice and the bind: then (the server's log says "address already in use") up to three
+    ports are tried; any other failure, or a requested port, raises `error` at once."""
+    attempts = 1 if server._requested_port is not None else 3
+    for attempt in range(1, attempts + 1):
+        server._spawn(server._requested_port or _free_port(server.host))
+        try:
+            wait()
+            return
+        except error:
+            in_use = "address already in use" in server.log_tail().lower()
+            server.stop()
+            if not (in_use and attempt < attempts):
+                raise
 
 
 def _free_port(host: str) -> int:
@@ -300,18 +319,7 @@ class MlflowServer:
             raise RuntimeError("MlflowServer is already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        attempts = 1 if self._requested_port is not None else 3
-        for attempt in range(1, attempts + 1):
-            port = self._requested_port or _free_port(self.host)
-            self._spawn(port)
-            try:
-                self._wait_healthy()
-                return
-            except MlflowServerError:
-                in_use = "address already in use" in self.log_tail().lower()
-                self.stop()
-                if not (in_use and attempt < attempts):
-                    raise
+        start_on_a_port(self, self._wait_healthy, MlflowServerError)
 
     def _spawn(self, port: int) -> None:
         """Launch the server process on ``port`` in a new session."""

@@ -52,7 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from mlflow_server import MlflowServer, _free_port
+from mlflow_server import MlflowServer, start_on_a_port
 
 __all__ = ["PostgresMlflowServer", "PostgresServer", "PostgresServerError", "find_bindir"]
 
@@ -281,18 +281,7 @@ class PostgresServer:
             raise RuntimeError("PostgresServer is already started")
         if not (self.datadir / "PG_VERSION").exists():
             self._prepare()
-        attempts = 1 if self._requested_port is not None else 3
-        for attempt in range(1, attempts + 1):
-            port = self._requested_port or _free_port(self.host)
-            self._spawn(port)
-            try:
-                self._wait_ready()
-                break
-            except PostgresServerError:
-                in_use = "address already in use" in self.log_tail().lower()
-                self.stop()
-                if not (in_use and attempt < attempts):
-                    raise
+        start_on_a_port(self, self._wait_ready, PostgresServerError)
         try:
             self._run(["createdb", "-h", self.host, "-p", str(self.port), "-U", "postgres",
                        self.database])

@@ -70,7 +70,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,19 +547,9 @@ def measure_system(session: Session) -> tuple[Fields, Meta]:
     cpu_fields, cpu_meta = cpu_percentages(sample, previous, os.cpu_count() or 1, window)
     fields.update(cpu_fields)
     meta.update(cpu_meta)
-    readers = (("process_memory", _process_memory), ("memory", _system_memory),
-               ("disk_space", _disk_space), ("process_io", _process_io),
-               ("disk_io", _disk_io))
-    for group, reader in readers:
-        try:
-            found = reader(psutil)
-        except (OSError, ValueError, AttributeError, KeyError) as e:
-            unavailable[group] = f"{type(e).__name__}: {e}"
-            continue
-        if found:
-            fields.update(found)
-        else:
-            unavailable[group] = "not readable on this platform"
+    read_groups(psutil, (("process_memory", _process_memory), ("memory", _system_memory),
+                         ("disk_space", _disk_space), ("process_io", _process_io),
+                         ("disk_io", _disk_io)), fields, unavailable)
     gpu, gpu_method, reason = gpu_metrics()
     fields.update(gpu)
     if gpu_method:
@@ -572,6 +562,23 @@ def measure_system(session: Session) -> tuple[Fields, Meta]:
     if unavailable:
         meta["unavailable"] = unavailable
     return fields, meta
+
+
+def read_groups(psutil: Any, readers: Iterable[tuple[str, Callable[[Any], Fields]]],
+                fields: Fields, unavailable: dict[str, str]) -> None:
+    """Run each (group, reader): what it reads goes into `fields`; a group that cannot be read
+    (a missing file or counter, a platform without it) is left out and explained in
+    `unavailable`, so one missing source never costs the others."""
+    for group, reader in readers:
+        try:
+            found = reader(psutil)
+        except (OSError, ValueError, AttributeError, KeyError, IndexError) as e:
+            unavailable[group] = f"{type(e).__name__}: {e}"
+            continue
+        if found:
+            fields.update(found)
+        else:
+            unavailable[group] = "not readable on this platform"
 
 
 def cpu_sample(psutil: Any) -> CpuSample:

@@ -117,19 +117,11 @@ def read_host(psutil: Any, nvml: NvmlReader) -> Reading:
     fields: dict[str, float] = {}
     unavailable: dict[str, str] = {}
     cpu = measure.cpu_sample(psutil)
-    readers = (("process_memory", measure._process_memory), ("memory", measure._system_memory),
-               ("process_io", measure._process_io), ("disk_io", measure._disk_io),
-               ("threads", _threads), ("disk_space", _disk_space), ("network", _network))
-    for group, reader in readers:
-        try:
-            found = reader(psutil)
-        except (OSError, ValueError, AttributeError, KeyError, IndexError) as e:
-            unavailable[group] = f"{type(e).__name__}: {e}"
-            continue
-        if found:
-            fields.update(found)
-        else:
-            unavailable[group] = "not readable on this platform"
+    measure.read_groups(psutil, (
+        ("process_memory", measure._process_memory), ("memory", measure._system_memory),
+        ("process_io", measure._process_io), ("disk_io", measure._disk_io),
+        ("threads", _threads), ("disk_space", _disk_space), ("network", _network)),
+        fields, unavailable)
     gpu, reason = nvml.read()
     fields.update(gpu)
     if reason:
