@@ -643,19 +643,23 @@ def cpu_percentages(now: CpuSample, previous: CpuSample | None, cpu_count: int,
 
 
 def _process_memory(psutil: Any) -> Fields:
+    """RSS now and its peak so far, never below that RSS: Linux updates its high-water mark
+    lazily, and memory may grow between the two reads."""
     fields: Fields = {}
+    if psutil is not None:
+        rss = psutil.Process().memory_info().rss
+    else:
+        resident = int((PROC / "self" / "statm").read_text().split()[1])
+        rss = resident * os.sysconf("SC_PAGE_SIZE")
+    fields["process_rss_bytes"] = rss
     try:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fields["process_peak_rss_bytes"] = peak if sys.platform == "darwin" else peak * 1024
+        peak = peak if sys.platform == "darwin" else peak * 1024
+        fields["process_peak_rss_bytes"] = max(peak, rss)
     except ImportError:
         pass
-    if psutil is not None:
-        fields["process_rss_bytes"] = psutil.Process().memory_info().rss
-    else:
-        resident = int((PROC / "self" / "statm").read_text().split()[1])
-        fields["process_rss_bytes"] = resident * os.sysconf("SC_PAGE_SIZE")
     return fields
 
 
