@@ -344,3 +344,22 @@ def should_log_grid() -> list[tuple[Any, Any, int, Any]]:
 
 #: Values given to `log_freq` at construction: accepted (True) or a ValueError (False).
 LOG_FREQ_VALUES: list[Any] = ["epoch", "batch", 1, 5, True, 0, -1, 1.0, 2.5, "Epoch", None]
+
+
+def apply_op(logger: Any, op: tuple) -> None:
+    """One step of a lifecycle sequence (SEQUENCES, OVERRIDE_OPS) on `logger`: the same for
+    itwinai's loggers when recording and for ours when testing."""
+    if op[0] == "create":
+        logger.create_logger_context(rank=op[1])
+    elif op[0] == "destroy":
+        logger.destroy_logger_context()
+    elif op[0] == "log":
+        logger.log(op[1], op[2], batch_idx=op[3])
+    elif op[0] == "hp":
+        logger.save_hyperparameters(op[1])
+    elif op[0] == "start_logging":
+        with logger.start_logging(rank=op[1]):
+            for inner in op[2]:
+                apply_op(logger, inner)
+    else:
+        raise ValueError(op)

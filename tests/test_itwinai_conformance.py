@@ -338,21 +338,6 @@ SEQUENCE_CASES = [(cls, name) for cls in cases.CLASSES for name in RECORDED[cls]
                   if RECORDED[cls]["sequences"][name]]
 
 
-def _apply(logger: Logger, op: tuple) -> None:
-    if op[0] == "create":
-        logger.create_logger_context(rank=op[1])
-    elif op[0] == "destroy":
-        logger.destroy_logger_context()
-    elif op[0] == "log":
-        logger.log(op[1], op[2], batch_idx=op[3])
-    elif op[0] == "hp":
-        logger.save_hyperparameters(op[1])
-    elif op[0] == "start_logging":
-        with logger.start_logging(rank=op[1]):
-            for inner in op[2]:
-                _apply(logger, inner)
-
-
 def _sequence_logger(cls: str, name: str, workdir: Path) -> tuple[Logger, list[tuple]]:
     if name == "should-log-override":
         subclass = cases.even_batches(getattr(mod, cls))
@@ -374,7 +359,7 @@ def test_lifecycle_does_what_itwinai_does(tmp_path, caplog, cls, name):
         assert ref["op"] == op[0]
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="itwinai_journal.loggers"):
-            got = run(logger, lambda op=op: _apply(logger, op))
+            got = run(logger, lambda op=op: cases.apply_op(logger, op))
         kept = got["kept"]
         if ref.get("raise") == "RuntimeError":
             assert got["raise"] == "RuntimeError" and "has not been initialized" in got["error"]
