@@ -518,25 +518,47 @@ class Place:
         """Create (claim) the rank's run, and the parent when there is none. `searched`: the
         rank's run was searched for when its sink was opened, and none was found (a run
         another sync creates meanwhile is found by the search after the creation)."""
+        from mlflow.exceptions import MlflowException
+
         with self.write_lock, self.claim_lock:
             exp_id = self.experiment_id(create=True)
             parent = self._parent_run(create=True)
             target = self._claim(self._ids("rank", rank.rank),
                                  lambda: self._create(exp_id, rank, parent), searched)
             if parent is not None:
-                self._link(target, rank, parent)
+                try:
+                    self._link(target, rank, parent)
+                except MlflowException as e:
+                    # A concurrent sync of a copy of this journal deleted the rank's run or the
+                    # parent, keeping others: continue in those.
+                    if all(self.client.get_run(r.info.run_id).info.lifecycle_stage != "deleted"
+                           for r in (target, parent)):
+                        raise
+                    self._parent, self._parent_terminated = None, False  # as forget() does
+                    raise TargetChanged(f"MLflow run {target.info.run_id} or its parent was "
+                                        "deleted by a concurrent sync of this journal, which "
+                                        "keeps others") from e
             return target
 
     def terminate_parent(self) -> None:
         """Mirror the run's status on the parent (once all ranks ended, with the last end
         time), once per sync of the run: every rank asks as it closes, and the answer depends
         on the manifests alone."""
+        from mlflow.exceptions import MlflowException
+
         with self.claim_lock:
             parent = None if self._parent_terminated else self._parent_run(create=False)
             if parent is not None:
                 ends = [_end_ms(r.manifest) for r in self.run.ranks]
-                _terminate(self.client, parent, self.run.status,
-                           None if None in ends else max(ends))
+                try:
+                    _terminate(self.client, parent, self.run.status,
+                               None if None in ends else max(ends))
+                except MlflowException:
+                    # A concurrent sync of a copy of this journal kept another parent and
+                    # deleted this one: the parent it kept is its to end.
+                    if self.client.get_run(parent.info.run_id).info.lifecycle_stage != "deleted":
+                        raise
+                    self._parent = None
                 self._parent_terminated = True
 
     def _parent_run(self, create: bool) -> Any:
