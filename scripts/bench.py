@@ -174,7 +174,7 @@ def bench_wandb_offline(calls: int, tmp: Path) -> dict[str, float]:
            "WANDB_ARTIFACT_DIR": str(root / "artifacts")}
     for d in ("cache", "config", "data", "artifacts"):
         (root / d).mkdir(parents=True)
-    from itwinai_sync.exporter import scoped_env
+    from itwinai_sync.api import scoped_env
 
     with scoped_env(env):
         import wandb
@@ -204,7 +204,7 @@ def bench_mlflow_log_metric(calls: int, tmp: Path) -> dict[str, float]:
     import mlflow
     from mlflow.tracking import _tracking_service
 
-    from itwinai_sync.exporter import scoped_env
+    from itwinai_sync.api import scoped_env
 
     saved_uri = _tracking_service.utils._tracking_uri
     with scoped_env({}, restore=("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")):
@@ -266,7 +266,7 @@ def _sync(savedir: Path, options: dict[str, str]) -> float:
 
     from itwinai_sync.cli import main
     from itwinai_sync.engine import SyncEngine, SyncRequest
-    from itwinai_sync.mlflow import Place
+    from itwinai_sync.targets.mlflow import Place
 
     engine = SyncEngine(SyncRequest(savedir=savedir, targets=["mlflow"], options=options))
     run, _ = engine.plan()[0]
@@ -450,9 +450,9 @@ def bench_live_sync(calls: int, tmp: Path) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from mlflow_server import MlflowServer
 
-    from itwinai_journal.fsutil import read_json
-    from itwinai_journal.live import live_paths
+    from itwinai_journal.format.fsio import read_json
     from itwinai_journal.loggers import MLFlowLogger
+    from itwinai_journal.writer.live import live_paths
 
     os.environ["ITWINAI_SYNC_LIVE_INTERVAL"] = "0.5"
     out: dict[str, Any] = {}

@@ -58,7 +58,7 @@ def main() -> int:
         return 1
     from itwinai_journal import Journal, measure, sysmetrics
     from itwinai_journal.loggers import MLFlowLogger
-    from itwinai_sync import system_metrics
+    from itwinai_sync.targets import system_metrics
 
     pynvml.nvmlInit()
     devices = measure.nvml_devices(pynvml)

@@ -122,7 +122,7 @@ def test_ls_finds_runs_down_to_the_layouts_depth_and_counts_from_manifests_and_i
     import os
 
     from itwinai_journal import Journal
-    from itwinai_journal.reader import find_run_dirs
+    from itwinai_journal.read.journal import find_run_dirs
 
     savedir = tmp_path / "mllogs"
     run_dirs = [savedir / "exp" / "r1", savedir / "prov_logs" / "deep" / "exp" / "r2"]
@@ -173,7 +173,8 @@ def test_ls_imports_no_sync_engine_exporter_or_view(tmp_path):
                           check=True)
     assert "a  finished  1 rank(s)  20 records  -> mlflow" in proc.stdout
     loaded = set(proc.stdout.split("\n")[-2].split())
-    for module in ("itwinai_sync.engine", "itwinai_sync.views", "itwinai_sync.mlflow",
-                   "itwinai_sync.wandb", "itwinai_sync.tensorboard", "itwinai_sync.prov4ml",
+    for module in ("itwinai_sync.engine", "itwinai_sync.views", "itwinai_sync.targets.mlflow",
+                   "itwinai_sync.targets.wandb", "itwinai_sync.targets.tensorboard",
+                   "itwinai_sync.targets.prov4ml",
                    "pyarrow.compute", "filelock", "mlflow", "wandb", "torch"):
         assert module not in loaded

@@ -39,11 +39,11 @@ from test_tensorboard_export import accumulate, rank_dir
 from test_wandb_export import history, offline_wandb, wandb_files, wandb_id
 
 from itwinai_journal import Journal
+from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.loggers import MLFlowLogger, Prov4MLLogger
-from itwinai_journal.names import experiment_dirname
-from itwinai_sync import prov4ml, wandb
+from itwinai_sync.api import Exporter, ExportError, Notes, load_exporter
 from itwinai_sync.engine import RunResult, SyncRequest
-from itwinai_sync.exporter import Exporter, ExportError, Notes, load_exporter
+from itwinai_sync.targets import prov4ml, wandb
 from itwinai_sync.testing import InMemoryExporter, InMemorySink, run_sync
 
 JSONL_DIR = Path(__file__).parent / "jsonl_target"

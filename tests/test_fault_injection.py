@@ -55,14 +55,14 @@ from test_tensorboard_export import (
 )
 
 from itwinai_journal import Journal, verify
+from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.loggers import MLFlowLogger
-from itwinai_journal.names import experiment_dirname
+from itwinai_sync.api import Notes
 from itwinai_sync.cli import main
 from itwinai_sync.engine import target_lock
-from itwinai_sync.exporter import Notes
 from itwinai_sync.ledger import Ledger
-from itwinai_sync.mlflow import mlflow_key
-from itwinai_sync.tensorboard import EVENTS_RE, TensorBoardExporter
+from itwinai_sync.targets.mlflow import mlflow_key
+from itwinai_sync.targets.tensorboard import EVENTS_RE, TensorBoardExporter
 
 mlflow = pytest.importorskip("mlflow")
 MlflowClient = mlflow.MlflowClient
@@ -515,7 +515,8 @@ def test_sigkill_while_logging_many_trials(tmp_path, procs):
 
 CRASH_CHILD = """
 import os
-from itwinai_journal import segments, writer
+from itwinai_journal.format import segments
+from itwinai_journal.writer import rank as writer
 from itwinai_journal.loggers import MLFlowLogger
 
 def crash(*args, **kwargs):
@@ -812,7 +813,7 @@ def test_mlflow_sqlite_crash_between_metric_and_cursor_commits(tmp_path, procs):
 
 
 TB_HPARAMS_CRASH = """
-from itwinai_sync import tensorboard
+from itwinai_sync.targets import tensorboard
 real_write = tensorboard.TensorBoardSink._write
 hparams_writes = [0]
 def write(self, name, body):

@@ -14,7 +14,7 @@ from conftest import fill_filesystem
 
 from itwinai_journal import Journal, verify
 from itwinai_journal.loggers import JournalWarning, MLFlowLogger, TensorBoardLogger
-from itwinai_journal.writer import JournalWriteError
+from itwinai_journal.writer.rank import JournalWriteError
 
 
 def _logger(savedir: Path, **kwargs) -> MLFlowLogger:

@@ -23,9 +23,10 @@ from conftest import child_env, spawn
 from mlflow_server import MlflowServer
 from test_mlflow_export import MlflowClient, assert_histories_equal_journal
 
-from itwinai_journal import Journal, live
-from itwinai_journal.fsutil import read_json
+from itwinai_journal import Journal
+from itwinai_journal.format.fsio import read_json
 from itwinai_journal.loggers import JournalWarning, MLFlowLogger
+from itwinai_journal.writer import live
 from itwinai_sync.cli import main
 
 TRAIN = """

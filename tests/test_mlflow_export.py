@@ -20,7 +20,7 @@ from mlflow_server import MlflowServer, hermetic_mlflow_env
 from itwinai_journal import Journal
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, TensorBoardLogger
 from itwinai_sync.cli import main
-from itwinai_sync.mlflow import mlflow_key
+from itwinai_sync.targets.mlflow import mlflow_key
 
 os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -370,8 +370,8 @@ def test_collection_routes_records_only_to_loggers_that_accepted_them(tmp_path):
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
     from itwinai_journal import Journal as J
-    from itwinai_sync.exporter import Notes
-    from itwinai_sync.mlflow import MlflowExporter
+    from itwinai_sync.api import Notes
+    from itwinai_sync.targets.mlflow import MlflowExporter
 
     savedir = tmp_path / "mllogs"
     write_journal(savedir, n=1, run_id="declared", tracking_uri="sqlite:///declared.db")

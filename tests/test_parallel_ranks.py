@@ -14,8 +14,8 @@ import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.loggers import MLFlowLogger
+from itwinai_sync.api import Exporter, RankSink
 from itwinai_sync.engine import SyncEngine, SyncRequest
-from itwinai_sync.exporter import Exporter, RankSink
 
 WORKERS = 3
 

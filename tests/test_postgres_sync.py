@@ -33,7 +33,7 @@ from test_fault_injection import (
 )
 
 from itwinai_journal import Journal
-from itwinai_sync.mlflow import TAG_CURSOR, MlflowExporter, _sql_store
+from itwinai_sync.targets.mlflow import TAG_CURSOR, MlflowExporter, _sql_store
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("psycopg2")

@@ -25,8 +25,8 @@ from conftest import child_env
 
 from itwinai_journal import Journal
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, Prov4MLLogger
-from itwinai_sync import prov4ml
 from itwinai_sync.cli import main
+from itwinai_sync.targets import prov4ml
 
 pytest.importorskip("yprov4ml")
 
@@ -372,7 +372,7 @@ def test_dir_option_and_dry_run(tmp_path):
 
 
 def test_module_import_is_light():
-    code = ("import sys, itwinai_sync.prov4ml; "
+    code = ("import sys, itwinai_sync.targets.prov4ml; "
             "assert 'yprov4ml' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
 

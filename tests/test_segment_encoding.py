@@ -8,9 +8,10 @@ import struct
 
 import pytest
 
-from itwinai_journal import Journal, segments
+from itwinai_journal import Journal
+from itwinai_journal.format import segments
 from itwinai_journal.loggers import MLFlowLogger
-from itwinai_journal.writer import COLUMNAR_BATCH
+from itwinai_journal.writer.rank import COLUMNAR_BATCH
 
 SPECIALS = [0.0, -0.0, math.nan, math.inf, -math.inf, 5e-324, 1.7976931348623157e308, 1.0,
             -3.0, 1e15, 1e16, 0.1, 1e-7, 2.0**53]

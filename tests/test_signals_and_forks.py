@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 from conftest import fill_filesystem, spawn
 
-from itwinai_journal import Journal, fsutil, verify
+from itwinai_journal import Journal, verify
+from itwinai_journal.format import fsio
 from itwinai_journal.loggers import MLFlowLogger
-from itwinai_journal.writer import JournalWriteError
+from itwinai_journal.writer.rank import JournalWriteError
 
 FLUSH = 0.2
 #: Records logged this long before a signal must be in the journal (flush_interval, and a
@@ -37,7 +38,8 @@ SETTLE = FLUSH + 0.8
 
 PREAMBLE = """
 import os, signal, sys, threading, time, warnings
-from itwinai_journal import segments, writer
+from itwinai_journal.format import segments
+from itwinai_journal.writer import rank as writer
 from itwinai_journal.loggers import MLFlowLogger
 
 def say(*args):
@@ -391,7 +393,7 @@ def test_a_failing_seal_at_close_with_warnings_as_errors_never_stops_the_close(t
     close still returns, the records safe in the JSONL segment and the session recorded."""
     savedir = tmp_path / "mllogs"
     code = """
-from itwinai_journal import segments
+from itwinai_journal.format import segments
 
 def full(*args, **kwargs):
     raise OSError(28, "No space left on device")
@@ -417,7 +419,7 @@ def test_a_sigterm_whose_request_the_finished_flusher_missed_is_not_waited_for(t
     """SIGTERM's handler asks each writer's flusher to write everything and waits for it. A
     flusher that ends the session between the handler's check and its request never answers:
     the handler must see that, not wait its full 20 s."""
-    from itwinai_journal import writer as journal_writer
+    from itwinai_journal.writer import rank as journal_writer
 
     w = journal_writer.RankWriter(tmp_path / "exp" / "r1", 0, 1, {"experiment": "exp",
                                                                  "run_id": "r1"})
@@ -442,7 +444,7 @@ def test_no_journal_thread_outlives_the_close(tmp_path):
     interpreter is finalized is ended abruptly by CPython, which aborted the process now and
     then (SIGABRT). The thread is kept busy after it released the close (a request queued
     during the last round, answered in its cleanup) to make that window wide."""
-    from itwinai_journal import writer as journal_writer
+    from itwinai_journal.writer import rank as journal_writer
 
     w = journal_writer.RankWriter(tmp_path / "exp" / "r1", 0, 1, {"experiment": "exp",
                                                                  "run_id": "r1"})
@@ -700,7 +702,7 @@ def test_records_a_child_sends_while_the_parent_seals_are_journaled_or_reported(
     is lost in silence."""
     savedir = tmp_path / "mllogs"
     code = """
-from itwinai_journal import writer
+from itwinai_journal.writer import rank as writer
 lg.log(0.0, "parent", step=0)
 go_r, go_w = os.pipe()
 done_r, done_w = os.pipe()
@@ -893,25 +895,25 @@ def test_no_flock_falls_back_to_an_owner_file(tmp_path, monkeypatch, name):
         return real(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    monkeypatch.setattr(fsutil, "_warned_no_flock", False)
+    monkeypatch.setattr(fsio, "_warned_no_flock", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lock = fsutil.lock_exclusively(tmp_path / ".writer.lock", tmp_path / ".writer.owner")
+        lock = fsio.lock_exclusively(tmp_path / ".writer.lock", tmp_path / ".writer.owner")
         with pytest.raises(filelock.Timeout):
-            fsutil.lock_exclusively(tmp_path / ".writer.lock", tmp_path / ".writer.owner")
+            fsio.lock_exclusively(tmp_path / ".writer.lock", tmp_path / ".writer.owner")
     assert [str(w.message) for w in caught if "no flock" in str(w.message)] != []
     assert len([w for w in caught if "no flock" in str(w.message)]) == 1
     assert (tmp_path / ".writer.owner").read_text().split()[0] == str(os.getpid())
     lock.release()
     assert not (tmp_path / ".writer.owner").exists()
-    fsutil.lock_exclusively(tmp_path / ".writer.lock", tmp_path / ".writer.owner").release()
+    fsio.lock_exclusively(tmp_path / ".writer.lock", tmp_path / ".writer.owner").release()
 
     def broken(fd, operation):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(fcntl, "flock", broken)  # any other error is not a missing flock
     with pytest.raises(OSError, match="Input/output"):
-        fsutil.lock_exclusively(tmp_path / "other.lock", tmp_path / "other.owner")
+        fsio.lock_exclusively(tmp_path / "other.lock", tmp_path / "other.owner")
 
 
 def test_without_flock_a_second_live_writer_is_refused_and_a_dead_ones_rank_taken_over(

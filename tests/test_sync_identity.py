@@ -29,10 +29,10 @@ from test_fault_injection import (
 from test_tensorboard_export import accumulate, assert_complete, assert_scalars_exact, rank_dir
 
 from itwinai_journal import Journal
-from itwinai_journal.liveness import SILENT_AFTER, writer_gone
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, Prov4MLLogger
+from itwinai_journal.read.liveness import SILENT_AFTER, writer_gone
 from itwinai_sync.cli import main
-from itwinai_sync.mlflow import canonical_uri
+from itwinai_sync.targets.mlflow import canonical_uri
 
 mlflow = pytest.importorskip("mlflow")
 MlflowClient = mlflow.MlflowClient
@@ -86,7 +86,7 @@ main()
 """
 
 BEFORE_TENSORBOARD_WRITE = """
-from itwinai_sync import tensorboard
+from itwinai_sync.targets import tensorboard
 real_export = tensorboard.TensorBoardSink.export
 def export(self, batch, cursor):
     barrier()
@@ -466,7 +466,7 @@ def test_watch_stops_following_a_run_whose_writer_was_killed(tmp_path):
 
 def test_a_writer_on_another_host_is_presumed_gone_only_after_its_heartbeat_stops(tmp_path,
                                                                                   monkeypatch):
-    from itwinai_journal import writer as writer_module
+    from itwinai_journal.writer import rank as writer_module
 
     monkeypatch.setattr(writer_module, "HEARTBEAT_SECONDS", 0.2)
     savedir = tmp_path / "mllogs"

@@ -31,11 +31,11 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from itwinai_journal import Journal
-from itwinai_journal.blobs import BlobStore
+from itwinai_journal.format.blobs import BlobStore
+from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.loggers import MLFlowLogger, TensorBoardLogger, WandBLogger
-from itwinai_journal.names import experiment_dirname
 from itwinai_sync.cli import main
-from itwinai_sync.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc32c_many
+from itwinai_sync.targets.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc32c_many
 
 ALL = {kind: 0 for kind in event_accumulator.DEFAULT_SIZE_GUIDANCE}  # 0: keep every event
 

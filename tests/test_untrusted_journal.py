@@ -25,10 +25,10 @@ from conftest import child_env, spawn
 from tensorboard.backend.event_processing import event_accumulator
 
 from itwinai_journal import Journal, verify
-from itwinai_journal.blobs import BlobStore
+from itwinai_journal.format.blobs import BlobStore
+from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.loggers import MLFlowLogger
-from itwinai_journal.names import experiment_dirname
-from itwinai_journal.reader import find_run_dirs
+from itwinai_journal.read.journal import find_run_dirs
 from itwinai_sync.cli import main
 
 mlflow = pytest.importorskip("mlflow")
@@ -173,7 +173,7 @@ def test_verify_during_a_seal_warns_naming_the_segment(tmp_path, monkeypatch):
     false alarms). The same states with records really missing are still errors."""
     import shutil
 
-    from itwinai_journal import segments
+    from itwinai_journal.format import segments
 
     savedir = tmp_path / "mllogs"
     lg = MLFlowLogger(savedir=savedir, experiment_name="exp", run_id="live", log_freq="batch")
@@ -475,7 +475,7 @@ def test_no_secret_reaches_the_journal_or_the_tracker_in_any_encoding(tmp_path):
                                   "apiKey", "client_secret", "token", "hf_token",
                                   "AWS_SECRET_ACCESS_KEY", "--api-key", "credentials"])
 def test_secret_looking_names(name):
-    from itwinai_journal.redaction import is_secret_name
+    from itwinai_journal.format.redaction import is_secret_name
 
     assert is_secret_name(name)
 
@@ -484,7 +484,7 @@ def test_secret_looking_names(name):
                                   "eos_token", "sort_key", "rng_key", "keyword", "monkey",
                                   "TOKENIZERS_PARALLELISM", "PWD", "--max-tokens", "token_type"])
 def test_names_that_are_not_secrets(name):
-    from itwinai_journal.redaction import is_secret_name
+    from itwinai_journal.format.redaction import is_secret_name
 
     assert not is_secret_name(name)
 
@@ -627,7 +627,7 @@ def test_a_new_session_starts_from_a_damaged_manifest_and_keeps_every_record(tmp
 def test_manifests_are_fsynced_before_they_are_renamed_into_place(tmp_path, monkeypatch):
     """A narrow check of the write order (a power cut itself cannot be staged here): every
     manifest.json replaced by the writer was fsynced first."""
-    from itwinai_journal import fsutil
+    from itwinai_journal.format import fsio
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -640,8 +640,8 @@ def test_manifests_are_fsynced_before_they_are_renamed_into_place(tmp_path, monk
         events.append(("replace", str(src)))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(fsutil.os, "fsync", fsync)
-    monkeypatch.setattr(fsutil.os, "replace", replace)
+    monkeypatch.setattr(fsio.os, "fsync", fsync)
+    monkeypatch.setattr(fsio.os, "replace", replace)
     journal(tmp_path, sessions=1, n=5)
     replaced = [src for what, src in events if what == "replace" and ".manifest.json." in src]
     assert len(replaced) >= 2  # session start and end

@@ -27,9 +27,9 @@ from conftest import child_env, train_watched_linear
 
 from itwinai_journal import Journal
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
-from itwinai_sync import wandb as wandb_exporter
 from itwinai_sync.cli import main
-from itwinai_sync.wandb import committed_state, wandb_run_id
+from itwinai_sync.targets import wandb as wandb_exporter
+from itwinai_sync.targets.wandb import committed_state, wandb_run_id
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -186,7 +186,7 @@ def test_offline_by_default_even_with_an_api_key(tmp_path, monkeypatch):
     """The default is offline files whatever the environment holds (an API key, a netrc,
     WANDB_MODE=online): a sync never goes online, nor waits for a server, unless --mode online
     asks for it; the summary says where the runs are and how to upload them."""
-    from itwinai_sync.wandb import WandbExporter
+    from itwinai_sync.targets.wandb import WandbExporter
 
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from itwinai_journal import Journal, RunInfo, __version__, digest, verify
-from itwinai_journal.segments import JournalCorruption
+from itwinai_journal.format.segments import JournalCorruption
 
 from .ledger import ledger_entries
 
@@ -78,7 +78,7 @@ class SyncCommand(click.Command):
         return super().get_params(ctx)
 
     def _add_exporter_options(self) -> None:
-        from .exporter import exporter_names, load_exporter
+        from .api import exporter_names, load_exporter
 
         names = exporter_names()
         for param in self.params:
@@ -118,8 +118,8 @@ def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], rank
          dry_run: bool, workers: int, watch: bool, interval: float, verbose: bool,
          **options: Any) -> None:
     """Export runs under SAVEDIR to trackers, exactly once."""
+    from .api import ExportError
     from .engine import SyncEngine, SyncRequest
-    from .exporter import ExportError
 
     options["ranks"] = ranks
     request = SyncRequest(savedir=savedir, targets=list(targets) or None, options=options,
@@ -287,7 +287,7 @@ _STATUS_ORDER = ("running", "failed", "interrupted", "finished", "empty")
 def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
     """One row per run (experiment, run id), with every journal of it: a Prov4MLLogger's own
     journal beside the main one, or journals that merely share an experiment and run id."""
-    from itwinai_journal.liveness import writer_gone
+    from itwinai_journal.read.liveness import writer_gone
 
     from .live import read_status
 

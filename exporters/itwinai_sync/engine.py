@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import Journal, RankInfo, RunInfo
-from itwinai_journal.liveness import writer_gone
-from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
+from itwinai_journal.format.segments import JournalCorruption, iter_tables, read_index
+from itwinai_journal.read.liveness import writer_gone
 
-from .exporter import Exporter, ExportError, Notes, TargetChanged, load_exporter
+from .api import Exporter, ExportError, Notes, TargetChanged, load_exporter
 from .ledger import Ledger
 
 #: Destination names loggers declare that are not export targets.
@@ -146,7 +146,7 @@ class SyncEngine:
     def still_running(self, run: RunInfo) -> bool:
         """Whether a rank of `run` may still be written: its session is open and its writer is
         not known to be gone (a writer killed by SIGKILL never closes its session; see
-        itwinai_journal.liveness). Each rank found dead is noted once."""
+        itwinai_journal.read.liveness). Each rank found dead is noted once."""
         running = False
         for rank in run.ranks:
             if rank.status != "running":

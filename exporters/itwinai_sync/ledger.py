@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from itwinai_journal import RunInfo
-from itwinai_journal.fsutil import read_json, write_json_atomic
+from itwinai_journal.format.fsio import read_json, write_json_atomic
 
 # filelock and .exporter (importlib.metadata) are imported where they are used: `itwinai-sync
 # ls` reads the ledger through ledger_entries and needs neither.
@@ -29,7 +29,7 @@ SYNC_DIR = ".sync"
 
 class Ledger:
     def __init__(self, savedir: Path, target_key: str, target: str):
-        from .exporter import key_digest
+        from .api import key_digest
 
         self.root = savedir / SYNC_DIR / key_digest(target_key)
         self.target_key = target_key

@@ -1,5 +1,5 @@
 """Live sync, the sidecar: `itwinai-sync live SAVEDIR --run EXP/RUN --parent PID`, started by
-the training process itself when live sync is on (see `itwinai_journal.live`).
+the training process itself when live sync is on (see `itwinai_journal.writer.live`).
 
 It is the `--watch` loop of one run with three differences, all for running unattended beside
 a job whose tracker may come and go:
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from itwinai_journal import RankInfo
-from itwinai_journal.fsutil import read_json, write_json_atomic
-from itwinai_journal.live import live_paths
-from itwinai_journal.liveness import pid_alive
-from itwinai_journal.redaction import redact, scrub
-from itwinai_journal.segments import segment_files
+from itwinai_journal.format.fsio import read_json, write_json_atomic
+from itwinai_journal.format.redaction import redact, scrub
+from itwinai_journal.format.segments import segment_files
+from itwinai_journal.read.liveness import pid_alive
+from itwinai_journal.writer.live import live_paths
 
 # The engine and exporters (pyarrow, filelock) are imported by the sidecar itself, not by `ls`,
 # which only reads status files.
@@ -94,7 +94,7 @@ def ask_for_parent_signal(parent: int) -> bool:
     return os.getppid() == parent  # after prctl: a parent gone before it is seen here
 
 
-#: The start of a record line in an active segment (see itwinai_journal.segments.encode_row).
+#: The start of a record line in an active segment (see itwinai_journal.format.segments.encode_row).
 _SEQ = re.compile(rb'\{"seq":(\d+),')
 #: Bytes read from the end of an active segment to find its last record.
 _TAIL = 8192
@@ -199,7 +199,7 @@ class LiveSync:
     def _pass(self) -> tuple[bool, bool]:
         """One sync pass: (whether every target took everything it was given, whether every
         rank of the run had ended before the pass began)."""
-        from .exporter import ExportError
+        from .api import ExportError
 
         self.engine.forget_unreachable()
         try:

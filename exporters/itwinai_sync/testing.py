@@ -31,10 +31,15 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.schema import ALL_KINDS, HISTOGRAM_KIND, SYSTEM_METRIC_KIND, TOPOLOGY_KIND
+from itwinai_journal.format.schema import (
+    ALL_KINDS,
+    HISTOGRAM_KIND,
+    SYSTEM_METRIC_KIND,
+    TOPOLOGY_KIND,
+)
 
+from .api import Exporter, ExportError, Notes, RankSink
 from .engine import RunResult, SyncEngine, SyncRequest
-from .exporter import Exporter, ExportError, Notes, RankSink
 
 
 @dataclass

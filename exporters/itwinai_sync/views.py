@@ -24,11 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import Journal
-from itwinai_journal import segments as seg
-from itwinai_journal.names import experiment_dirname
-from itwinai_journal.reader import RunInfo, find_run_dirs, load_run
-
-from . import system_metrics
+from itwinai_journal.format import segments as seg
+from itwinai_journal.format.names import experiment_dirname
+from itwinai_journal.read.journal import RunInfo, find_run_dirs, load_run
+from itwinai_sync.targets import system_metrics
 
 #: Columns of the tidy metrics table (`Journal.metrics()` and `itwinai-sync export`).
 METRIC_TABLE_COLUMNS = ["experiment", "run_id", "rank", "seq", "time", "name", "step",

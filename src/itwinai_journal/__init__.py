@@ -5,8 +5,8 @@ local, append-only, per-rank journal; `Journal` reads it back and `verify` check
 this package imports no tracker library and no torch.
 """
 
-from .reader import Journal, RankInfo, RunInfo
-from .verify import Problem, digest, verify
+from itwinai_journal.read.journal import Journal, RankInfo, RunInfo
+from itwinai_journal.read.verify import Problem, digest, verify
 
 __version__ = "0.1.0"
 

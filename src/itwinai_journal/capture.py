@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .blobs import BlobStore
-from .names import SURROGATE
-from .redaction import redact_param
-from .schema import INT64_MAX, INT64_MIN
+from itwinai_journal.format.blobs import BlobStore
+from itwinai_journal.format.names import SURROGATE
+from itwinai_journal.format.redaction import redact_param
+from itwinai_journal.format.schema import INT64_MAX, INT64_MIN
 
 #: Text longer than this goes to the blob store rather than into a JSONL line.
 INLINE_TEXT_LIMIT = 64 * 1024

@@ -122,7 +122,7 @@ class JournalLogger(_LightningLogger):
     @property
     def log_dir(self) -> str:
         """This run's directory in the journal."""
-        from .names import experiment_dirname
+        from itwinai_journal.format.names import experiment_dirname
 
         return os.path.join(self.root_dir, experiment_dirname(self.name), self.version)
 

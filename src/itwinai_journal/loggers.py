@@ -29,7 +29,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from . import live, measure, names, sysmetrics
+from itwinai_journal.format import names
+from itwinai_journal.format.schema import ALL_KINDS, INT64_MAX, INT64_MIN
+from itwinai_journal.writer import live
+from itwinai_journal.writer.rank import (
+    BACKLOG,
+    JournalWriteError,
+    RankWriter,
+    open_writer,
+    release_writer,
+)
+
+from . import measure, sysmetrics
 from .capture import (
     NotAPlainMetric,
     capture_image,
@@ -41,8 +52,6 @@ from .capture import (
     numpy_image_layout,
 )
 from .kinds import CAPTURE
-from .schema import ALL_KINDS, INT64_MAX, INT64_MIN
-from .writer import BACKLOG, JournalWriteError, RankWriter, open_writer, release_writer
 
 BASE_EXP_NAME: str = "unnamed-experiment"
 
@@ -305,7 +314,7 @@ class _JournalLogger(Logger):
     `system_metrics_interval` (seconds between background system-metrics samples, 0 for none;
     default ITWINAI_SYSTEM_METRICS_INTERVAL, else 10: see sysmetrics.py).
     `live_sync` (sync to the trackers while the job runs, from a sidecar process: see
-    itwinai_journal.live; default: the ITWINAI_SYNC_LIVE variable, else off).
+    itwinai_journal.writer.live; default: the ITWINAI_SYNC_LIVE variable, else off).
     """
 
     supported_kinds: tuple[str, ...] = ()
@@ -463,7 +472,7 @@ class _JournalLogger(Logger):
         self._start_live_sync(experiment)
 
     def _start_live_sync(self, experiment: str) -> None:
-        """Start the run's live sync sidecar when asked to (see itwinai_journal.live)."""
+        """Start the run's live sync sidecar when asked to (see itwinai_journal.writer.live)."""
         targets = live.targets_of(self.live_sync)
         if targets is not None and live.starts_here(self.worker_rank, self.log_on_workers):
             problem = live.start(self.journal_savedir, experiment, str(self._run_id), targets)

@@ -76,8 +76,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from itwinai_journal.format.schema import INT64_MAX, INT64_MIN
+
 from .capture import Captured, metric_value
-from .schema import INT64_MAX, INT64_MIN
 
 Fields = dict[str, float]
 Meta = dict[str, Any]
@@ -177,7 +178,7 @@ def session_of(blobs: Any) -> Session:
 def _journal_session_start(blobs: Any) -> tuple[float, str]:
     """When this rank's journal session started: the start the writer recorded in the
     manifest. Without an open writer (a capture called directly), the first measurement."""
-    from .writer import open_writer_at
+    from itwinai_journal.writer.rank import open_writer_at
 
     writer = open_writer_at(Path(blobs.root).parent)
     if writer is not None and writer.blobs is blobs:

@@ -49,9 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itwinai_journal.format.schema import SYSTEM_METRIC_KIND as KIND
+from itwinai_journal.format.segments import read_parquet, segment_files
+
 from . import measure
-from .schema import SYSTEM_METRIC_KIND as KIND
-from .segments import read_parquet, segment_files
 
 NAME = "system"
 #: Seconds between samples: MLflow's default (W&B samples every 15 s), so that one sample is

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from itwinai_journal.writer.rank import open_writer_at
+
 from .capture import Captured, text_fields
-from .writer import open_writer_at
 
 #: Number of histogram bins, as wandb.watch.
 NUM_BINS = 64

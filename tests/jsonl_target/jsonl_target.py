@@ -22,9 +22,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.fsutil import read_json, write_atomic
-from itwinai_journal.names import experiment_dirname
-from itwinai_sync.exporter import (
+from itwinai_journal.format.fsio import read_json, write_atomic
+from itwinai_journal.format.names import experiment_dirname
+from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
     RankSink,

@@ -31,7 +31,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from . import names
+from itwinai_journal.format import names
 
 ENV = "ITWINAI_SYNC_LIVE"
 #: Directory below savedir of the sidecars' logs and status files.

@@ -113,12 +113,10 @@ import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.fsutil import fsync_dir, write_atomic
-from itwinai_journal.names import experiment_dirname
-from itwinai_journal.segments import JournalCorruption, iter_tables, read_index
-
-from . import system_metrics
-from .exporter import (
+from itwinai_journal.format.fsio import fsync_dir, write_atomic
+from itwinai_journal.format.names import experiment_dirname
+from itwinai_journal.format.segments import JournalCorruption, iter_tables, read_index
+from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
     ExportError,
@@ -129,6 +127,8 @@ from .exporter import (
     logged_value,
     param_str,
 )
+
+from . import system_metrics
 
 MARKER = ".itwinai-sync-cursor"
 #: The yprov4ml releases whose API and documents this exporter drives: 3.2.4 (Python < 3.12)
@@ -375,7 +375,7 @@ class Prov4mlSink(RankSink):
     def records(self, cursor: int) -> Iterator[tuple[Any, ...]]:
         """The rank's records up to `cursor` that go to this target, in seq order, as
         (seq, time, kind, name, step, value, text, blob, meta-dict) tuples."""
-        from .engine import select
+        from itwinai_sync.engine import select
 
         index, problems = read_index(self.rank.path)
         if problems:

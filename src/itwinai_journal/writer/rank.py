@@ -33,18 +33,19 @@ from typing import Any
 import filelock
 import pyarrow as pa
 
-from . import manifest as mf
-from . import segments
-from .blobs import BlobStore
-from .fsutil import (
+from itwinai_journal.format import manifest as mf
+from itwinai_journal.format import segments
+from itwinai_journal.format.blobs import BlobStore
+from itwinai_journal.format.fsio import (
     JournalWriteError,
     lock_exclusively,
     write_atomic,
     write_json_atomic,
 )
-from .liveness import HEARTBEAT_SECONDS
+from itwinai_journal.format.schema import FORMAT_VERSION
+from itwinai_journal.read.liveness import HEARTBEAT_SECONDS
+
 from .relay import Relay
-from .schema import FORMAT_VERSION
 
 __all__ = ["JournalWriteError", "RankWriter", "open_writer", "open_writer_at", "release_writer",
            "close_all"]

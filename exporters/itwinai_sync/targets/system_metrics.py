@@ -21,7 +21,7 @@ import math
 import re
 from typing import Any
 
-from itwinai_journal.schema import SYSTEM_METRIC_KIND
+from itwinai_journal.format.schema import SYSTEM_METRIC_KIND
 
 KIND = SYSTEM_METRIC_KIND
 

@@ -74,11 +74,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.fsutil import fsync_dir, write_atomic
-from itwinai_journal.names import experiment_dirname
-
-from . import system_metrics
-from .exporter import (
+from itwinai_journal.format.fsio import fsync_dir, write_atomic
+from itwinai_journal.format.names import experiment_dirname
+from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
     ExportError,
@@ -90,6 +88,8 @@ from .exporter import (
     meta_of,
     param_str,
 )
+
+from . import system_metrics
 
 EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d{12})-(\d{12})\.itwinai$")
 HPARAMS_FILE = "events.out.tfevents.000000000000-hparams.itwinai"

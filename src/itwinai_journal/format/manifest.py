@@ -24,9 +24,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from itwinai_journal.capture import safe_repr
+
 from . import segments
-from .capture import safe_repr
-from .fsutil import read_bytes, read_json
+from .fsio import read_bytes, read_json
 from .redaction import redact, redact_argv
 from .validate import DAMAGED, check_manifest
 

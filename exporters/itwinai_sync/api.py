@@ -32,8 +32,8 @@ import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.blobs import BlobStore
-from itwinai_journal.fsutil import fsync_dir, read_json, write_atomic
+from itwinai_journal.format.blobs import BlobStore
+from itwinai_journal.format.fsio import fsync_dir, read_json, write_atomic
 
 ENTRY_POINT_GROUP = "itwinai_sync.exporters"
 #: Directory, inside a target directory, of the per-journal sync locks.

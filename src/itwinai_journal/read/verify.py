@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import segments
-from .blobs import BlobStore, file_sha256
-from .reader import RankInfo, RunInfo, find_run_dirs, load_run
-from .validate import BLOB_REF, RANK_DIR, JournalCorruption, check_records
+from itwinai_journal.format import segments
+from itwinai_journal.format.blobs import BlobStore, file_sha256
+from itwinai_journal.format.validate import BLOB_REF, RANK_DIR, JournalCorruption, check_records
+
+from .journal import RankInfo, RunInfo, find_run_dirs, load_run
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ def verify_rank(rank: RankInfo, run_sha: str | None = None) -> list[Problem]:
     def err(path: Path | str, msg: str, severity: str = "error") -> None:
         out.append(Problem(severity, str(path), msg))
 
-    from .manifest import session_ended  # not at import: `import itwinai_journal` stays light
+    from itwinai_journal.format.manifest import (
+        session_ended,  # not at import: `import itwinai_journal` stays light
+    )
 
     m = rank.manifest
     sessions: list[dict[str, Any]] = m.get("sessions") or []
@@ -277,7 +280,7 @@ def _session_problems(sessions: list[dict[str, Any]], top: int) -> list[str]:
     are reported on their own). A closed session says where its records ended; a session that
     was killed (still 'running', or marked 'interrupted' by SIGTERM without an end) says only
     where it started."""
-    from .manifest import session_ended
+    from itwinai_journal.format.manifest import session_ended
 
     out = []
     prev_end: int | None = 0
@@ -333,7 +336,7 @@ def _digest_problems(where: Path, m: dict[str, Any], entries: list[dict[str, Any
                      run_sha: str | None, closed: bool) -> list[Problem]:
     """run.json and the declared destinations against their digests in the last index entry
     that has them. A rank still running may have declared since: a warning only."""
-    from .manifest import destinations_digest
+    from itwinai_journal.format.manifest import destinations_digest
 
     anchored = segments.last_anchors(entries)
     if anchored is None:

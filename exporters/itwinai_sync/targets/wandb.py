@@ -81,9 +81,9 @@ import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
+from itwinai_sync.api import LOCK_DIR, Exporter, ExportError, Notes, RankSink, logged_value, meta_of
 
 from . import system_metrics
-from .exporter import LOCK_DIR, Exporter, ExportError, Notes, RankSink, logged_value, meta_of
 
 #: History key holding the highest journal seq a row covers (a leading '_' keeps it out of the
 #: W&B charts, like _step and _timestamp; wandb 0.31 accepts and stores it).

@@ -21,10 +21,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import segments
-from .fsutil import open_regular, read_bytes, read_json
-from .manifest import session_ended
-from .validate import (
+from itwinai_journal.format import segments
+from itwinai_journal.format.fsio import open_regular, read_bytes, read_json
+from itwinai_journal.format.manifest import session_ended
+from itwinai_journal.format.validate import (
     DAMAGED,
     RANK_DIR,
     JournalCorruption,
@@ -51,7 +51,7 @@ class RankInfo:
     def status(self) -> str:
         # Imported here: manifest.py pulls in importlib.metadata, subprocess and socket, which
         # listing runs does not need.
-        from .manifest import session_status
+        from itwinai_journal.format.manifest import session_status
 
         return session_status(self.manifest)
 

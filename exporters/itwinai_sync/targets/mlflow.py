@@ -54,12 +54,10 @@ import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.fsutil import fsync_dir
-from itwinai_journal.liveness import pid_alive
-from itwinai_journal.segments import read_segment, segment_files
-
-from . import system_metrics
-from .exporter import (
+from itwinai_journal.format.fsio import fsync_dir
+from itwinai_journal.format.segments import read_segment, segment_files
+from itwinai_journal.read.liveness import pid_alive
+from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
     ExportError,
@@ -71,6 +69,8 @@ from .exporter import (
     param_str,
     scoped_env,
 )
+
+from . import system_metrics
 
 TAG_RUN = "itwinai.run"
 TAG_DIGEST = "itwinai.run_digest"
@@ -704,7 +704,7 @@ class KeyMaps:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from .engine import select
+        from itwinai_sync.engine import select
 
         kinds = pa.array(sorted(self.NAMESPACE), pa.string())
         seg_dir = self.rank.path / "segments"

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .blobs import file_sha256
-from .fsutil import fsync_dir, read_bytes
+from .fsio import fsync_dir, read_bytes
 from .schema import ARROW_SCHEMA, INT64_MAX, INT64_MIN
 from .validate import BLOB_REF, JournalCorruption, check_records
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .fsutil import JournalWriteError, create_temp, open_regular, read_bytes
+from .fsio import JournalWriteError, create_temp, open_regular, read_bytes
 from .validate import JournalCorruption, check_blob_ref, check_tree
 
 CHUNK = 1 << 20
