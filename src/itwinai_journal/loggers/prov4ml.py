@@ -62,7 +62,7 @@ class Prov4MLLogger(_JournalLogger):
     def _journal_opened(self) -> None:
         """As yprov4ml's `start_run` starts its trackers, take the first CPU and energy
         readings that the `system` and `carbon` records count from."""
-        start.begin_session(self._capture)
+        start.begin_session(self._capture_context())
 
     def destination(self) -> dict[str, Any]:
         return {"prov_user_namespace": self.prov_user_namespace,
