@@ -120,7 +120,8 @@ def bench_sampler(calls: int, tmp: Path, rounds: int = 3) -> dict[str, Any]:
     machine); median over the rounds of each setting's median and wall. Also what one sample
     costs the sampler thread (reading the host, no GPU here), and how many samples the 0.1 s
     setting wrote while the loop ran (a busy loop delays the thread; it never blocks it)."""
-    from itwinai_journal import Journal, sysmetrics
+    from itwinai_journal import Journal
+    from itwinai_journal.capture import libraries, sampler
     from itwinai_journal.loggers import MLFlowLogger
 
     runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in SAMPLER_SETTINGS}
@@ -134,19 +135,19 @@ def bench_sampler(calls: int, tmp: Path, rounds: int = 3) -> dict[str, Any]:
             runs[label].append(per_call(lambda i, lg=lg: lg.log(0.5, "loss", step=i), calls))
             lg.destroy_logger_context()
             if interval == 0.1:
-                written += Journal(savedir).records(kinds=[sysmetrics.KIND]).num_rows
+                written += Journal(savedir).records(kinds=[sampler.KIND]).num_rows
     out: dict[str, Any] = {
         label: {"median_us": statistics.median(r["median_us"] for r in rs),
                 "wall_us": statistics.median(r["wall_us"] for r in rs),
                 "p99_us": statistics.median(r["p99_us"] for r in rs), "rounds": rounds,
                 "calls": calls}
         for label, rs in runs.items()}
-    psutil = sysmetrics.measure._optional("psutil")
-    reader = sysmetrics.NvmlReader()
+    psutil = libraries.optional("psutil")
+    reader = sampler.NvmlReader()
     costs = []
     for _ in range(50):
         t0 = time.perf_counter()
-        sysmetrics.read_host(psutil, reader)
+        sampler.read_host(psutil, reader)
         costs.append((time.perf_counter() - t0) * 1e3)
     out["one_sample_ms"] = {"min": min(costs), "median": statistics.median(costs)}
     out["samples_written_at_0.1s"] = written

@@ -56,12 +56,13 @@ def main() -> int:
     except ImportError:
         print("FAIL: pynvml is not importable: pip install nvidia-ml-py")
         return 1
-    from itwinai_journal import Journal, measure, sysmetrics
+    from itwinai_journal import Journal
+    from itwinai_journal.capture import gpu, sampler
     from itwinai_journal.loggers import MLFlowLogger
     from itwinai_sync.targets import system_metrics
 
     pynvml.nvmlInit()
-    devices = measure.nvml_devices(pynvml)
+    devices = gpu.nvml_devices(pynvml)
     print(f"NVML {pynvml.nvmlSystemGetDriverVersion()}: {len(devices)} visible GPU(s)")
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="itwinai-gpu-check-") as tmp:
@@ -76,7 +77,7 @@ def main() -> int:
         stop.set()
         lg.destroy_logger_context()
         print(note[0] if note else "GPU load did not finish")
-        records = Journal(tmp).records(kinds=[sysmetrics.KIND]).to_pylist()
+        records = Journal(tmp).records(kinds=[sampler.KIND]).to_pylist()
     samples = [(json.loads(r["text"]), json.loads(r["meta"])) for r in records]
     if not samples:
         print("FAIL: no system_metric sample was journaled")

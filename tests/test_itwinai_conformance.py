@@ -33,6 +33,7 @@ import recordings
 
 from itwinai_journal import Journal
 from itwinai_journal import loggers as mod
+from itwinai_journal.format.schema import ALL_KINDS
 from itwinai_journal.loggers import (
     EmptyLogger,
     Logger,
@@ -41,6 +42,7 @@ from itwinai_journal.loggers import (
     TensorBoardLogger,
     WandBLogger,
 )
+from itwinai_journal.loggers.journal import _JournalLogger
 
 REFERENCE = recordings.load("loggers")
 RECORDED = REFERENCE["classes"]
@@ -326,7 +328,7 @@ def test_no_deviation_for_calls_itwinai_accepts_except_listed(ours):
 def test_recording_covers_every_kind_and_class():
     assert set(RECORDED) == set(cases.CLASSES)
     kinds = {c.kind for c in cases.log_calls()}
-    assert set(mod.ALL_KINDS) <= kinds and "model_version" in kinds
+    assert set(ALL_KINDS) <= kinds and "model_version" in kinds
     assert REFERENCE["versions"]["itwinai"] == "0.4.2"
 
 
@@ -374,7 +376,7 @@ def test_lifecycle_does_what_itwinai_does(tmp_path, caplog, cls, name):
         assert [f"WARNING: {r.getMessage()}" for r in caplog.records
                 if r.levelno == logging.WARNING] == twice
     for lg in [logger, *getattr(logger, "loggers", [])]:
-        if isinstance(lg, mod._JournalLogger):
+        if isinstance(lg, _JournalLogger):
             lg._close("finished")
 
 

@@ -19,12 +19,12 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from itwinai_journal import Journal  # noqa: E402
-from itwinai_journal.lightning import JournalLogger  # noqa: E402
 from itwinai_journal.loggers import (  # noqa: E402
     LoggersCollection,
     MLFlowLogger,
     TensorBoardLogger,
 )
+from itwinai_journal.loggers.lightning import JournalLogger  # noqa: E402
 
 
 class Tiny(L.LightningModule):

@@ -26,7 +26,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from itwinai_journal import Journal, measure, watch
+from itwinai_journal import Journal
+from itwinai_journal.capture import energy, libraries, system, watch
+from itwinai_journal.capture.flops import DEFAULT_DATASET_BATCH_SIZE, FlopCounter
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, Prov4MLLogger
 
 IN, OUT = 7, 5
@@ -82,8 +84,8 @@ def fvcore_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 @pytest.fixture
 def no_fvcore(monkeypatch):
     """The compute node without fvcore: FlopCounterMode, halved."""
-    optional = measure._optional
-    monkeypatch.setattr(measure, "_optional",
+    optional = libraries.optional
+    monkeypatch.setattr(libraries, "optional",
                         lambda name: None if name == "fvcore.nn" else optional(name))
 
 
@@ -153,16 +155,16 @@ def test_flops_of_keyword_inputs_fall_back_and_say_so(prov):
 
 def test_flops_are_counted_once_per_input_shape(prov, monkeypatch):
     calls = []
-    counter_count = measure.FlopCounter.count
+    counter_count = FlopCounter.count
 
     def spy(self, args, kwargs):
         calls.append(tuple(args[0].shape))
         return counter_count(self, args, kwargs)
 
-    real_fvcore = measure.FlopCounter._fvcore
+    real_fvcore = FlopCounter._fvcore
     traced = []
-    monkeypatch.setattr(measure.FlopCounter, "count", spy)
-    monkeypatch.setattr(measure.FlopCounter, "_fvcore",
+    monkeypatch.setattr(FlopCounter, "count", spy)
+    monkeypatch.setattr(FlopCounter, "_fvcore",
                         lambda self, args: traced.append(1) or real_fvcore(self, args))
     prov.log((linear(), loader(10, batch_size=4)), "epoch", kind="flops_pe")
     (record,) = read_back(prov)
@@ -197,7 +199,7 @@ def test_flops_per_epoch_wraps_a_dataset_or_tensor_and_takes_iterables(prov):
     prov.log((model, (b for b in [x[:2]])), "gen", kind="flops_pe")
     ds, ds2, tensor, batches, gen = read_back(prov)
     assert [r["value"] for r in (ds, ds2, tensor, batches)] == [flops(9)] * 4
-    assert ds["meta"]["dataloader_batch_size"] == measure.DEFAULT_DATASET_BATCH_SIZE
+    assert ds["meta"]["dataloader_batch_size"] == DEFAULT_DATASET_BATCH_SIZE
     assert (ds2["meta"]["dataloader_batch_size"], ds2["meta"]["batches"]) == (2, 5)
     assert batches["meta"]["batches"] == 2 and "dataloader_batch_size" not in batches["meta"]
     assert gen["value"] == flops(2) and "batches_in_epoch" not in gen["meta"]
@@ -308,8 +310,8 @@ def test_system_metrics_are_within_physical_bounds(prov, monkeypatch, method):
     if method == "psutil":
         pytest.importorskip("psutil")
     else:  # the compute node without psutil: /proc only
-        optional = measure._optional
-        monkeypatch.setattr(measure, "_optional",
+        optional = libraries.optional
+        monkeypatch.setattr(libraries, "optional",
                             lambda name: None if name == "psutil" else optional(name))
     time.sleep(0.05)  # a window the system's CPU clock ticks in (10 ms resolution)
     prov.log(None, "system", kind="system", step=0)
@@ -334,16 +336,16 @@ def test_system_metrics_are_within_physical_bounds(prov, monkeypatch, method):
 
 def test_system_procfs_agrees_with_psutil():
     psutil = pytest.importorskip("psutil")
-    fields = measure._system_memory(None)
+    fields = system.system_memory(None)
     assert fields["memory_total_bytes"] == psutil.virtual_memory().total
-    assert measure._disk_space(None)["disk_percent"] == pytest.approx(
+    assert system.disk_space(None)["disk_percent"] == pytest.approx(
         psutil.disk_usage("/").percent, abs=0.2)
-    rss = measure._process_memory(None)["process_rss_bytes"]
+    rss = system.process_memory(None)["process_rss_bytes"]
     assert rss == pytest.approx(psutil.Process().memory_info().rss, rel=0.05)
-    disk = measure._disk_io(None)
+    disk = system.disk_io(None)
     io = psutil.disk_io_counters()
     assert disk["disk_read_bytes"] == pytest.approx(io.read_bytes, rel=0.01)
-    proc_io = measure._process_io(None)
+    proc_io = system.process_io(None)
     assert proc_io["process_read_bytes"] == psutil.Process().io_counters().read_bytes
 
 
@@ -476,7 +478,7 @@ def test_carbon_is_recorded_honestly_on_this_machine(prov):
         assert meta["scope"] == "node" and meta["method"]
         assert meta["energy"] in ("measured", "baseline", "unavailable")
     assert first["meta"]["energy"] in ("baseline", "unavailable") and first["value"] is None
-    assert first["meta"]["carbon_intensity_g_per_kwh"] == measure.DEFAULT_CARBON_INTENSITY
+    assert first["meta"]["carbon_intensity_g_per_kwh"] == energy.DEFAULT_CARBON_INTENSITY
     assert first["meta"]["carbon_intensity_source"].startswith("default")
     assert second["meta"]["carbon_intensity_g_per_kwh"] == 300
     assert second["meta"]["carbon_intensity_source"] == "kwarg"
@@ -503,7 +505,7 @@ def test_carbon_from_rapl_and_nvml_counters(prov, monkeypatch, tmp_path):
     """Code path check with a fake sysfs tree and a fake pynvml: deltas, wrap-around, psys not
     double counted, emissions = energy x intensity (from ITWINAI_CARBON_INTENSITY)."""
     root = tmp_path / "powercap"
-    monkeypatch.setattr(measure, "RAPL_ROOT", root)
+    monkeypatch.setattr(energy, "RAPL_ROOT", root)
     nvml = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     monkeypatch.setenv("ITWINAI_CARBON_INTENSITY", "100")
@@ -548,7 +550,7 @@ def test_carbon_counts_from_the_session_start_when_counters_are_readable(tmp_pat
     already covers the time since then (as yprov4ml's codecarbon tracker, started with the
     run): no baseline-only record."""
     root = tmp_path / "powercap"
-    monkeypatch.setattr(measure, "RAPL_ROOT", root)
+    monkeypatch.setattr(energy, "RAPL_ROOT", root)
     _fake_rapl(root, {"intel-rapl:0": ("package-0", 5_000_000)})
     logger = Prov4MLLogger(provenance_save_dir=str(tmp_path / "prov"), run_id="c",
                            log_freq="batch")
@@ -562,13 +564,13 @@ def test_carbon_counts_from_the_session_start_when_counters_are_readable(tmp_pat
 
 
 def test_carbon_intensity_settings(monkeypatch):
-    assert measure.carbon_intensity({})[0] == 475.0
-    assert measure.carbon_intensity({"carbon_intensity_g_per_kwh": 56}) == (56.0, "kwarg")
+    assert energy.carbon_intensity({})[0] == 475.0
+    assert energy.carbon_intensity({"carbon_intensity_g_per_kwh": 56}) == (56.0, "kwarg")
     monkeypatch.setenv("ITWINAI_CARBON_INTENSITY", "not-a-number")
     with pytest.warns(RuntimeWarning, match="ITWINAI_CARBON_INTENSITY"):
-        assert measure.carbon_intensity({})[0] == 475.0
+        assert energy.carbon_intensity({})[0] == 475.0
     with pytest.raises(ValueError):
-        measure.carbon_intensity({"carbon_intensity_g_per_kwh": -1})
+        energy.carbon_intensity({"carbon_intensity_g_per_kwh": -1})
 
 
 def _fake_codecarbon(calls: dict) -> types.ModuleType:
@@ -678,7 +680,7 @@ def test_context_is_kept_for_every_measured_kind(prov):
 
 
 def test_importing_the_loggers_stays_light():
-    code = ("import sys, itwinai_journal.loggers, itwinai_journal.measure\n"
+    code = ("import sys, itwinai_journal.loggers, itwinai_journal.capture.kinds\n"
             "heavy = ('torch', 'yprov4ml', 'prov4ml', 'psutil', 'pynvml', 'codecarbon')\n"
             "print(sorted(m for m in heavy if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import spawn
 
-from itwinai_journal import Journal, measure, sysmetrics
+from itwinai_journal import Journal
+from itwinai_journal.capture import libraries, sampler
 from itwinai_journal.loggers import MLFlowLogger, TensorBoardLogger, WandBLogger
 from itwinai_sync.cli import main
 from itwinai_sync.targets import system_metrics
@@ -36,7 +37,7 @@ INTERVAL = 0.2
 def samples(savedir: Path, rank: int = 0) -> list[dict]:
     """The rank's system_metric records, with `fields` and `meta` decoded."""
     out = []
-    for rec in Journal(savedir).records(kinds=[sysmetrics.KIND], rank=rank).to_pylist():
+    for rec in Journal(savedir).records(kinds=[sampler.KIND], rank=rank).to_pylist():
         rec["fields"] = json.loads(rec["text"])
         rec["meta"] = json.loads(rec["meta"])
         out.append(rec)
@@ -45,9 +46,9 @@ def samples(savedir: Path, rank: int = 0) -> list[dict]:
 
 def wait_stopped(timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while sysmetrics.running() and time.monotonic() < deadline:
+    while sampler.running() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not sysmetrics.running()
+    assert not sampler.running()
 
 
 def spin(seconds: float) -> None:
@@ -109,7 +110,7 @@ def nvml(monkeypatch):
     def install(devices=GPUS, broken=None):
         module = fake_nvml(devices, broken)
         monkeypatch.setitem(sys.modules, "pynvml", module)
-        monkeypatch.setattr(sysmetrics, "_sampler", sysmetrics._Sampler())
+        monkeypatch.setattr(sampler, "_sampler", sampler._Sampler())
         return module
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return install
@@ -124,7 +125,7 @@ def test_samples_at_the_configured_rate_follow_cpu_and_memory(tmp_path):
                       system_metrics_interval=INTERVAL)
     started = time.time()
     lg.create_logger_context()
-    assert sysmetrics.running()
+    assert sampler.running()
     time.sleep(1.2)  # idle
     idle_end = time.time()
     spin(1.5)  # busy: this process's CPU rises
@@ -165,9 +166,9 @@ def test_samples_at_the_configured_rate_follow_cpu_and_memory(tmp_path):
         assert f["process_threads"] >= 3  # main, journal flusher, sampler
         assert f["disk_used_bytes"] > 0 and f["disk_free_bytes"] >= 0
         assert f["process_peak_rss_bytes"] >= f["process_rss_bytes"] * 0.99
-        for counter in sysmetrics.COUNTERS:  # since the sampler started: from 0, growing
+        for counter in sampler.COUNTERS:  # since the sampler started: from 0, growing
             assert f[counter] >= 0
-    for counter in sysmetrics.COUNTERS:
+    for counter in sampler.COUNTERS:
         values = [s["fields"][counter] for s in got]
         assert values == sorted(values)
 
@@ -175,9 +176,9 @@ def test_samples_at_the_configured_rate_follow_cpu_and_memory(tmp_path):
 def test_procfs_path_reads_the_same_fields(tmp_path, monkeypatch):
     """Without psutil (not a dependency of the compute-node package) /proc gives every
     field."""
-    monkeypatch.setattr(measure, "_optional", lambda name: None)
-    reading = sysmetrics.read_host(None, sysmetrics.NvmlReader())
-    with_psutil = sysmetrics.read_host(pytest.importorskip("psutil"), sysmetrics.NvmlReader())
+    monkeypatch.setattr(libraries, "optional", lambda name: None)
+    reading = sampler.read_host(None, sampler.NvmlReader())
+    with_psutil = sampler.read_host(pytest.importorskip("psutil"), sampler.NvmlReader())
     assert set(reading.fields) == set(with_psutil.fields)
     assert reading.unavailable == {"gpu": "pynvml not importable"}
     assert reading.fields["process_threads"] == with_psutil.fields["process_threads"]
@@ -186,33 +187,33 @@ def test_procfs_path_reads_the_same_fields(tmp_path, monkeypatch):
 
 
 def test_off_by_argument_or_environment(tmp_path, monkeypatch):
-    assert sysmetrics.configured_interval(0) is None
-    assert sysmetrics.configured_interval(2) == 2.0
-    assert sysmetrics.configured_interval(0.001) == sysmetrics.MIN_INTERVAL
+    assert sampler.configured_interval(0) is None
+    assert sampler.configured_interval(2) == 2.0
+    assert sampler.configured_interval(0.001) == sampler.MIN_INTERVAL
     with pytest.raises(ValueError, match="system_metrics_interval"):
-        sysmetrics.configured_interval(-1)
-    monkeypatch.delenv(sysmetrics.INTERVAL_ENV)
-    assert sysmetrics.configured_interval(None) == sysmetrics.DEFAULT_INTERVAL == 10.0
-    monkeypatch.setenv(sysmetrics.INTERVAL_ENV, "off")
-    assert sysmetrics.configured_interval(None) is None
-    assert sysmetrics.configured_interval(5) == 5.0  # the argument wins
-    monkeypatch.setenv(sysmetrics.INTERVAL_ENV, "0.5")
-    assert sysmetrics.configured_interval(None) == 0.5
-    monkeypatch.setenv(sysmetrics.INTERVAL_ENV, "often")
+        sampler.configured_interval(-1)
+    monkeypatch.delenv(sampler.INTERVAL_ENV)
+    assert sampler.configured_interval(None) == sampler.DEFAULT_INTERVAL == 10.0
+    monkeypatch.setenv(sampler.INTERVAL_ENV, "off")
+    assert sampler.configured_interval(None) is None
+    assert sampler.configured_interval(5) == 5.0  # the argument wins
+    monkeypatch.setenv(sampler.INTERVAL_ENV, "0.5")
+    assert sampler.configured_interval(None) == 0.5
+    monkeypatch.setenv(sampler.INTERVAL_ENV, "often")
     with pytest.warns(RuntimeWarning, match="often"):
-        assert sysmetrics.configured_interval(None) == sysmetrics.DEFAULT_INTERVAL
+        assert sampler.configured_interval(None) == sampler.DEFAULT_INTERVAL
 
-    monkeypatch.setenv(sysmetrics.INTERVAL_ENV, "0")
+    monkeypatch.setenv(sampler.INTERVAL_ENV, "0")
     lg = TensorBoardLogger(savedir=tmp_path / "off", run_id=RUN)
     lg.create_logger_context()
     time.sleep(0.3)
-    assert not sysmetrics.running()
+    assert not sampler.running()
     lg.destroy_logger_context()
-    monkeypatch.setenv(sysmetrics.INTERVAL_ENV, "0.1")
+    monkeypatch.setenv(sampler.INTERVAL_ENV, "0.1")
     lg = TensorBoardLogger(savedir=tmp_path / "arg", run_id=RUN, system_metrics_interval=0)
     lg.create_logger_context()
     time.sleep(0.3)
-    assert not sysmetrics.running()
+    assert not sampler.running()
     lg.destroy_logger_context()
     assert samples(tmp_path / "off") == samples(tmp_path / "arg") == []
 
@@ -227,7 +228,7 @@ def test_steps_continue_across_sessions_and_journals_share_readings(tmp_path):
                         system_metrics_interval=INTERVAL)
         a.create_logger_context()
         b.create_logger_context()
-        threads = [t for t in threading.enumerate() if t.name == sysmetrics.THREAD_NAME]
+        threads = [t for t in threading.enumerate() if t.name == sampler.THREAD_NAME]
         assert len(threads) == 1
         time.sleep(1.0)
         a.destroy_logger_context()
@@ -243,7 +244,7 @@ def test_steps_continue_across_sessions_and_journals_share_readings(tmp_path):
     assert len(shared) >= len(got) - 2  # attached a moment apart: the same readings after
     # one reading: the same instantaneous values (counters and CPU windows start when each
     # journal was attached)
-    own = set(sysmetrics.COUNTERS) | {"cpu_percent_process", "cpu_percent_system"}
+    own = set(sampler.COUNTERS) | {"cpu_percent_process", "cpu_percent_system"}
     for s in shared:
         assert {k: v for k, v in other[s["time"]].items() if k not in own} == \
             {k: v for k, v in s["fields"].items() if k not in own}
@@ -259,7 +260,7 @@ def test_fork_child_does_not_sample_and_its_records_reach_the_parent(tmp_path):
         code = 0
         try:
             time.sleep(0.5)
-            if sysmetrics.running() or any(t.name == sysmetrics.THREAD_NAME
+            if sampler.running() or any(t.name == sampler.THREAD_NAME
                                            for t in threading.enumerate()):
                 code = 3
             lg.log(7.0, "child_metric", step=1)
@@ -308,7 +309,7 @@ def test_sigterm_ends_the_session_with_its_samples(tmp_path):
 
 def test_fake_nvml_fields_and_tracker_names(nvml, monkeypatch):
     nvml()
-    fields, reason = sysmetrics.NvmlReader().read()
+    fields, reason = sampler.NvmlReader().read()
     assert reason is None
     assert fields == {
         "gpu0_utilization_percent": 87, "gpu0_memory_utilization_percent": 41,
@@ -320,11 +321,11 @@ def test_fake_nvml_fields_and_tracker_names(nvml, monkeypatch):
     }
     # CUDA_VISIBLE_DEVICES selects and renumbers: ordinal 0 is NVML device 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
-    fields, _ = sysmetrics.NvmlReader().read()
+    fields, _ = sampler.NvmlReader().read()
     assert fields["gpu0_memory_total_bytes"] == 80 << 30 and "gpu1_power_w" not in fields
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    fields, _ = sysmetrics.NvmlReader().read()
+    fields, _ = sampler.NvmlReader().read()
     assert system_metrics.wandb_stats(fields, {}) == {
         "gpu.0.gpu": 87, "gpu.0.memory": 41, "gpu.0.memoryAllocated": 75.0,
         "gpu.0.memoryAllocatedBytes": 30 << 30, "gpu.0.temp": 66, "gpu.0.powerWatts": 250.5,
@@ -372,7 +373,7 @@ def journal(tmp_path_factory):
     """One rank sampled for a moment with two fake GPUs, plus a few metrics."""
     mp = pytest.MonkeyPatch()
     mp.setitem(sys.modules, "pynvml", fake_nvml(GPUS))
-    mp.setattr(sysmetrics, "_sampler", sysmetrics._Sampler())
+    mp.setattr(sampler, "_sampler", sampler._Sampler())
     mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     savedir = tmp_path_factory.mktemp("sys") / "mllogs"
     try:

@@ -1,4 +1,4 @@
-"""Sampled system metrics (`system_metric` records, see itwinai_journal/sysmetrics.py) under the
+"""Sampled system metrics (`system_metric` records, see itwinai_journal.capture.sampler) under the
 names and units each tracker's own system monitor uses, in one place for every exporter.
 
 - W&B: the keys of W&B's system monitor (wandb-core/wandb-symon, as in the run's

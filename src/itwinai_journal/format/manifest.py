@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from itwinai_journal.capture import safe_repr
+from itwinai_journal.format.reprs import safe_repr
 
 from . import segments
 from .fsio import read_bytes, read_json

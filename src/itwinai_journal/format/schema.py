@@ -38,5 +38,5 @@ ALL_KINDS = (
 #: Kinds written by `watch` hooks rather than by a user's `log()` call.
 HISTOGRAM_KIND = "histogram"
 TOPOLOGY_KIND = "topology"
-#: Kind of the background system-metrics samples (sysmetrics.py): one record per sample.
+#: Kind of the background system-metrics samples (capture/sampler.py): one record per sample.
 SYSTEM_METRIC_KIND = "system_metric"

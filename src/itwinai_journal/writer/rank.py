@@ -47,7 +47,7 @@ from itwinai_journal.read.liveness import HEARTBEAT_SECONDS
 
 from .relay import Relay
 
-__all__ = ["JournalWriteError", "RankWriter", "open_writer", "open_writer_at", "release_writer",
+__all__ = ["JournalWriteError", "RankWriter", "open_writer", "release_writer",
            "close_all"]
 
 DEFAULT_FLUSH_INTERVAL = 1.0
@@ -804,13 +804,6 @@ def open_writer(run_dir: Path, rank: int, world_size: int, run_info: dict[str, A
         writer = RankWriter(run_dir, rank, world_size, run_info, **options)
         _writers[key] = (writer, 1)
         return writer
-
-
-def open_writer_at(rank_dir: Path) -> RankWriter | None:
-    """This process's open writer of `rank_dir`, if any (for hooks that log on their own)."""
-    with _registry_lock:
-        entry = _writers.get(rank_dir.resolve())
-    return entry[0] if entry else None
 
 
 def release_writer(writer: RankWriter, status: str = "finished") -> None:

@@ -1,7 +1,7 @@
 """PyTorch Lightning adapter: a Lightning `Logger` that writes through an itwinai_journal logger.
 
     from itwinai_journal.loggers import MLFlowLogger
-    from itwinai_journal.lightning import JournalLogger
+    from itwinai_journal.loggers.lightning import JournalLogger
 
     logger = JournalLogger(MLFlowLogger(savedir="mllogs", experiment_name="mnist"))
     trainer = lightning.Trainer(logger=logger, ...)
@@ -13,8 +13,9 @@ wrapped itwinai logger, for the kinds Lightning has no method for
 (`trainer.logger.experiment.log(fig, "confusion", kind="figure")`).
 
 Works with `lightning` (`lightning.pytorch`) or, when that is not installed, the older
-`pytorch_lightning` package. This module is imported only by the code that uses it:
-`import itwinai_journal` never imports Lightning.
+`pytorch_lightning` package; what it uses of Lightning's private API is in
+`itwinai_journal.compat`, with the versions it was tested with. This module is imported only by
+the code that uses it: `import itwinai_journal.loggers` never imports Lightning.
 """
 
 from __future__ import annotations
@@ -24,35 +25,19 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-try:
-    from lightning.fabric.utilities.logger import (
-        _convert_params,
-        _flatten_dict,
-        _sanitize_callable_params,
-    )
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    from lightning.pytorch.loggers.logger import Logger as _LightningLogger
-    from lightning.pytorch.loggers.utilities import _scan_checkpoints
-except ImportError:  # pragma: no cover - the standalone pytorch_lightning package
-    from lightning_fabric.utilities.logger import (  # type: ignore[no-redef]
-        _convert_params,
-        _flatten_dict,
-        _sanitize_callable_params,
-    )
-    from lightning_fabric.utilities.rank_zero import rank_zero_only  # type: ignore[no-redef]
-    from pytorch_lightning.loggers.logger import (  # type: ignore[no-redef]
-        Logger as _LightningLogger,
-    )
-    from pytorch_lightning.loggers.utilities import _scan_checkpoints  # type: ignore[no-redef]
+from itwinai_journal import compat
 
-from .loggers import BASE_EXP_NAME, EmptyLogger, Logger, LoggersCollection
+from .base import BASE_EXP_NAME, Logger
+from .journal import _JournalLogger
+
+_lightning = compat.lightning()
 
 #: Lightning's finalize statuses -> journal session statuses.
 _STATUS = {"success": "finished", "finished": "finished", "failed": "failed",
            "interrupted": "interrupted"}
 
 
-class JournalLogger(_LightningLogger):
+class JournalLogger(_lightning.Logger):  # type: ignore[misc,name-defined]
     """A Lightning logger writing into an itwinai_journal journal through `logger`.
 
     Args:
@@ -92,7 +77,8 @@ class JournalLogger(_LightningLogger):
     @property
     def name(self) -> str:
         """The journal experiment."""
-        return _experiment_of(self._logger)
+        return self._logger.journal_experiment() if isinstance(self._logger, _JournalLogger) \
+            else BASE_EXP_NAME
 
     @property
     def version(self) -> str:
@@ -131,7 +117,7 @@ class JournalLogger(_LightningLogger):
     def _ensure_open(self) -> None:
         if self._logger.is_initialized:
             return
-        rank = int(getattr(rank_zero_only, "rank", 0) or 0)
+        rank = int(getattr(_lightning.rank_zero_only, "rank", 0) or 0)
         self._logger.create_logger_context(rank=rank)
         self._owns = True
 
@@ -139,8 +125,8 @@ class JournalLogger(_LightningLogger):
         """Have the records logged so far written to the active segment (Lightning calls this
         after each `log_metrics`): the journal's flusher thread is woken, the step does not wait
         for it."""
-        for writer in _writers(self._logger):
-            writer.flush(wait=False)
+        if isinstance(self._logger, _JournalLogger):
+            self._logger.flush(wait=False)
 
     def finalize(self, status: str) -> None:
         """End of fit/validate/test: flush, and close the session if this adapter opened it
@@ -149,7 +135,10 @@ class JournalLogger(_LightningLogger):
         if not self._logger.is_initialized:
             return
         if self._owns:
-            self._logger._close(_STATUS.get(status, "finished"))
+            if isinstance(self._logger, _JournalLogger):
+                self._logger.end_session(_STATUS.get(status, "finished"))
+            else:
+                self._logger.destroy_logger_context()
             self._owns = False
         else:
             self.save()
@@ -167,7 +156,7 @@ class JournalLogger(_LightningLogger):
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any,
                         **kwargs: Any) -> None:
         self._ensure_open()
-        flat = _flatten_dict(_sanitize_callable_params(_convert_params(params)))
+        flat = _lightning.flat_params(params)
         if flat:
             self._logger.save_hyperparameters(flat)
 
@@ -176,37 +165,16 @@ class JournalLogger(_LightningLogger):
         if not self._log_checkpoints:
             return
         self._ensure_open()
-        for mtime, path, score, tag in _scan_checkpoints(checkpoint_callback,
-                                                         self._logged_checkpoints):
+        for mtime, path, score, tag in _lightning.scan_checkpoints(checkpoint_callback,
+                                                                   self._logged_checkpoints):
             extra: dict[str, Any] = {"tag": tag}
             if score is not None:
                 extra["score"] = float(score)
                 extra["monitor"] = getattr(checkpoint_callback, "monitor", None)
-            step = getattr(checkpoint_callback, "_last_global_step_saved", None)
+            step = compat.last_global_step_saved(checkpoint_callback)
             self._logger.log(str(path), f"checkpoints/{Path(path).name}", kind="artifact",
                              step=step, checkpoint=extra)
             self._logged_checkpoints[path] = mtime
-
-
-def _experiment_of(logger: Logger) -> str:
-    """The experiment `logger` journals to; for a collection, the one its members share (the
-    first member's that names one, as `LoggersCollection.create_logger_context` decides)."""
-    if not isinstance(logger, LoggersCollection):
-        return logger.journal_experiment()
-    members = [lg for lg in logger.loggers if not isinstance(lg, EmptyLogger)]
-    chosen = next((lg._journal_experiment for lg in members if lg._journal_experiment), None)
-    chosen = chosen or next((lg.experiment_id for lg in members if lg.experiment_id), None)
-    return chosen or BASE_EXP_NAME
-
-
-def _writers(logger: Logger) -> list[Any]:
-    members = logger.loggers if isinstance(logger, LoggersCollection) else [logger]
-    seen: dict[int, Any] = {}
-    for lg in members:
-        w = getattr(lg, "_writer", None)
-        if w is not None:
-            seen.setdefault(id(w), w)
-    return list(seen.values())
 
 
 __all__ = ["JournalLogger"]

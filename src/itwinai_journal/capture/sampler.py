@@ -52,7 +52,19 @@ from typing import Any
 from itwinai_journal.format.schema import SYSTEM_METRIC_KIND as KIND
 from itwinai_journal.format.segments import read_parquet, segment_files
 
-from . import measure
+from . import libraries
+from .gpu import nvml_devices, nvml_ready
+from .session import CpuSample
+from .system import (
+    PROC,
+    cpu_percentages,
+    cpu_sample,
+    disk_io,
+    process_io,
+    process_memory,
+    read_groups,
+    system_memory,
+)
 
 NAME = "system"
 #: Seconds between samples: MLflow's default (W&B samples every 15 s), so that one sample is
@@ -107,7 +119,7 @@ class Reading:
     time: float
     monotonic: float  # the same moment, for scheduling the next sample
     fields: dict[str, float]
-    cpu: measure.CpuSample
+    cpu: CpuSample
     unavailable: dict[str, str]
     gpu_method: str | None
 
@@ -117,10 +129,10 @@ def read_host(psutil: Any, nvml: NvmlReader) -> Reading:
     explained; nothing here raises for a missing file or library."""
     fields: dict[str, float] = {}
     unavailable: dict[str, str] = {}
-    cpu = measure.cpu_sample(psutil)
-    measure.read_groups(psutil, (
-        ("process_memory", measure._process_memory), ("memory", measure._system_memory),
-        ("process_io", measure._process_io), ("disk_io", measure._disk_io),
+    cpu = cpu_sample(psutil)
+    read_groups(psutil, (
+        ("process_memory", process_memory), ("memory", system_memory),
+        ("process_io", process_io), ("disk_io", disk_io),
         ("threads", _threads), ("disk_space", _disk_space), ("network", _network)),
         fields, unavailable)
     gpu, reason = nvml.read()
@@ -134,7 +146,7 @@ def read_host(psutil: Any, nvml: NvmlReader) -> Reading:
 def _threads(psutil: Any) -> dict[str, float]:
     if psutil is not None:
         return {"process_threads": psutil.Process().num_threads()}
-    stat = (measure.PROC / "self" / "stat").read_text()
+    stat = (PROC / "self" / "stat").read_text()
     return {"process_threads": int(stat.rsplit(")", 1)[1].split()[17])}
 
 
@@ -199,7 +211,7 @@ def cpu_capacity(psutil: Any) -> float:
 def _physical_cores() -> int | None:
     cores = set()
     try:
-        with open(measure.PROC / "cpuinfo") as f:
+        with open(PROC / "cpuinfo") as f:
             block: dict[str, str] = {}
             for line in [*f, "\n"]:
                 if not line.strip():
@@ -228,14 +240,14 @@ class NvmlReader:
     def read(self) -> tuple[dict[str, float], str | None]:
         with warnings.catch_warnings():  # the deprecated `pynvml` wrapper warns on import
             warnings.simplefilter("ignore", FutureWarning)
-            pynvml = measure._optional("pynvml")
+            pynvml = libraries.optional("pynvml")
         if pynvml is None:
             return {}, "pynvml not importable"
         try:
-            reason = measure.nvml_ready(pynvml)
+            reason = nvml_ready(pynvml)
             if reason is None:
                 fields: dict[str, float] = {}
-                for ordinal, handle in measure.nvml_devices(pynvml):
+                for ordinal, handle in nvml_devices(pynvml):
                     fields.update(_gpu_fields(pynvml, ordinal, handle))
                 return fields, None if fields else "NVML sees no GPU"
         except Exception as e:  # noqa: BLE001 - NVMLError and whatever a broken binding raises
@@ -285,7 +297,7 @@ class _Target:
     step: int | None = None
     due: float = 0.0
     baseline: dict[str, float] = field(default_factory=dict)
-    previous_cpu: measure.CpuSample | None = None
+    previous_cpu: CpuSample | None = None
 
 
 class _Sampler:
@@ -322,7 +334,7 @@ class _Sampler:
             return list(self.targets.values())
 
     def run(self) -> None:
-        psutil = measure._optional("psutil")
+        psutil = libraries.optional("psutil")
         static = {"method": "psutil" if psutil is not None else "procfs",
                   "cpu_count": os.cpu_count(), "cpu_capacity": cpu_capacity(psutil)}
         while True:
@@ -379,7 +391,7 @@ class _Sampler:
         for key, start in target.baseline.items():
             if key in fields:
                 fields[key] -= start
-        cpu, _ = measure.cpu_percentages(reading.cpu, target.previous_cpu, os.cpu_count() or 1)
+        cpu, _ = cpu_percentages(reading.cpu, target.previous_cpu, os.cpu_count() or 1)
         fields.update(cpu)
         target.previous_cpu = reading.cpu
         fields = {k: v for k, v in sorted(fields.items())

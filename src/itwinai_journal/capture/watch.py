@@ -20,12 +20,12 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from itwinai_journal.writer.rank import open_writer_at
-
-from .capture import Captured, text_fields
+from .context import CaptureContext, Captured, Options
+from .text import text_fields
 
 #: Number of histogram bins, as wandb.watch.
 NUM_BINS = 64
@@ -165,6 +165,22 @@ class WatchHandle:
         self._emit(f"gradients/{p_name}", grad, call)
 
 
+@contextmanager
+def paused(model: Any) -> Iterator[None]:
+    """The hooks of `model` and its submodules count forward calls and record parameter histograms
+    every `log_freq` calls: a FLOP-counting pass must neither count nor record."""
+    handles = {id(h): h for m in model.modules()
+               if (h := getattr(m, "_itwinai_watch", None)) is not None}.values()
+    saved = [(h, h.calls, h.armed, h.log_params) for h in handles]
+    for handle in handles:
+        handle.log_params = False
+    try:
+        yield
+    finally:
+        for handle, calls, armed, log_params in saved:
+            handle.calls, handle.armed, handle.log_params = calls, armed, log_params
+
+
 def attach(module: Any, append: Append, route: str | None = ROUTE, *,
            log: str | None = "gradients", log_freq: int = 1000,
            alive: Callable[[], bool] = lambda: True) -> WatchHandle:
@@ -182,17 +198,7 @@ def attach(module: Any, append: Append, route: str | None = ROUTE, *,
     return handle
 
 
-def _writer_of(blobs: Any) -> Any:
-    """The open journal writer whose blob store is `blobs`. The capture signature gives the
-    blob store only; the writer registry maps rank directories (the blob store's parent) to
-    their writer, so the hooks reach the very queue the logger appends to."""
-    writer = open_writer_at(blobs.root.parent)
-    if writer is None:
-        raise RuntimeError(f"kind='watch': no open journal writer for {blobs.root.parent}")
-    return writer
-
-
-def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> Captured:
+def capture_watch(item: Any, ctx: CaptureContext, name: str, options: Options) -> Captured:
     """The `log(kind='watch')` capture: hooks the module and returns its topology record."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(item, torch.nn.Module):
@@ -203,10 +209,8 @@ def capture_watch(item: Any, blobs: Any, name: str, options: dict[str, Any]) -> 
                         f"accepted: {', '.join(WATCH_KWARGS)}")
     log = options.get("log", "gradients")
     log_freq = options.get("log_freq", 1000)
-    writer = _writer_of(blobs)
-    attach(item, writer.append, ROUTE, log=log, log_freq=log_freq,
-           alive=lambda: not writer.closed)
-    cap = text_fields(json.dumps(topology(item, name)), blobs, "application/json")
+    attach(item, ctx.append, ROUTE, log=log, log_freq=log_freq, alive=ctx.is_open)
+    cap = text_fields(json.dumps(topology(item, name)), ctx.blobs, "application/json")
     meta = {**(cap.meta or {}), "source": "watch", "log": log, "log_freq": log_freq,
             "log_graph": bool(options.get("log_graph", True))}
     return Captured(cap.value, cap.text, cap.blob, meta)
