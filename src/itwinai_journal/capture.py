@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from itwinai_journal.errors import ItwinaiSyncError
 from itwinai_journal.format.blobs import BlobStore
 from itwinai_journal.format.names import SURROGATE
 from itwinai_journal.format.redaction import redact_param
@@ -44,7 +45,7 @@ def module_of(obj: Any) -> str:
     return type(obj).__module__.split(".", 1)[0]
 
 
-class NotAPlainMetric(TypeError):
+class NotAPlainMetric(ItwinaiSyncError, TypeError):
     """`metric_value` got something that is not one real number: a complex number with an
     imaginary part, or not a number at all. `metric_fields` says how such a metric is kept."""
 
