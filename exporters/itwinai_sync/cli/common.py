@@ -30,18 +30,24 @@ def fail(message: str, verbose: bool = False, code: int = 1) -> NoReturn:
 
 
 @contextmanager
-def reported_errors(verbose: bool = False,
-                    also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def reported_errors(verbose: bool = False, also: tuple[type[BaseException], ...] = (),
+                    unexpected: bool = False) -> Iterator[None]:
     """Report the project's errors raised in the block as the command line does: a request
     that does not fit (UsageError: an unknown target, an option no chosen target takes) as
     click's usage error (exit code 2); any other, and the exceptions in `also`, as one line
-    (exit code 1)."""
+    (exit code 1). With `unexpected`, any other exception too, as one line with its type."""
     try:
         yield
     except UsageError as e:
         raise click.UsageError(str(e)) from e
     except (ItwinaiSyncError, *also) as e:
         fail(str(e), verbose)
+    except click.ClickException:
+        raise
+    except Exception as e:
+        if not unexpected:
+            raise
+        fail(f"{type(e).__name__}: {e}", verbose)
 
 
 def counts(counter: Counter) -> str:

@@ -26,7 +26,6 @@ def _ls_rows(savedir: Path) -> list[dict[str, Any]]:
     journal beside the main one, or journals that merely share an experiment and run id."""
     from itwinai_journal.read.liveness import writer_gone
 
-
     synced: dict[str, dict[str, dict[int, int]]] = {}
     for entry in ledger_entries(savedir):
         cursors = {int(k): v for k, v in entry.get("cursors", {}).items()}

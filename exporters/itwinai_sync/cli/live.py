@@ -195,8 +195,9 @@ class LiveSync:
                     self.say("the training process has ended: exporting its last records")
                 try:
                     ok, finished = self._pass()
-                except (UsageError, TargetUnavailable) as e:  # an unknown target, a missing
-                    return self._end("failed", f"cannot sync: {e}", 2)  # library
+                except (UsageError, TargetUnavailable) as e:
+                    # An unknown target, a missing library: no retry can help.
+                    return self._end("failed", f"cannot sync: {e}", 2)
                 if self.engine.stop.is_set():
                     return self._end("stopped", "stopped by a signal; what was exported is "
                                      "committed, `itwinai-sync` continues from there", 130)

@@ -1,6 +1,6 @@
-"""`itwinai-sync sync SAVEDIR --to TARGET`: export runs to trackers, exactly once (once, or
-following them with --watch); each target's options come from its declaration (see `options`).
-"""
+"""`itwinai-sync sync SAVEDIR --to TARGET`: export runs to trackers, exactly once, in one pass
+or following them with --watch. Each target's options come from its declaration (see
+`options`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..api import exporter_names
-from .common import SAVEDIR, counts, fail, reported_errors
+from .common import SAVEDIR, counts, reported_errors
 from .options import click_options, declared_options, options_by_target
 
 # The sync engine, pyarrow.compute and the exporter plugins are imported when this command
@@ -82,7 +82,7 @@ def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], rank
     started = time.monotonic()
     engine = SyncEngine(request)
     try:
-        with reported_errors(verbose, also=(FileNotFoundError,)):
+        with reported_errors(verbose, also=(FileNotFoundError,), unexpected=True):
             if watch:
                 results = _follow(engine, interval)
             else:
@@ -92,10 +92,6 @@ def sync(savedir: Path, targets: tuple[str, ...], run_ids: tuple[str, ...], rank
                                + ("" if targets else " with declared destinations (use --to)"))
                     return
                 results = _one_pass(engine, plan, show_bar=sys.stderr.isatty() and not dry_run)
-    except click.ClickException:
-        raise
-    except Exception as e:  # noqa: BLE001
-        fail(f"{type(e).__name__}: {e}", verbose)
     finally:
         engine.close()
     _print_results(results, engine.notes.lines, time.monotonic() - started, verbose, dry_run)
