@@ -269,7 +269,8 @@ def _sync(savedir: Path, options: dict[str, str]) -> float:
     from itwinai_sync.engine import SyncEngine, SyncRequest
     from itwinai_sync.targets.mlflow import Place
 
-    engine = SyncEngine(SyncRequest(savedir=savedir, targets=["mlflow"], options=options))
+    engine = SyncEngine(SyncRequest(savedir=savedir, targets=["mlflow"],
+                                    options={"mlflow": options}))
     run, _ = engine.plan()[0]
     exporter = engine.exporter("mlflow")
     uri = exporter.tracking_uri(run)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from itwinai_journal import __version__
@@ -178,3 +180,163 @@ def test_ls_imports_no_sync_engine_exporter_or_view(tmp_path):
                    "itwinai_sync.targets.prov4ml",
                    "pyarrow.compute", "filelock", "mlflow", "wandb", "torch"):
         assert module not in loaded
+
+
+# -- target options: each target's own, declared as data ------------------------------------
+
+JSONL_DIR = Path(__file__).parent / "jsonl_target"
+
+#: A target installed by a test, declaring flags other targets have: one of `sync` itself
+#: (`--run`), one with another meaning than W&B's (`--mode`), one with the same meaning as
+#: TensorBoard's (`--logdir`), and one of its own with a type (`--count`).
+CLASH_PLUGIN = '''
+from itwinai_sync.api import TargetOption
+from itwinai_sync.testing import InMemoryExporter
+
+SEEN = []
+
+
+class ClashExporter(InMemoryExporter):
+    name = "clash"
+    cli_options = (
+        TargetOption("--run", help="Not offered: a flag of sync itself."),
+        TargetOption("--mode", choices=("fast", "slow"), help="How fast."),
+        TargetOption("--logdir", type="dir",
+                     help="TensorBoard log directory (default: SAVEDIR/tensorboard)."),
+        TargetOption("--count", key="how_many", type="int", help="How many."),
+    )
+
+    def __init__(self, savedir, options, notes):
+        super().__init__(savedir, options, notes)
+        SEEN.append(options)
+'''
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    """The JSON-lines example target and the `clash` target installed (found through their
+    entry points, as installed packages are)."""
+    root = tmp_path / "plugins"
+    dist = root / "clash_target-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-target\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[itwinai_sync.exporters]\nclash = clash_target:ClashExporter\n")
+    (root / "clash_target.py").write_text(CLASH_PLUGIN)
+    monkeypatch.syspath_prepend(str(JSONL_DIR))
+    monkeypatch.syspath_prepend(str(root))
+    import clash_target
+
+    clash_target.SEEN.clear()
+    yield clash_target.SEEN
+    monkeypatch.delitem(sys.modules, "clash_target")
+
+
+def test_a_flag_goes_to_the_chosen_targets_that_declare_it(tmp_path, plugins):
+    savedir = tmp_path / "mllogs"
+    _journal(savedir, "a", experiment_name="exp")
+    out_dir, tb_dir = tmp_path / "lines", tmp_path / "tb"
+    result = invoke(str(savedir), "--to", "jsonl", "--dir", str(out_dir))
+    assert result.exit_code == 0, result.output
+    assert len((out_dir / "exp" / "a" / "rank-00000.jsonl").read_text().splitlines()) == 20
+    assert not (savedir / "jsonl").exists() and not (savedir / "prov").exists()
+    # each target gets its own options only, typed as it declared them; --run stays sync's
+    result = invoke(str(savedir), "--to", "clash", "--to", "tensorboard", "--mode", "fast",
+                    "--count", "3", "--logdir", str(tb_dir), "--run", "a")
+    assert result.exit_code == 0, result.output
+    assert "the clash target declares --run, an option of `sync` itself" in result.output
+    assert plugins == [{"run": None, "mode": "fast", "logdir": tb_dir, "how_many": 3}]
+    assert list((tb_dir / "exp" / "a").iterdir())  # TensorBoard took the same --logdir
+    assert "exp/a -> clash" in result.output and "20 metric" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "mlflow", "--dir", "x"],
+     "--dir is not an option of mlflow (it is an option of jsonl, prov4ml)"),
+    (["--to", "jsonl", "--to", "prov4ml", "--dir", "x"],
+     "--dir means different things to jsonl and prov4ml: sync to them separately"),
+    (["--dir", "x"], "--dir means different things to jsonl and prov4ml: say which target "
+                     "with --to"),
+    (["--to", "wandb", "--mode", "fast"],
+     "--mode of wandb: 'fast' is not one of 'offline', 'online'"),
+    (["--to", "clash", "--mode", "offline"],
+     "--mode of clash: 'offline' is not one of 'fast', 'slow'"),
+    (["--to", "clash", "--count", "many"], "'many' is not a valid integer"),
+    (["--to", "nosuchtracker", "--dir", "x"], "unknown target 'nosuchtracker'"),
+])
+def test_a_flag_no_chosen_target_takes_or_that_means_two_things_is_refused(
+        tmp_path, plugins, args, message):
+    savedir = tmp_path / "mllogs"
+    _journal(savedir, "a", experiment_name="exp")
+    result = invoke(str(savedir), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert plugins == [] and not (savedir / "jsonl").exists()
+    assert not any(p.name in ("prov", "tensorboard", "wandb") for p in savedir.iterdir())
+
+
+def test_help_shows_each_meaning_of_a_shared_flag(plugins):
+    out = invoke("sync", "--help").output
+    assert "--mode VALUE" in out and "clash: How fast." in out
+    assert "jsonl: JSON-lines directory" in out and "prov4ml: Prov4ML provenance" in out
+    assert "--count INTEGER" in out and "How many." in out
+    assert "Not offered" not in out
+
+
+def test_the_engine_gives_each_exporter_only_its_own_options(tmp_path):
+    from itwinai_sync.api import OptionError
+    from itwinai_sync.engine import SyncEngine, SyncRequest
+
+    options = {"mlflow": {"experiment": "e"}, "tensorboard": {"logdir": tmp_path / "tb"}}
+    engine = SyncEngine(SyncRequest(tmp_path, ["mlflow", "tensorboard"], options=options))
+    assert engine.exporter("mlflow").options == {"tracking_uri": None, "experiment": "e"}
+    assert engine.exporter("tensorboard").options == {"logdir": tmp_path / "tb"}
+    assert engine.exporter("wandb").options == {"project": None, "entity": None, "mode": None,
+                                                "on_step_regression": None}
+    engine = SyncEngine(SyncRequest(tmp_path, ["mlflow"], options={"mlflow": {"logdir": "x"}}))
+    with pytest.raises(OptionError, match="mlflow has no option logdir"):
+        engine.exporter("mlflow")
+
+
+# -- one error root ----------------------------------------------------------------------------
+
+
+def test_every_error_of_the_project_has_one_root_and_keeps_its_builtin_base():
+    from itwinai_journal.capture import NotAPlainMetric
+    from itwinai_journal.errors import ItwinaiSyncError, UsageError
+    from itwinai_journal.format.fsio import JournalWriteError
+    from itwinai_journal.format.validate import JournalCorruption
+    from itwinai_sync.api import (
+        ExportError,
+        OptionError,
+        TargetChanged,
+        TargetUnavailable,
+        UnknownTarget,
+        load_exporter,
+    )
+    from itwinai_sync.engine import SeqGap
+    from itwinai_sync.targets.prov4ml import NotAModule
+    from itwinai_sync.views import ViewError
+
+    for error in (JournalWriteError, JournalCorruption, NotAPlainMetric, ExportError, SeqGap,
+                  TargetChanged, TargetUnavailable, UnknownTarget, OptionError, NotAModule,
+                  ViewError):
+        assert issubclass(error, ItwinaiSyncError), error
+    assert issubclass(UnknownTarget, UsageError) and issubclass(OptionError, UsageError)
+    assert issubclass(JournalWriteError, OSError) and issubclass(NotAPlainMetric, TypeError)
+    written = JournalWriteError(28, "No space left on device")
+    assert written.errno == 28 and written.strerror == "No space left on device"
+    with pytest.raises(UnknownTarget, match="unknown target 'nope' \\(available: .*mlflow"):
+        load_exporter("nope")
+
+
+def test_library_code_does_not_import_click():
+    """The plugin interface, the engine and every target are used without the command line:
+    only `itwinai_sync.cli` knows click."""
+    code = ("import sys, itwinai_journal.loggers, itwinai_sync.api, itwinai_sync.engine, "
+            "itwinai_sync.testing, itwinai_sync.targets.mlflow, itwinai_sync.targets.wandb, "
+            "itwinai_sync.targets.tensorboard, itwinai_sync.targets.prov4ml\n"
+            "print('click' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == "False"

@@ -10,6 +10,10 @@ one rank of one run is written:
     sink.cursor()                                  # highest seq the target already holds
     sink.export(batch, cursor)                     # write records, commit cursor with them
     sink.close()
+
+The interface has no command line in it: a target declares its options as data
+(`TargetOption`), which the `itwinai-sync` command turns into its own options, and receives
+only its own options' values.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
+from itwinai_journal.errors import ItwinaiSyncError, UsageError
 from itwinai_journal.format.blobs import BlobStore
 from itwinai_journal.format.fsio import fsync_dir, read_json, write_atomic
 
@@ -42,14 +46,52 @@ LOCK_DIR = ".itwinai-sync-locks"
 JOURNAL_MARKER = ".itwinai-journal.json"
 
 
-class ExportError(Exception):
+class ExportError(ItwinaiSyncError):
     """A problem exporting one run, reported in one line and isolated to that run."""
 
 
-class TargetChanged(Exception):
+class TargetChanged(ItwinaiSyncError):
     """The target run a sink was writing to is no longer the one the target keeps for this
     journal rank (a concurrent sync of a copy of the journal converged on another one). The
     engine opens the rank again and continues from the kept run's cursor."""
+
+
+class UnknownTarget(UsageError):
+    """No exporter is registered under the name asked for."""
+
+
+class TargetUnavailable(ItwinaiSyncError):
+    """A target that cannot work here: its tracker library is missing, or not a version it
+    drives."""
+
+
+class OptionError(UsageError):
+    """Target options that do not fit the targets chosen (see `TargetOption`)."""
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """One option of a target, as data: the `itwinai-sync sync` command offers it as `flag`,
+    and the target's `options` hold its value under `key` (None, or `default`, when it is not
+    given). Options belong to the targets that declare them: a flag given on the command line
+    goes to the chosen targets that declare it, it is an error when none of them does, and
+    when targets that declare it differently (another meaning) would share it."""
+
+    flag: str  # "--tracking-uri"
+    help: str
+    #: The key in the target's options (default: the flag without dashes, "_" for "-").
+    key: str = ""
+    #: "dir" and "file" are paths (a directory, a file), given to the target as `Path`.
+    type: Literal["text", "int", "float", "dir", "file"] = "text"
+    choices: tuple[str, ...] | None = None
+    default: Any = None
+    metavar: str | None = None
+    #: Accepted but not listed by `--help` (kept for older command lines).
+    hidden: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.flag.lstrip("-").replace("-", "_"))
 
 
 @dataclass
@@ -108,15 +150,14 @@ class Exporter(ABC):
     #: rank by one thread; the exporter makes what ranks share, such as a parent run, safe).
     parallel_ranks: ClassVar[bool] = False
 
+    #: This target's options (e.g. --tracking-uri), which the `sync` command offers.
+    cli_options: ClassVar[tuple[TargetOption, ...]] = ()
+
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         self.savedir = savedir
+        #: The values of this target's own options only (see `own_options`).
         self.options = options
         self.notes = notes
-
-    @classmethod
-    def cli_options(cls) -> list[click.Option]:
-        """Target options for the `sync` command (e.g. --tracking-uri)."""
-        return []
 
     @abstractmethod
     def target_key(self, run: RunInfo) -> str:
@@ -261,14 +302,26 @@ def load_exporter(name: str) -> type[Exporter]:
     eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none installed"
-        raise click.UsageError(f"unknown target {name!r} (available: {known})")
+        raise UnknownTarget(f"unknown target {name!r} (available: {known})")
     try:
         cls = eps[name].load()
     except ImportError as e:
-        raise click.ClickException(
+        raise TargetUnavailable(
             f"the {name} exporter needs its library: pip install 'itwinai-sync[{name}]' ({e})"
         ) from e
     return cls
+
+
+def own_options(exporter: type[Exporter], given: dict[str, Any]) -> dict[str, Any]:
+    """The options an exporter is created with: each option it declares, with its value from
+    `given` (keys of its own options) or its default. A key it does not declare is an error,
+    not ignored: a value meant for another target, or a misspelt one."""
+    values = {option.key: option.default for option in exporter.cli_options}
+    unknown = sorted(set(given) - set(values))
+    if unknown:
+        raise OptionError(f"{exporter.name} has no option {', '.join(unknown)} (its options: "
+                          f"{', '.join(values) or 'none'})")
+    return {**values, **given}
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from itwinai_journal import Journal, RankInfo, RunInfo
 from itwinai_journal.format.segments import JournalCorruption, iter_tables, read_index
 from itwinai_journal.read.liveness import writer_gone
 
-from .api import Exporter, ExportError, Notes, TargetChanged, load_exporter
+from .api import Exporter, ExportError, Notes, TargetChanged, load_exporter, own_options
 from .ledger import Ledger
 
 #: Destination names loggers declare that are not export targets.
@@ -65,9 +65,13 @@ class RunResult:
 
 @dataclass
 class SyncRequest:
+    """The engine's settings for one sync. Each target's own option values are in `options`,
+    by target name; everything else here is the engine's."""
+
     savedir: Path
     targets: list[str] | None  # None: each run's declared destinations
-    options: dict[str, Any] = field(default_factory=dict)
+    #: Target name -> values of that target's options that were given (see `own_options`).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_ids: list[str] | None = None
     ranks: str = "all"  # all | 0
     dry_run: bool = False
@@ -137,7 +141,8 @@ class SyncEngine:
         with self._lock:
             if name not in self._exporters:
                 cls = load_exporter(name)
-                self._exporters[name] = cls(self.req.savedir, self.req.options, self.notes)
+                options = own_options(cls, self.req.options.get(name, {}))
+                self._exporters[name] = cls(self.req.savedir, options, self.notes)
             return self._exporters[name]
 
     def plan(self) -> list[tuple[RunInfo, str]]:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import Journal
+from itwinai_journal.errors import ItwinaiSyncError
 from itwinai_journal.format import segments as seg
 from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.read.journal import RunInfo, find_run_dirs, load_run
@@ -42,7 +43,7 @@ X_MODES = ("step", "time", "relative")
 SYSTEM_PREFIX = "system/"
 
 
-class ViewError(Exception):
+class ViewError(ItwinaiSyncError):
     """A user-facing problem (no such run, no metrics, unknown output format): one line."""
 
 

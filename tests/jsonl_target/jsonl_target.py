@@ -1,8 +1,10 @@
 """A JSON-lines target: the worked example of adding a target (README, "Adding a target").
 
-`itwinai-sync SAVEDIR --to jsonl` writes one file per journal rank,
-`SAVEDIR/jsonl/<experiment>/<run_id>/rank-<rank:05d>.jsonl`, one line per record (the record's
-journal columns as a JSON object), exactly once. It is registered by the entry point `jsonl`
+`itwinai-sync SAVEDIR --to jsonl [--dir DIR]` writes one file per journal rank,
+`DIR/<experiment>/<run_id>/rank-<rank:05d>.jsonl` (DIR: SAVEDIR/jsonl by default), one line per
+record (the record's journal columns as a JSON object), exactly once. Its one option, `--dir`,
+is declared as data; Prov4ML has a `--dir` of its own, so which target it is for is said with
+`--to`. It is registered by the entry point `jsonl`
 of the group `itwinai_sync.exporters` (`jsonl_target-0.1.dist-info/entry_points.txt` beside
 this module), so putting this directory on PYTHONPATH is all it takes to use it.
 
@@ -28,6 +30,7 @@ from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
     RankSink,
+    TargetOption,
     claim_journal_dir,
     find_journal_dir,
 )
@@ -37,10 +40,14 @@ class JsonlExporter(Exporter):
     name = "jsonl"
     #: The kinds whose value a JSON line holds in full (no blob).
     kinds = frozenset({"metric", "param", "text", "dict"})
+    cli_options = (
+        TargetOption("--dir", key="root", type="dir", metavar="DIR",
+                     help="JSON-lines directory (default: SAVEDIR/jsonl)."),
+    )
 
     @property
     def root(self) -> Path:
-        return self.savedir / "jsonl"
+        return Path(self.options.get("root") or self.savedir / "jsonl")
 
     def target_key(self, run: RunInfo) -> str:
         return f"jsonl:{self.root.resolve()}"

@@ -50,7 +50,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
@@ -64,6 +63,7 @@ from itwinai_sync.api import (
     Notes,
     RankSink,
     TargetChanged,
+    TargetOption,
     int64_step,
     meta_of,
     param_str,
@@ -294,15 +294,13 @@ class MlflowExporter(Exporter):
         self._keymaps: dict[tuple[str, str, int], KeyMaps] = {}
         self._guard = threading.Lock()
 
-    @classmethod
-    def cli_options(cls) -> list[click.Option]:
-        return [
-            click.Option(["--tracking-uri"], metavar="URI",
-                         help="MLflow tracking URI (default: the logger's, MLFLOW_TRACKING_URI, "
-                              "or sqlite:///SAVEDIR/mlflow.db)."),
-            click.Option(["--experiment"], metavar="NAME",
-                         help="MLflow experiment (default: the logger's experiment_name)."),
-        ]
+    cli_options = (
+        TargetOption("--tracking-uri", metavar="URI",
+                     help="MLflow tracking URI (default: the logger's, MLFLOW_TRACKING_URI, or "
+                          "sqlite:///SAVEDIR/mlflow.db)."),
+        TargetOption("--experiment", metavar="NAME",
+                     help="MLflow experiment (default: the logger's experiment_name)."),
+    )
 
     # -- where a run goes -----------------------------------------------------------------------
 

@@ -109,10 +109,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
+from itwinai_journal.errors import ItwinaiSyncError
 from itwinai_journal.format.fsio import fsync_dir, write_atomic
 from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.format.segments import JournalCorruption, iter_tables, read_index
@@ -122,6 +122,8 @@ from itwinai_sync.api import (
     ExportError,
     Notes,
     RankSink,
+    TargetOption,
+    TargetUnavailable,
     claim_journal_dir,
     find_journal_dir,
     logged_value,
@@ -210,23 +212,21 @@ class Prov4mlExporter(Exporter):
         root = options.get("prov_dir") or savedir / "prov"
         self.root = Path(root).expanduser().resolve()
         if importlib.util.find_spec("yprov4ml") is None:
-            raise click.ClickException(
+            raise TargetUnavailable(
                 "the prov4ml exporter needs yprov4ml: pip install 'itwinai-sync[prov4ml]' and "
                 "pip install --no-deps -r requirements-prov4ml-nodeps.txt (see the README)")
         version = _library_version()
         if not version.startswith(SUPPORTED_YPROV4ML) and version != "unknown":
-            raise click.ClickException(
+            raise TargetUnavailable(
                 f"the prov4ml exporter drives yprov4ml {SUPPORTED_YPROV4ML}x; {version} is "
                 "installed, whose API and documents differ (2.x takes contexts as its Context "
                 "enum, has no run index or timestamp arguments, writes another document "
                 "layout): pip install --no-deps -r requirements-prov4ml-nodeps.txt")
 
-    @classmethod
-    def cli_options(cls) -> list[click.Option]:
-        return [click.Option(
-            ["--dir", "prov_dir"], type=click.Path(file_okay=False, path_type=Path),
-            default=None, metavar="DIR",
-            help="Prov4ML provenance directory (default: SAVEDIR/prov).")]
+    cli_options = (
+        TargetOption("--dir", key="prov_dir", type="dir", metavar="DIR",
+                     help="Prov4ML provenance directory (default: SAVEDIR/prov)."),
+    )
 
     def target_key(self, run: RunInfo) -> str:
         return f"prov4ml:{self.root}"
@@ -905,7 +905,7 @@ class _Stub:
             self.__dict__.update(state)
 
 
-class NotAModule(Exception):
+class NotAModule(ItwinaiSyncError):
     """A model's torch.save file could not be read as a module's state_dict; the message says
     why, for the note."""
 

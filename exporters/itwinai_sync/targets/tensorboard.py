@@ -69,7 +69,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import click
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -82,6 +81,7 @@ from itwinai_sync.api import (
     ExportError,
     Notes,
     RankSink,
+    TargetOption,
     claim_journal_dir,
     find_journal_dir,
     int64_step,
@@ -231,11 +231,10 @@ class TensorBoardExporter(Exporter):
         logdir = options.get("logdir") or savedir / "tensorboard"
         self.logdir = Path(logdir).expanduser().resolve()
 
-    @classmethod
-    def cli_options(cls) -> list[click.Option]:
-        return [click.Option(
-            ["--logdir"], type=click.Path(file_okay=False, path_type=Path), default=None,
-            help="TensorBoard log directory (default: SAVEDIR/tensorboard).")]
+    cli_options = (
+        TargetOption("--logdir", type="dir",
+                     help="TensorBoard log directory (default: SAVEDIR/tensorboard)."),
+    )
 
     def target_key(self, run: RunInfo) -> str:
         return f"tensorboard:{self.logdir}"

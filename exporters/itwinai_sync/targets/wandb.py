@@ -77,11 +77,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import click
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_sync.api import LOCK_DIR, Exporter, ExportError, Notes, RankSink, logged_value, meta_of
+from itwinai_sync.api import (
+    LOCK_DIR,
+    Exporter,
+    ExportError,
+    Notes,
+    RankSink,
+    TargetOption,
+    logged_value,
+    meta_of,
+)
 
 from . import system_metrics
 
@@ -384,21 +392,18 @@ class WandbExporter(Exporter):
         #: run directory per rank and sync process, not one per pass); ended in close().
         self._live: dict[str, WandbSink] = {}
 
-    @classmethod
-    def cli_options(cls) -> list[click.Option]:
-        return [
-            click.Option(["--project"], metavar="NAME",
-                         help="W&B project (default: the WandBLogger's project_name, else the "
-                              "experiment)."),
-            click.Option(["--entity"], metavar="NAME", help="W&B entity (team or user)."),
-            click.Option(["--mode"], type=click.Choice(["offline", "online"]), default=None,
-                         help="W&B: offline run directories under SAVEDIR/wandb (the default, "
-                              "whatever the environment says; upload with `wandb sync`), or "
-                              "online."),
-            # Accepted for command lines written for earlier versions; nothing is dropped now.
-            click.Option(["--on-step-regression"], type=click.Choice(["drop", "fail"]),
-                         default=None, hidden=True),
-        ]
+    cli_options = (
+        TargetOption("--project", metavar="NAME",
+                     help="W&B project (default: the WandBLogger's project_name, else the "
+                          "experiment)."),
+        TargetOption("--entity", metavar="NAME", help="W&B entity (team or user)."),
+        TargetOption("--mode", choices=("offline", "online"),
+                     help="W&B: offline run directories under SAVEDIR/wandb (the default, "
+                          "whatever the environment says; upload with `wandb sync`), or "
+                          "online."),
+        # Accepted for command lines written for earlier versions; nothing is dropped now.
+        TargetOption("--on-step-regression", choices=("drop", "fail"), hidden=True, help=""),
+    )
 
     def project(self, run: RunInfo) -> str:
         declared = (run.destinations().get("wandb") or {}).get("project_name")

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from itwinai_journal.errors import ItwinaiSyncError
 from itwinai_journal.format.schema import INT64_MAX, INT64_MIN
 
 from .origin import module_of
 
 
-class NotAPlainMetric(TypeError):
+class NotAPlainMetric(ItwinaiSyncError, TypeError):
     """`metric_value` got something that is not one real number: a complex number with an
     imaginary part, or not a number at all. `metric_fields` says how such a metric is kept."""
 

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itwinai_journal.errors import ItwinaiSyncError
+
 if TYPE_CHECKING:
     import filelock
 
@@ -22,7 +24,7 @@ NO_FLOCK = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP})
 _warned_no_flock = False
 
 
-class JournalWriteError(OSError):
+class JournalWriteError(ItwinaiSyncError, OSError):
     """Raised by a strict writer when records cannot be written, and by the blob store when it
     cannot store a payload (the logger counts that record as dropped, or raises when strict)."""
 

@@ -15,6 +15,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from itwinai_journal.errors import ItwinaiSyncError
+
 from .names import check_path_component, experiment_dirname
 
 if TYPE_CHECKING:
@@ -28,7 +30,7 @@ SESSION_STATUSES = frozenset({"running", "finished", "failed", "interrupted", "u
 _FILE_NAME_FIELDS = ("file_name", "dir_name")
 
 
-class JournalCorruption(Exception):
+class JournalCorruption(ItwinaiSyncError):
     """A file of a journal cannot be read as the format says, or names something it must not;
     the message names the file and the reason."""
 

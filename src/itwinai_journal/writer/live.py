@@ -1,5 +1,5 @@
 """Live sync, the training side: start the sidecar that follows this run's journal to its
-trackers while the job runs (`itwinai-sync live`, in `itwinai_sync.live`).
+trackers while the job runs (`itwinai-sync live`, in `itwinai_sync.cli.live`).
 
 Opt-in, with the logger argument `live_sync` (True: the run's declared destinations; a name or
 a list of names: those targets; False: off) or, when the argument is not given, the variable
@@ -18,7 +18,7 @@ package may not be installed on a compute node): the sidecar is started as
 `python -m itwinai_sync.cli live ...` when this interpreter has it, else as the `itwinai-sync`
 console script on PATH, else live sync is off with one warning. Starting it never raises; its
 output goes to `<savedir>/.sync/live/<experiment>/<run_id>.log`. It watches its parent (the
-training process) itself and ends after it (see `itwinai_sync.live`).
+training process) itself and ends after it (see `itwinai_sync.cli.live`).
 """
 
 from __future__ import annotations

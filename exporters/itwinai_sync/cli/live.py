@@ -1,4 +1,4 @@
-"""Live sync, the sidecar: `itwinai-sync live SAVEDIR --run EXP/RUN --parent PID`, started by
+"""`itwinai-sync live SAVEDIR --run EXP/RUN --parent PID`: live sync's sidecar, started by
 the training process itself when live sync is on (see `itwinai_journal.writer.live`).
 
 It is the `--watch` loop of one run with three differences, all for running unattended beside
@@ -40,16 +40,20 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from itwinai_journal import RankInfo
+from itwinai_journal.errors import UsageError
 from itwinai_journal.format.fsio import read_json, write_json_atomic
 from itwinai_journal.format.redaction import redact, scrub
 from itwinai_journal.format.segments import segment_files
 from itwinai_journal.read.liveness import pid_alive
 from itwinai_journal.writer.live import live_paths
 
+from ..api import ExportError, TargetUnavailable
+from .common import SAVEDIR, counts
+
 # The engine and exporters (pyarrow, filelock) are imported by the sidecar itself, not by `ls`,
 # which only reads status files.
 if TYPE_CHECKING:
-    from .engine import RunResult
+    from ..engine import RunResult
 
 #: Longest wait between two tries while a target is unreachable.
 MAX_BACKOFF = 60.0
@@ -119,6 +123,30 @@ def written(rank: RankInfo) -> int:
     return max(last, int(seqs[-1])) if seqs else last
 
 
+@click.command("live")
+@click.argument("savedir", type=SAVEDIR)
+@click.option("--run", "run_key", required=True, metavar="EXPERIMENT/RUN_ID",
+              help="The run to follow.")
+@click.option("--to", "targets", multiple=True, metavar="TARGET",
+              help="Target, repeatable. Default: the destinations the run's loggers declared.")
+@click.option("--parent", type=click.IntRange(min=1), required=True, metavar="PID",
+              help="The training process: followed while it runs, drained after it ends.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="S", envvar="ITWINAI_SYNC_LIVE_INTERVAL",
+              help="Seconds between passes; also the first retry delay after a failure "
+                   "(doubled per failure up to 60 s). Env: ITWINAI_SYNC_LIVE_INTERVAL.")
+@click.option("--drain", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              metavar="S", envvar="ITWINAI_SYNC_LIVE_DRAIN",
+              help="After the training process ends, how long to keep trying to export "
+                   "what is left. Env: ITWINAI_SYNC_LIVE_DRAIN.")
+def live_cmd(savedir: Path, run_key: str, targets: tuple[str, ...], parent: int,
+             interval: float, drain: float) -> None:
+    """The live sync sidecar of one run, which the loggers start themselves with
+    `live_sync=True` or ITWINAI_SYNC_LIVE (see the README): follows the run to its trackers
+    while the training process runs, rides out outages, exits after the training does."""
+    sys.exit(LiveSync(savedir, run_key, list(targets), parent, interval, drain).run())
+
+
 class LiveSync:
     def __init__(self, savedir: Path, run: str, targets: list[str], parent: int,
                  interval: float, drain: float, out: Any = None):
@@ -129,11 +157,10 @@ class LiveSync:
         self.interval = interval
         self.drain = drain
         self.out = out or sys.stdout
-        from .engine import SyncEngine, SyncRequest
+        from ..engine import SyncEngine, SyncRequest
 
         self.engine = SyncEngine(SyncRequest(savedir=savedir, targets=targets or None,
-                                             options={"ranks": "all"}, run_ids=[run],
-                                             workers=1))
+                                             run_ids=[run], workers=1))
         self.wake = threading.Event()
         self.states: dict[str, TargetState] = {}
         #: The parent must already run when the sidecar starts: a later process with its pid
@@ -168,8 +195,9 @@ class LiveSync:
                     self.say("the training process has ended: exporting its last records")
                 try:
                     ok, finished = self._pass()
-                except click.ClickException as e:  # an unknown target, a missing library
-                    return self._end("failed", f"cannot sync: {e.format_message()}", 2)
+                except (UsageError, TargetUnavailable) as e:
+                    # An unknown target, a missing library: no retry can help.
+                    return self._end("failed", f"cannot sync: {e}", 2)
                 if self.engine.stop.is_set():
                     return self._end("stopped", "stopped by a signal; what was exported is "
                                      "committed, `itwinai-sync` continues from there", 130)
@@ -199,8 +227,6 @@ class LiveSync:
     def _pass(self) -> tuple[bool, bool]:
         """One sync pass: (whether every target took everything it was given, whether every
         rank of the run had ended before the pass began)."""
-        from .api import ExportError
-
         self.engine.forget_unreachable()
         try:
             plan = self.engine.plan()
@@ -220,8 +246,7 @@ class LiveSync:
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def _account(self, result: RunResult, plan: list) -> bool:
-        from .cli import _counts
-        from .engine import total_pending
+        from ..engine import total_pending
 
         state = self.states.setdefault(result.target, TargetState())
         state.where = result.where or state.where
@@ -238,7 +263,7 @@ class LiveSync:
             self.say(f"{result.target}: reachable again after "
                      f"{time.time() - state.behind_since:.0f} s behind; resumed")
         if result.exported:
-            self.say(f"{result.target}: exported {_counts(result.exported)}")
+            self.say(f"{result.target}: exported {counts(result.exported)}")
         state.behind_since, state.error, state.last_ok = None, None, time.time()
         return True
 
