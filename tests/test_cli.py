@@ -302,7 +302,7 @@ def test_the_engine_gives_each_exporter_only_its_own_options(tmp_path):
 
 
 def test_every_error_of_the_project_has_one_root_and_keeps_its_builtin_base():
-    from itwinai_journal.capture import NotAPlainMetric
+    from itwinai_journal.capture.numbers import NotAPlainMetric
     from itwinai_journal.errors import ItwinaiSyncError, UsageError
     from itwinai_journal.format.fsio import JournalWriteError
     from itwinai_journal.format.validate import JournalCorruption
