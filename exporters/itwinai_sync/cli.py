@@ -23,6 +23,7 @@ import click
 
 from itwinai_journal import Journal, RunInfo, __version__, digest, verify
 from itwinai_journal.format.segments import JournalCorruption
+from itwinai_journal.read.journal import runs_named
 
 from .ledger import ledger_entries
 
@@ -400,8 +401,7 @@ def verify_cmd(savedir: Path, run_ids: tuple[str, ...], expect: str | None) -> N
     The digest printed last condenses the journal's state: anyone who can write the journal
     can also rewrite it consistently, so keep the digest where they cannot (the job's output,
     a notebook) and check it later with --expect."""
-    runs = [r for r in Journal(savedir).scan()
-            if not run_ids or r.run_id in run_ids or r.key in run_ids]
+    runs = runs_named(Journal(savedir).scan(), run_ids)
     if run_ids and not runs:
         _fail(f"no run {', '.join(run_ids)} in {savedir}", False)
     problems = verify(savedir, run_ids)
