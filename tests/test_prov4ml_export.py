@@ -272,6 +272,42 @@ def test_resumed_run_is_regenerated_not_appended(tmp_path):
     assert [p.name for p in rank_root(savedir, 0).iterdir()] == [f"{EXP}_0"]
 
 
+def test_a_commit_builds_from_what_the_documents_hold_not_from_the_journal(tmp_path):
+    """Commits are incremental in what they read: the records committed documents cover are
+    kept beside them, and a later sync takes only the new ones from the engine. Shown by moving
+    the first session's segments out of the journal before the second sync: the rebuilt
+    documents still hold every point of both sessions, once."""
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, ranks=(0,))
+    sync(savedir)
+    folder = document(savedir, 0).parent
+    cursor = json.loads((folder / layout.MARKER).read_text())["cursor"]
+    assert (folder / layout.HELD).is_file()
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN)
+    with prov.start_logging(rank=0):  # the job resumed: a new session, seq continues
+        for step in range(4, 7):
+            prov.log(0.1 * step, "loss", step=step)
+    expected = expected_metrics(savedir, 0)
+
+    rank_dir = savedir / EXP / RUN / "rank-00000"
+    index = [json.loads(line) for line in (rank_dir / "index.jsonl").read_text().splitlines()]
+    old = [e for e in index if e["last_seq"] <= cursor]
+    assert old and len(old) < len(index)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for entry in old:
+        (rank_dir / "segments" / entry["file"]).rename(aside / entry["file"])
+    sync(savedir)
+
+    doc = json.loads(document(savedir, 0).read_text())
+    path = Path(doc["entity"]["loss//training"]["dcterms:identifier"])
+    assert sorted(read_csv(path)) == expected[("loss", "training", "None")]
+    assert len(expected[("loss", "training", "None")]) == 7
+    marker = json.loads((folder / layout.MARKER).read_text())
+    assert marker["cursor"] == index[-1]["last_seq"] > cursor
+
+
 def test_live_rank_is_exported_up_to_its_last_record(tmp_path):
     savedir = tmp_path / "mllogs"
     prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
