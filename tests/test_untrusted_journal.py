@@ -736,3 +736,32 @@ def test_session_facts_of_the_wrong_type_are_unknown_not_a_failure(tmp_path):
     assert [s.last_seq for s in rank.sessions] == [5, 10] and rank.status == "finished"
     assert invoke(savedir, "--to", "tensorboard").exit_code == 0
     assert tb_steps(savedir / "tensorboard", "exp", "r1") == list(range(10))
+
+
+def test_one_lookup_of_a_run_by_id_for_every_command(tmp_path):
+    """`runs_named` is the one lookup by id: a bare id naming runs of two experiments is
+    ambiguous for a command that shows one run (KeyError naming the keys to use), copies of
+    one run (an rsync copy beside the original) are not, and `Journal.run` takes the copy
+    holding the most records, as the sync does."""
+    import shutil
+
+    from itwinai_journal.read.journal import runs_named
+
+    savedir = tmp_path / "mllogs"
+    journal(savedir, run_id="r1", experiment="a", sessions=1, n=5)
+    journal(savedir, run_id="r1", experiment="b", sessions=1, n=5)
+    runs = Journal(savedir).runs()
+    assert [r.key for r in runs_named(runs, ["r1"])] == ["a/r1", "b/r1"]
+    with pytest.raises(KeyError, match="several experiments.*a/r1, b/r1"):
+        runs_named(runs, ["r1"], unique=True)
+    with pytest.raises(KeyError, match="several experiments"):
+        Journal(savedir).run("r1")
+    assert Journal(savedir).run("b/r1").key == "b/r1"
+    assert runs_named(runs, ["nothing"]) == [] and runs_named(runs, None) == runs
+
+    copy = savedir / "copy"
+    shutil.copytree(savedir / "a", copy / "a")
+    journal(copy, run_id="r1", experiment="a", sessions=1, n=5)  # the copy holds more
+    found = runs_named(Journal(savedir).runs(), ["a/r1"], unique=True)
+    assert sorted(r.records for r in found) == [5, 10]
+    assert Journal(savedir).run("a/r1").path == copy / "a" / "r1"

@@ -64,7 +64,7 @@ class Session:
     argv: tuple[str, ...]
     cwd: str | None
     #: Whether it has ended and says where its records end (see `session_ended`).
-    ended: bool
+    closed: bool
 
     @classmethod
     def of(cls, session: Any) -> Session:
@@ -75,7 +75,7 @@ class Session:
                    last_seq=_int_or_none(s.get("last_seq")), host=_text(s.get("host")),
                    pid=_int_or_none(s.get("pid")),
                    argv=tuple(str(a) for a in argv) if isinstance(argv, list) else (),
-                   cwd=_text(s.get("cwd")), ended=bool(s) and session_ended(s))
+                   cwd=_text(s.get("cwd")), closed=bool(s) and session_ended(s))
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -415,17 +415,20 @@ class Journal:
         return runs
 
     def run(self, run_id: str) -> RunInfo:
-        """A run by id, or by 'experiment/run_id' when ids repeat across experiments. A KeyError
-        when there is no such run, JournalCorruption when it is damaged."""
+        """A run by id, or by 'experiment/run_id' when ids repeat across experiments (see
+        `runs_named`); of copies of one run (an rsync copy beside the original), the one
+        holding the most records, as the sync takes it. A KeyError when there is no such run,
+        JournalCorruption when it is damaged."""
         # Only the runs that may be the one are loaded (their ranks' manifests read): a savedir
         # of runs with a thousand ranks each is not loaded whole to show one.
         found = runs_named(map(load_run, (d for d in find_run_dirs(self.savedir)
                                            if _may_be(d, run_id))), [run_id], unique=True)
         if not found:
             raise KeyError(f"no run {run_id!r} in {self.savedir}")
-        if found[0].error:
-            raise JournalCorruption(f"run {found[0].key} is damaged: {found[0].error}")
-        return found[0]
+        run = max(found, key=lambda r: (not r.error, r.records))
+        if run.error:
+            raise JournalCorruption(f"run {run.key} is damaged: {run.error}")
+        return run
 
     def _select(self, experiment: str | None, run_id: str | None, rank: int | None
                 ) -> Iterator[tuple[RunInfo, RankInfo]]:
