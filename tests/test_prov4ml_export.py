@@ -23,10 +23,11 @@ import torch
 from click.testing import CliRunner
 from conftest import child_env
 
-from itwinai_journal import Journal
+from itwinai_journal import Journal, RankInfo
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, Prov4MLLogger
+from itwinai_sync import compat
 from itwinai_sync.cli import main
-from itwinai_sync.targets import prov4ml
+from itwinai_sync.targets.prov4ml import build, layout, measured, models, naming
 
 pytest.importorskip("yprov4ml")
 
@@ -177,8 +178,8 @@ def test_export_documents_per_rank_and_exactly_once(tmp_path):
         assert root["yprov:global_rank"] == str(rank)  # not a no-op run for rank 1
         assert root["yprov:itwinai_run_id"] == RUN
         sessions = Journal(savedir).run(RUN).rank(rank).manifest["sessions"]
-        assert root["prov:startedAtTime"] == prov4ml._iso(sessions[0]["start"])
-        assert root["prov:endedAtTime"] == prov4ml._iso(sessions[-1]["end"])
+        assert root["prov:startedAtTime"] == build._iso(sessions[0]["start"])
+        assert root["prov:endedAtTime"] == build._iso(sessions[-1]["end"])
         # params: inputs of the run, values as yprov4ml writes them (str of the value)
         entities = doc["entity"]
         assert entities["lr"]["prov:value"] == "0.001"
@@ -232,7 +233,7 @@ def test_export_documents_per_rank_and_exactly_once(tmp_path):
             assert all(torch.equal(state[k], weights[k]) for k in weights)
         assert entities["torch//best//training"]["yprov:best_total_params"]["$"] == "8"
         assert doc_path.with_suffix(".dot").stat().st_size > 0  # create_graph=True
-        cursor = json.loads((doc_path.parent / prov4ml.MARKER).read_text())["cursor"]
+        cursor = json.loads((doc_path.parent / layout.MARKER).read_text())["cursor"]
         assert cursor == Journal(savedir).run(RUN).rank(rank).last_seq
 
     # a second sync: nothing to do, the documents are untouched (byte for byte)
@@ -242,7 +243,7 @@ def test_export_documents_per_rank_and_exactly_once(tmp_path):
     assert snapshot(savedir / "prov") == before
     # rebuilt from scratch (markers gone): the same bytes, and still one run folder per rank
     for rank in (0, 1):
-        (document(savedir, rank).parent / prov4ml.MARKER).unlink()
+        (document(savedir, rank).parent / layout.MARKER).unlink()
     sync(savedir)
     assert snapshot(savedir / "prov") == before
     for rank in (0, 1):
@@ -271,6 +272,42 @@ def test_resumed_run_is_regenerated_not_appended(tmp_path):
     assert [p.name for p in rank_root(savedir, 0).iterdir()] == [f"{EXP}_0"]
 
 
+def test_a_commit_builds_from_what_the_documents_hold_not_from_the_journal(tmp_path):
+    """Commits are incremental in what they read: the records committed documents cover are
+    kept beside them, and a later sync takes only the new ones from the engine. Shown by moving
+    the first session's segments out of the journal before the second sync: the rebuilt
+    documents still hold every point of both sessions, once."""
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, ranks=(0,))
+    sync(savedir)
+    folder = document(savedir, 0).parent
+    cursor = json.loads((folder / layout.MARKER).read_text())["cursor"]
+    assert (folder / layout.HELD).is_file()
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN)
+    with prov.start_logging(rank=0):  # the job resumed: a new session, seq continues
+        for step in range(4, 7):
+            prov.log(0.1 * step, "loss", step=step)
+    expected = expected_metrics(savedir, 0)
+
+    rank_dir = savedir / EXP / RUN / "rank-00000"
+    index = [json.loads(line) for line in (rank_dir / "index.jsonl").read_text().splitlines()]
+    old = [e for e in index if e["last_seq"] <= cursor]
+    assert old and len(old) < len(index)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for entry in old:
+        (rank_dir / "segments" / entry["file"]).rename(aside / entry["file"])
+    sync(savedir)
+
+    doc = json.loads(document(savedir, 0).read_text())
+    path = Path(doc["entity"]["loss//training"]["dcterms:identifier"])
+    assert sorted(read_csv(path)) == expected[("loss", "training", "None")]
+    assert len(expected[("loss", "training", "None")]) == 7
+    marker = json.loads((folder / layout.MARKER).read_text())
+    assert marker["cursor"] == index[-1]["last_seq"] > cursor
+
+
 def test_live_rank_is_exported_up_to_its_last_record(tmp_path):
     savedir = tmp_path / "mllogs"
     prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
@@ -290,7 +327,7 @@ def test_live_rank_is_exported_up_to_its_last_record(tmp_path):
     path = Path(doc["entity"]["loss//training"]["dcterms:identifier"])
     assert [(e, v) for e, v, _ in read_csv(path)] == [(0, 1.0), (1, 2.0)]
     session = Journal(savedir).run(RUN).rank(0).manifest["sessions"][-1]
-    assert doc["activity"][f"{EXP}_GR0_0"]["prov:endedAtTime"] == prov4ml._iso(session["end"])
+    assert doc["activity"][f"{EXP}_GR0_0"]["prov:endedAtTime"] == build._iso(session["end"])
 
 
 def test_crash_between_renames_and_leftovers(tmp_path):
@@ -300,9 +337,9 @@ def test_crash_between_renames_and_leftovers(tmp_path):
     before = snapshot(savedir / "prov")
     run_dir = rank_root(savedir, 0).parent
     # killed after renaming the old documents aside, before renaming the new ones in
-    rank_root(savedir, 0).rename(run_dir / f"{prov4ml.OLD_PREFIX}00000-dead")
-    (run_dir / f"{prov4ml.TMP_PREFIX}00000-half").mkdir()
-    (run_dir / f"{prov4ml.TMP_PREFIX}00000-half" / "junk").write_text("x")
+    rank_root(savedir, 0).rename(run_dir / f"{layout.OLD_PREFIX}00000-dead")
+    (run_dir / f"{layout.TMP_PREFIX}00000-half").mkdir()
+    (run_dir / f"{layout.TMP_PREFIX}00000-half" / "junk").write_text("x")
     out = sync(savedir)
     assert "up-to-date" in out  # the old documents are back, with their cursor
     assert snapshot(savedir / "prov") == before
@@ -315,7 +352,7 @@ def test_svg_needs_graphviz(tmp_path, monkeypatch):
                          log_on_workers=-1, run_id=RUN, create_graph=True, create_svg=True)
     with prov.start_logging(rank=0):
         prov.log(1.0, "loss", step=0)
-    monkeypatch.setattr(prov4ml.shutil, "which", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     out = sync(savedir)
     assert "Graphviz 'dot' is not installed" in out
     assert document(savedir, 0).with_suffix(".dot").stat().st_size > 0
@@ -347,7 +384,7 @@ def test_svg_through_dot(tmp_path, monkeypatch, works):
         assert not svg.exists()
 
 
-@pytest.mark.skipif(prov4ml.shutil.which("dot") is None, reason="Graphviz is not installed")
+@pytest.mark.skipif(build.shutil.which("dot") is None, reason="Graphviz is not installed")
 def test_svg_with_graphviz(tmp_path):
     savedir = tmp_path / "mllogs"
     prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
@@ -372,17 +409,17 @@ def test_dir_option_and_dry_run(tmp_path):
 
 
 def test_module_import_is_light():
-    code = ("import sys, itwinai_sync.targets.prov4ml; "
+    code = ("import sys, itwinai_sync.targets.prov4ml.exporter; "
             "assert 'yprov4ml' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
 
 
 def test_prov_name_mapping():
-    assert prov4ml.prov_name("train/loss", 100) == "train_loss"
-    assert prov4ml.prov_name("val:acc", 100) == "val_acc"
-    assert prov4ml.prov_name("..", 100) == "__"
-    long = prov4ml.prov_name("x" * 300, 60)
-    assert len(long) == 60 and long != prov4ml.prov_name("x" * 299, 60)
+    assert naming.prov_name("train/loss", 100) == "train_loss"
+    assert naming.prov_name("val:acc", 100) == "val_acc"
+    assert naming.prov_name("..", 100) == "__"
+    long = naming.prov_name("x" * 300, 60)
+    assert len(long) == 60 and long != naming.prov_name("x" * 299, 60)
 
 
 class _Evil:
@@ -417,15 +454,15 @@ def test_model_state_dict_is_read_without_running_journal_code(tmp_path):
     finally:
         del sys.modules[package.__name__]
     with open(path, "rb") as f:
-        state = prov4ml.state_dict_from_module(f)
+        state = models.state_dict_from_module(f)
     assert not (tmp_path / "ran").exists()
     expected = {k: v for k, v in net.state_dict().items()}
     assert list(state) == list(expected)  # parameters, persistent buffers, submodules
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     torch.save(torch.zeros(3), path)
-    with open(path, "rb") as f, pytest.raises(prov4ml.NotAModule,
+    with open(path, "rb") as f, pytest.raises(models.NotAModule,
                                                match="holds a Tensor, not a torch.nn.Module"):
-        prov4ml.state_dict_from_module(f)
+        models.state_dict_from_module(f)
 
 
 def test_a_model_torch_cannot_read_safely_is_written_as_its_file_and_says_why(
@@ -449,13 +486,14 @@ def test_a_model_torch_cannot_read_safely_is_written_as_its_file_and_says_why(
     monkeypatch.undo()
     (tmp_path / "junk").write_bytes(b"not a zip")
     with open(tmp_path / "junk", "rb") as f, pytest.raises(
-            prov4ml.NotAModule, match="weights-only unpickler cannot read it"):
-        prov4ml.state_dict_from_module(f)
+            models.NotAModule, match="weights-only unpickler cannot read it"):
+        models.state_dict_from_module(f)
 
 
 def test_measured_view_names_units_and_totals():
     """MeasuredView, field by field, against what yprov4ml 2.0.9's helpers log."""
-    view = prov4ml.MeasuredView({"sessions": [{"start": 100.0}, {"start": 200.0}]})
+    rank = RankInfo(0, Path("."), {"sessions": [{"start": 100.0}, {"start": 200.0}]})
+    view = measured.MeasuredView(rank)
     # FLOPs: one running total per kind across labels, reset by a new session
     assert view.metrics("flops_pb", "a", 10.0, None, {}, 101.0) == [("a", 10.0, None)]
     assert view.metrics("flops_pb", "b", 5.0, None, {}, 102.0) == [("b", 15.0, None)]
@@ -498,7 +536,7 @@ def test_an_unsupported_yprov4ml_is_named(tmp_path, monkeypatch):
     prov = Prov4MLLogger(provenance_save_dir=str(tmp_path), run_id=RUN)
     with prov.start_logging():
         prov.log(1.0, "loss", step=0)
-    monkeypatch.setattr(prov4ml, "_library_version", lambda: "2.0.9")
+    monkeypatch.setattr(compat, "yprov4ml_version", lambda: "2.0.9")
     result = CliRunner().invoke(main, [str(tmp_path), "--to", "prov4ml"])
     assert result.exit_code != 0
     assert "drives yprov4ml 3.2.x; 2.0.9 is installed" in result.output

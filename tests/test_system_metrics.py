@@ -451,7 +451,7 @@ def test_mlflow_system_metrics_in_a_real_store(journal, tmp_path):
 def test_wandb_stats_records(journal, tmp_path, monkeypatch):
     from wandb_records import find_run_files, history_rows, read_records
 
-    from itwinai_sync.targets import wandb as wandb_exporter
+    from itwinai_sync.targets.wandb import exporter as wandb_exporter
 
     savedir, got = journal
     work = tmp_path / "copy"

@@ -27,7 +27,7 @@ from conftest import child_env, train_watched_linear
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from itwinai_journal import Journal
@@ -35,7 +35,7 @@ from itwinai_journal.format.blobs import BlobStore
 from itwinai_journal.format.names import experiment_dirname
 from itwinai_journal.loggers import MLFlowLogger, TensorBoardLogger, WandBLogger
 from itwinai_sync.cli import main
-from itwinai_sync.targets.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc32c_many
+from itwinai_sync.targets.tensorboard import EVENTS_RE, HPARAMS_FILE, frame, masked_crc32c
 
 ALL = {kind: 0 for kind in event_accumulator.DEFAULT_SIZE_GUIDANCE}  # 0: keep every event
 
@@ -404,10 +404,12 @@ def test_run_closed_with_an_empty_active_segment(tmp_path):
 @pytest.mark.parametrize("sizes", [[0, 1, 3, 4, 5, 8, 33, 100, 4096, 4097, 70000],
                                    [38] * 500 + [39] * 300 + [2000] * 3])
 def test_framing_matches_tensorboard(sizes, tmp_path):
-    """The vectorized CRC is TensorBoard's masked CRC-32C, and TensorBoard reads the frames."""
+    """The `crc32c` package's CRC, masked, is bit-identical to TensorBoard's own masked
+    CRC-32C, and TensorBoard's reader reads the frames."""
     rng = np.random.default_rng(len(sizes))
     records = [rng.integers(0, 256, n, np.uint8).tobytes() for n in sizes]
-    assert masked_crc32c_many(records).tolist() == [masked_crc32c(r) for r in records]
+    assert [masked_crc32c(r) for r in records] == [pywrap_tensorflow.masked_crc32c(r)
+                                                   for r in records]
     path = tmp_path / "events.out.tfevents.test"
     path.write_bytes(frame(records))
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader

@@ -713,3 +713,55 @@ def test_links_are_followed_only_where_the_layout_has_them(tmp_path):
                   for r in json.loads(listed.stdout)) == [
         ("exp", "mine", 5), ("exp", "theirs", 3), ("pexp", "prov-run", 4)]
     assert cli("verify", savedir).returncode == 0
+
+
+def test_session_facts_of_the_wrong_type_are_unknown_not_a_failure(tmp_path):
+    """The reader types the manifest's session facts once (RankInfo.sessions): a start, host,
+    argv or cwd of the wrong type reads as unknown, and the exporters, which only see those
+    facts, export the records as usual."""
+    savedir = tmp_path / "mllogs"
+    rank_dir = journal(savedir, sessions=2, n=5)
+    manifest = json.loads((rank_dir / "manifest.json").read_text())
+    first = manifest["sessions"][0]
+    real_start = manifest["sessions"][1]["start"]
+    first.update(start="yesterday", host=42, argv="python train.py", cwd=["/"], pid="7")
+    (rank_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    rank = Journal(savedir).run("r1").rank(0)
+    assert [(s.start, s.host, s.argv, s.cwd, s.pid) for s in rank.sessions] == [
+        (None, "42", (), None, None), (real_start, manifest["host"], tuple(
+            manifest["sessions"][1]["argv"]), manifest["sessions"][1]["cwd"],
+            manifest["sessions"][1]["pid"])]
+    assert rank.started is None and rank.ended == manifest["sessions"][1]["end"]
+    assert [s.last_seq for s in rank.sessions] == [5, 10] and rank.status == "finished"
+    assert invoke(savedir, "--to", "tensorboard").exit_code == 0
+    assert tb_steps(savedir / "tensorboard", "exp", "r1") == list(range(10))
+
+
+def test_one_lookup_of_a_run_by_id_for_every_command(tmp_path):
+    """`runs_named` is the one lookup by id: a bare id naming runs of two experiments is
+    ambiguous for a command that shows one run (KeyError naming the keys to use), copies of
+    one run (an rsync copy beside the original) are not, and `Journal.run` takes the copy
+    holding the most records, as the sync does."""
+    import shutil
+
+    from itwinai_journal.read.journal import runs_named
+
+    savedir = tmp_path / "mllogs"
+    journal(savedir, run_id="r1", experiment="a", sessions=1, n=5)
+    journal(savedir, run_id="r1", experiment="b", sessions=1, n=5)
+    runs = Journal(savedir).runs()
+    assert [r.key for r in runs_named(runs, ["r1"])] == ["a/r1", "b/r1"]
+    with pytest.raises(KeyError, match="several experiments.*a/r1, b/r1"):
+        runs_named(runs, ["r1"], unique=True)
+    with pytest.raises(KeyError, match="several experiments"):
+        Journal(savedir).run("r1")
+    assert Journal(savedir).run("b/r1").key == "b/r1"
+    assert runs_named(runs, ["nothing"]) == [] and runs_named(runs, None) == runs
+
+    copy = savedir / "copy"
+    shutil.copytree(savedir / "a", copy / "a")
+    journal(copy, run_id="r1", experiment="a", sessions=1, n=5)  # the copy holds more
+    found = runs_named(Journal(savedir).runs(), ["a/r1"], unique=True)
+    assert sorted(r.records for r in found) == [5, 10]
+    assert Journal(savedir).run("a/r1").path == copy / "a" / "r1"

@@ -27,9 +27,11 @@ from conftest import child_env, train_watched_linear
 
 from itwinai_journal import Journal
 from itwinai_journal.loggers import LoggersCollection, MLFlowLogger, WandBLogger
+from itwinai_sync.api import ExportError
 from itwinai_sync.cli import main
-from itwinai_sync.targets import wandb as wandb_exporter
-from itwinai_sync.targets.wandb import committed_state, wandb_run_id
+from itwinai_sync.targets.wandb import logfile
+from itwinai_sync.targets.wandb.logfile import committed_state
+from itwinai_sync.targets.wandb.rows import wandb_run_id
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -186,7 +188,7 @@ def test_offline_by_default_even_with_an_api_key(tmp_path, monkeypatch):
     """The default is offline files whatever the environment holds (an API key, a netrc,
     WANDB_MODE=online): a sync never goes online, nor waits for a server, unless --mode online
     asks for it; the summary says where the runs are and how to upload them."""
-    from itwinai_sync.targets.wandb import WandbExporter
+    from itwinai_sync.targets.wandb.exporter import WandbExporter
 
     (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k3y\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
@@ -486,7 +488,7 @@ def test_killed_export_resumes_exactly_once(tmp_path, monkeypatch):
     # The killed export's wandb-core (its own session) lives on for ~2 s and flushes what it
     # buffered: the re-sync must wait for that before reading the cursor. With the 0.2 s flush
     # interval above, 3 s without a change is enough (the default waits 20 s).
-    monkeypatch.setattr(wandb_exporter, "QUIET_SECONDS", 3.0)
+    monkeypatch.setattr(logfile, "QUIET_SECONDS", 3.0)
     out = sync(savedir)
     assert "exported" in out and "waited" in out
     files = wandb_files(savedir, wb_id)
@@ -513,7 +515,7 @@ def _spawn_export(savedir: Path) -> subprocess.Popen:
     quiet instead of 20."""
     env = {k: v for k, v in child_env().items() if k != "WANDB_SERVICE"}
     env["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] = "0.2"
-    code = ("from itwinai_sync import wandb as w; w.QUIET_SECONDS = 3.0\n"
+    code = ("from itwinai_sync.targets.wandb import logfile; logfile.QUIET_SECONDS = 3.0\n"
             "from itwinai_sync.cli import main\n"
             f"main([{str(savedir)!r}, '--to', 'wandb'])\n")
     return subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
@@ -556,7 +558,7 @@ def test_killed_at_random_points_every_record_once(tmp_path, monkeypatch):
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    monkeypatch.setattr(wandb_exporter, "QUIET_SECONDS", 3.0)
+    monkeypatch.setattr(logfile, "QUIET_SECONDS", 3.0)
     sync(savedir)
 
     # A kill may land while a child still waits for its predecessor's wandb-core to settle
@@ -604,7 +606,7 @@ def test_an_empty_or_starred_name_is_exported_and_a_failure_leaves_no_half_row(
 
     def define_metric(self, name, *args, **kwargs):
         if name == "boom":
-            raise wandb_exporter.ExportError("define_metric refused 'boom'")
+            raise ExportError("define_metric refused 'boom'")
         return real(self, name, *args, **kwargs)
 
     monkeypatch.setattr(run_module.Run, "define_metric", define_metric)

@@ -116,7 +116,8 @@ class RankSink(ABC):
         self.run = run
         self.rank = rank
         self.notes = notes
-        self.blobs = BlobStore(rank.path / "blobs")
+        #: The rank's payloads, as the reader hands them.
+        self.blobs = rank.blobs
 
     @abstractmethod
     def cursor(self) -> int:

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 
 from itwinai_journal import Journal, RankInfo, RunInfo
 from itwinai_journal.format.segments import JournalCorruption, iter_tables, read_index
+from itwinai_journal.read.journal import names_run, runs_named
 from itwinai_journal.read.liveness import writer_gone
 
 from .api import Exporter, ExportError, Notes, TargetChanged, load_exporter, own_options
@@ -105,9 +106,8 @@ class SyncEngine:
         (an rsync copy beside the original) are one journal, synced from the larger copy."""
         runs = Journal(self.req.savedir).scan()
         if self.req.run_ids:
-            wanted = set(self.req.run_ids)
-            runs = [r for r in runs if r.run_id in wanted or r.key in wanted]
-            missing = wanted - {r.run_id for r in runs} - {r.key for r in runs}
+            runs = runs_named(runs, self.req.run_ids)
+            missing = {n for n in self.req.run_ids if not any(names_run(n, r) for r in runs)}
             if missing:
                 raise ExportError(f"no run {', '.join(sorted(missing))} in {self.req.savedir}")
         self.damaged = [r for r in runs if r.error]
@@ -325,8 +325,7 @@ class SyncEngine:
         # segment into place before it indexes it), so that segments sealed while we read
         # are not mistaken for missing ones.
         known = max([_int(e.get("last_seq")) for e in index]
-                    + [_int(s.get("last_seq")) for s in rank.manifest.get("sessions") or []
-                       if isinstance(s, dict)], default=0)
+                    + [s.last_seq or 0 for s in rank.sessions], default=0)
         expected = after + 1
         for table in iter_tables(rank.path / "segments", after, index):
             seqs = table["seq"].to_numpy()

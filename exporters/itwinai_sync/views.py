@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import html
+import io
 import json
 import math
 import os
@@ -26,8 +27,9 @@ import pyarrow.compute as pc
 from itwinai_journal import Journal
 from itwinai_journal.errors import ItwinaiSyncError
 from itwinai_journal.format import segments as seg
+from itwinai_journal.format.fsio import write_atomic
 from itwinai_journal.format.names import experiment_dirname
-from itwinai_journal.read.journal import RunInfo, find_run_dirs, load_run
+from itwinai_journal.read.journal import RunInfo, find_run_dirs, load_run, runs_named
 from itwinai_sync.targets import system_metrics
 
 #: Columns of the tidy metrics table (`Journal.metrics()` and `itwinai-sync export`).
@@ -313,16 +315,10 @@ def plot(journal: Journal, out: Path, run_ids: Sequence[str] | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".html", ".htm"):
         text = render_html(charts, opts, title=f"itwinai-sync: {journal.savedir}")
-        _write_atomic(out, text.encode())
+        write_atomic(out, text.encode())
     else:
         render_matplotlib(charts, opts, out)
     return {"charts": len(charts), "series": len(series), "points": t.num_rows, "path": out}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def render_matplotlib(charts: dict[str, list[Series]], opts: PlotOptions, out: Path) -> None:
@@ -373,9 +369,9 @@ def render_matplotlib(charts: dict[str, list[Series]], opts: PlotOptions, out: P
     for j in range(len(charts), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
     fmt = out.suffix.lower().lstrip(".")
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format=fmt, dpi=dpi)
-    os.replace(tmp, out)
+    image = io.BytesIO()
+    fig.savefig(image, format=fmt, dpi=dpi)
+    write_atomic(out, image.getvalue())
     plt.close("all")
 
 
@@ -571,17 +567,16 @@ def export_metrics(journal: Journal, out_dir: Path, fmt: str,
     for run in select_runs(journal, run_ids):
         t = metrics_table(journal, [run])
         path = out_dir / experiment_dirname(run.experiment) / f"{run.run_id}.{fmt}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        data = pa.BufferOutputStream()
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(t, tmp, compression="zstd")
+            pq.write_table(t, data, compression="zstd")
         else:
             import pyarrow.csv as pacsv
 
-            pacsv.write_csv(t, tmp)
-        os.replace(tmp, path)
+            pacsv.write_csv(t, data)
+        write_atomic(path, data.getvalue().to_pybytes())
         written.append((run, path, t.num_rows))
     return written
 
@@ -670,12 +665,10 @@ class Tail:
             run = load_run(d)
             if not run.error:  # damaged, or half-written while we looked: the next poll sees it
                 runs.append(run)
-        if self.run_id is not None:
-            runs = [r for r in runs if self.run_id in (r.run_id, r.key)]
-            if len({r.key for r in runs}) > 1:
-                raise ViewError(f"run id {self.run_id!r} exists in several experiments; use "
-                                f"experiment/run_id: {', '.join(r.key for r in runs)}")
-        return runs
+        try:
+            return runs_named(runs, None if self.run_id is None else [self.run_id], unique=True)
+        except KeyError as e:
+            raise ViewError(str(e.args[0])) from None
 
     def poll(self, last: int | None = None) -> list[Point]:
         """Metric records not returned before, ordered by time. `last`: return only the `last`

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from itwinai_journal import Journal, digest, verify
+from itwinai_journal.read.journal import runs_named
 
 from .common import SAVEDIR, fail
 
@@ -27,8 +28,7 @@ def verify_cmd(savedir: Path, run_ids: tuple[str, ...], expect: str | None) -> N
     The digest printed last condenses the journal's state: anyone who can write the journal
     can also rewrite it consistently, so keep the digest where they cannot (the job's output,
     a notebook) and check it later with --expect."""
-    runs = [r for r in Journal(savedir).scan()
-            if not run_ids or r.run_id in run_ids or r.key in run_ids]
+    runs = runs_named(Journal(savedir).scan(), run_ids)
     if run_ids and not runs:
         fail(f"no run {', '.join(run_ids)} in {savedir}")
     problems = verify(savedir, run_ids)

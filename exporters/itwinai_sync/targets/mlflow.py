@@ -56,6 +56,7 @@ from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.format.fsio import fsync_dir
 from itwinai_journal.format.segments import read_segment, segment_files
 from itwinai_journal.read.liveness import pid_alive
+from itwinai_sync import compat
 from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
@@ -175,8 +176,6 @@ def create_sqlite_store(db: Path) -> None:
     a chain of migrations, and a sync killed in the middle used to leave a database that fails
     for ever ("table _alembic_tmp_... already exists"). It is built under a temporary name
     beside `db` and linked into place complete; a concurrent sync that was first wins."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
     db.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     for stale in db.parent.glob(f".{db.name}.{host}.*.tmp"):  # left by a killed sync here
@@ -185,8 +184,8 @@ def create_sqlite_store(db: Path) -> None:
             stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").as_uri())
-        store.engine.dispose()
+        compat.mlflow_create_sqlite_schema(f"sqlite:///{tmp}",
+                                           (db.parent / "mlartifacts").as_uri())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         try:
@@ -283,6 +282,8 @@ class MlflowExporter(Exporter):
 
     def __init__(self, savedir: Path, options: dict[str, Any], notes: Notes):
         super().__init__(savedir, options, notes)
+        if why := compat.untested("mlflow"):
+            notes.add(f"mlflow: {why}")
         self._clients: dict[str, Any] = {}
         self._sqlite_locks: dict[str, threading.Lock] = {}
         #: Where each journal run goes in each store, shared by the threads exporting its
@@ -547,7 +548,7 @@ class Place:
         with self.claim_lock:
             parent = None if self._parent_terminated else self._parent_run(create=False)
             if parent is not None:
-                ends = [_end_ms(r.manifest) for r in self.run.ranks]
+                ends = [_end_ms(r) for r in self.run.ranks]
                 try:
                     _terminate(self.client, parent, self.run.status,
                                None if None in ends else max(ends))
@@ -597,11 +598,11 @@ class Place:
         first = run.ranks[0].manifest if run.ranks else {}
         if rank is None:
             tags[TAG_ROLE] = "parent"
-            manifest = first
+            source = run.ranks[0] if run.ranks else None
         else:
             tags[TAG_ROLE] = "rank"
             tags[TAG_RANK] = str(rank.rank)
-            manifest = rank.manifest
+            source = rank
             if rank.rank == 0:
                 tags["itwinai.main"] = "true"
             if parent is not None:
@@ -610,7 +611,7 @@ class Place:
         if (rank is None or parent is None) and info.get("description"):
             tags["mlflow.note.content"] = str(info["description"])[:MAX_TAG_VALUE]
         tags["itwinai.world_size"] = str(first.get("world_size", len(run.ranks)))
-        tags.update(_manifest_tags(manifest))
+        tags.update(_manifest_tags(source))
         start = int(float(info.get("created") or 0) * 1000) or None
         return self.client.create_run(exp_id, start_time=start, tags=tags, run_name=name)
 
@@ -631,15 +632,15 @@ def run_digest(run: RunInfo) -> str:
     return hashlib.sha256(run.key.encode()).hexdigest()[:24]
 
 
-def _manifest_tags(manifest: dict[str, Any]) -> dict[str, str]:
+def _manifest_tags(rank: RankInfo | None) -> dict[str, str]:
     """MLflow's system tags as the online logger's fluent run sets them (the UI's User and
     Source columns), from what the rank recorded about itself, and itwinai's own."""
     tags = {"mlflow.source.type": "LOCAL"}
-    sessions = manifest.get("sessions") or []
-    argv = sessions[0].get("argv") if sessions and isinstance(sessions[0], dict) else None
-    if isinstance(argv, list) and argv:
-        tags["mlflow.source.name"] = str(argv[0])[:MAX_TAG_VALUE]
-        tags["itwinai.argv"] = " ".join(map(str, argv))[:MAX_TAG_VALUE]
+    manifest = rank.manifest if rank is not None else {}
+    argv = rank.sessions[0].argv if rank is not None and rank.sessions else ()
+    if argv:
+        tags["mlflow.source.name"] = argv[0][:MAX_TAG_VALUE]
+        tags["itwinai.argv"] = " ".join(argv)[:MAX_TAG_VALUE]
     if manifest.get("user"):
         tags["mlflow.user"] = str(manifest["user"])[:MAX_TAG_VALUE]
     if manifest.get("git_commit"):
@@ -773,7 +774,7 @@ class MlflowRankSink(RankSink):
         from mlflow.exceptions import MlflowException
 
         try:
-            _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank.manifest))
+            _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank))
             self.place.terminate_parent()
         except MlflowException:
             if not self._retired():
@@ -1051,9 +1052,8 @@ def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
     including the environment variables MLflow sets as a side effect, so later exports in this
     process resolve their destination as before."""
     import mlflow
-    from mlflow.tracking import _tracking_service
 
-    saved_uri = _tracking_service.utils._tracking_uri
+    saved_uri = compat.mlflow_tracking_uri_setting()
     with scoped_env({}, restore=("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")):
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=experiment_id)
@@ -1066,9 +1066,8 @@ def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
 _MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
-def _end_ms(manifest: dict[str, Any]) -> int | None:
-    sessions = manifest.get("sessions") or []
-    end = sessions[-1].get("end") if sessions else None
+def _end_ms(rank: RankInfo) -> int | None:
+    end = rank.sessions[-1].end if rank.sessions else None
     return int(end * 1000) if end else None
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .blobs import file_sha256
-from .fsio import fsync_dir, read_bytes
+from .fsio import fsync_dir, read_bytes, write_atomic
 from .schema import ARROW_SCHEMA, INT64_MAX, INT64_MIN
 from .validate import BLOB_REF, JournalCorruption, check_records
 
@@ -406,24 +406,18 @@ def seal(rank_dir: Path, number: int, table: pa.Table,
     pq.write_table(table, buf, compression="zstd", row_group_size=max(table.num_rows, 1))
     data = buf.getvalue()
     final = seg_dir / segment_name(number, "parquet")
-    tmp = seg_dir / f".{final.name}.tmp"
     entry = {**index_entry(number, table, hashlib.sha256(data).hexdigest()), **(anchors or {})}
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_atomic(final, data)
         fsync_dir(seg_dir)
         append_index(rank_dir, entry)
     except OSError:
         # Undo, so that the JSONL segment stays the one copy of these records (a Parquet file
         # beside it would hide records appended to the JSONL later).
-        for path in (tmp, final):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(final)
+        except FileNotFoundError:
+            pass
         raise
     try:
         os.unlink(seg_dir / segment_name(number, "jsonl"))

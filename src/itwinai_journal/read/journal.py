@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from itwinai_journal.format import segments
+from itwinai_journal.format.blobs import BlobStore
 from itwinai_journal.format.fsio import open_regular, read_bytes, read_json
 from itwinai_journal.format.manifest import session_ended
 from itwinai_journal.format.validate import (
@@ -36,6 +37,51 @@ METRIC_COLUMNS = ["seq", "time", "name", "step", "batch_idx", "value"]
 _JOURNAL_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def _text(value: Any) -> str | None:
+    return str(value) if isinstance(value, (str, int, float)) and value != "" else None
+
+
+@dataclass(frozen=True)
+class Session:
+    """One session of a rank's writer (one process that opened the rank), as its manifest
+    records it, typed once here so that the exporters never read manifest fields by hand. A
+    field the manifest lacks or holds with the wrong type (an old or damaged journal) is None
+    (argv: empty)."""
+
+    status: str
+    #: Unix times the session started and ended (end: None while it runs, or when unknown).
+    start: float | None
+    end: float | None
+    first_seq: int | None
+    last_seq: int | None
+    host: str | None
+    pid: int | None
+    argv: tuple[str, ...]
+    cwd: str | None
+    #: Whether it has ended and says where its records end (see `session_ended`).
+    closed: bool
+
+    @classmethod
+    def of(cls, session: Any) -> Session:
+        s = session if isinstance(session, dict) else {}
+        argv = s.get("argv")
+        return cls(status=str(s.get("status") or "unknown"), start=_number(s.get("start")),
+                   end=_number(s.get("end")), first_seq=_int_or_none(s.get("first_seq")),
+                   last_seq=_int_or_none(s.get("last_seq")), host=_text(s.get("host")),
+                   pid=_int_or_none(s.get("pid")),
+                   argv=tuple(str(a) for a in argv) if isinstance(argv, list) else (),
+                   cwd=_text(s.get("cwd")), closed=bool(s) and session_ended(s))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
 @dataclass
 class RankInfo:
     rank: int
@@ -46,6 +92,33 @@ class RankInfo:
     error: str | None = None
     #: The index's last seq as `load_run` read it (None: read when `last_seq` is asked).
     index_last_seq: int | None = None
+
+    @functools.cached_property
+    def sessions(self) -> tuple[Session, ...]:
+        """The rank's writer sessions, oldest first."""
+        return tuple(Session.of(s) for s in self.manifest.get("sessions") or [])
+
+    @property
+    def started(self) -> float | None:
+        """When the rank's first session started (None when the manifest does not say)."""
+        return self.sessions[0].start if self.sessions else None
+
+    @property
+    def ended(self) -> float | None:
+        """When the rank's last session ended, once the rank has ended (else None)."""
+        last = self.sessions[-1] if self.sessions else None
+        return last.end if last is not None and self.status != "running" else None
+
+    @property
+    def host(self) -> str | None:
+        """The compute node the rank ran on: its first session's, else the manifest's."""
+        first = self.sessions[0].host if self.sessions else None
+        return first or _text(self.manifest.get("host"))
+
+    @functools.cached_property
+    def blobs(self) -> BlobStore:
+        """The rank's content-addressed payloads (artifacts, models, images, long texts)."""
+        return BlobStore(self.path / "blobs")
 
     @property
     def status(self) -> str:
@@ -208,6 +281,30 @@ def _may_be(run_dir: Path, run_id: str) -> bool:
     return run_id in (rid, f"{experiment}/{rid}")
 
 
+def names_run(name: str, run: RunInfo) -> bool:
+    """Whether `name` names `run`: its run id, or 'experiment/run_id'."""
+    return name in (run.run_id, run.key)
+
+
+def runs_named(runs: Iterable[RunInfo], names: Iterable[str] | None,
+                unique: bool = False) -> list[RunInfo]:
+    """The runs of `runs` that `names` name (all of them when `names` is None or empty), in
+    their order: the one lookup by id of every command. Copies of one run (the same key in
+    two places) all match. With `unique`, a bare run id that names runs of several
+    experiments is ambiguous: a KeyError lists the keys to use instead."""
+    names = set(names or ())
+    if not names:
+        return list(runs)
+    found = [r for r in runs if r.run_id in names or r.key in names]
+    if unique:
+        for name in names:
+            keys = sorted({r.key for r in found if names_run(name, r)})
+            if len(keys) > 1:
+                raise KeyError(f"run id {name!r} exists in several experiments; use "
+                               f"experiment/run_id: {', '.join(keys)}")
+    return found
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError):
         return e.strerror or type(e).__name__
@@ -318,28 +415,27 @@ class Journal:
         return runs
 
     def run(self, run_id: str) -> RunInfo:
-        """A run by id, or by 'experiment/run_id' when ids repeat across experiments. A KeyError
-        when there is no such run, JournalCorruption when it is damaged."""
+        """A run by id, or by 'experiment/run_id' when ids repeat across experiments (see
+        `runs_named`); of copies of one run (an rsync copy beside the original), the one
+        holding the most records, as the sync takes it. A KeyError when there is no such run,
+        JournalCorruption when it is damaged."""
         # Only the runs that may be the one are loaded (their ranks' manifests read): a savedir
         # of runs with a thousand ranks each is not loaded whole to show one.
-        found = [r for r in map(load_run, (d for d in find_run_dirs(self.savedir)
-                                           if _may_be(d, run_id)))
-                 if run_id in (r.run_id, r.key)]
+        found = runs_named(map(load_run, (d for d in find_run_dirs(self.savedir)
+                                           if _may_be(d, run_id))), [run_id], unique=True)
         if not found:
             raise KeyError(f"no run {run_id!r} in {self.savedir}")
-        if len(found) > 1:
-            raise KeyError(f"run id {run_id!r} exists in several experiments; use "
-                           f"experiment/run_id: {', '.join(r.key for r in found)}")
-        if found[0].error:
-            raise JournalCorruption(f"run {found[0].key} is damaged: {found[0].error}")
-        return found[0]
+        run = max(found, key=lambda r: (not r.error, r.records))
+        if run.error:
+            raise JournalCorruption(f"run {run.key} is damaged: {run.error}")
+        return run
 
     def _select(self, experiment: str | None, run_id: str | None, rank: int | None
                 ) -> Iterator[tuple[RunInfo, RankInfo]]:
         for run in self.runs():
             if experiment is not None and run.experiment != experiment:
                 continue
-            if run_id is not None and run_id not in (run.run_id, run.key):
+            if run_id is not None and not names_run(run_id, run):
                 continue
             for r in run.ranks:
                 if rank is None or r.rank == rank:

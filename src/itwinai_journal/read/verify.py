@@ -38,7 +38,7 @@ from itwinai_journal.format import segments
 from itwinai_journal.format.blobs import BlobStore, file_sha256
 from itwinai_journal.format.validate import BLOB_REF, RANK_DIR, JournalCorruption, check_records
 
-from .journal import RankInfo, RunInfo, find_run_dirs, load_run
+from .journal import RankInfo, RunInfo, find_run_dirs, load_run, runs_named
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,7 @@ def verify(savedir: str | os.PathLike, run_ids: Sequence[str] | None = None) -> 
 
 
 def _runs(savedir: str | os.PathLike, run_ids: Sequence[str] | None) -> list[RunInfo]:
-    runs = [load_run(d) for d in find_run_dirs(Path(savedir))]
-    if run_ids:
-        runs = [r for r in runs if r.run_id in run_ids or r.key in run_ids]
-    return runs
+    return runs_named([load_run(d) for d in find_run_dirs(Path(savedir))], run_ids)
 
 
 def verify_run(run: RunInfo) -> list[Problem]:

@@ -1,85 +1,19 @@
-"""Weights & Biases target: one W&B run per journal rank, grouped by the journal run.
-
-Where runs go: by default (and with `--mode offline`) ordinary W&B offline run directories
-under `<savedir>/wandb/` (upload them later with `wandb sync <savedir>/wandb/offline-run-*`),
-whatever API key or WANDB_MODE the environment holds: a sync never goes online unless asked.
-`--mode online` sends them to the server. Project: `--project`, else the WandBLogger's
-`project_name`, else the experiment.
-
-Identity: W&B run id = sha1(journal identity, rank)[:16], name `<run name or run id>-rank<r>`,
-group = journal run id, so every sync of a rank continues the same W&B run (`resume="allow"`),
-and another journal with the same experiment and run id never does. Syncs writing offline runs
-exclude each other per journal with a lock in `<savedir>/wandb/.itwinai-sync-locks/`.
-
-Exactly once: every history row carries `_itwinai_seq`, the highest journal seq it covers, in
-the same record as its data; config, summary and artifact writes (idempotent: same keys, same
-content digests) come before the row that covers them, and trailing ones are covered by the
-summary key `_itwinai_seq_tail` written after them. The cursor is read back from the run's
-`.wandb` transaction logs under `<savedir>/wandb` (every file of that run id and project; only
-records complete on disk count, so the unflushed tail a killed export loses is exported again),
-and in online mode also from the resumed run's summary. Two wandb-core behaviours matter
-(measured with wandb 0.31): `finish()` returns before the log is flushed, so close() waits for
-the exit record; and the wandb-core of a killed export outlives it by ~2 s and flushes then, so
-a log without exit record is trusted only once unchanged for QUIET_SECONDS.
-
-W&B keeps one run at a time per process here (`parallel_runs = False`), and artifact staging
-goes to `<savedir>/wandb/.data` unless WANDB_DATA_DIR is set. System metrics, console capture,
-git and requirements of the sync machine are not recorded: they would be mistaken for the
-training job's. The training job's own system metrics, sampled into the journal
-(`system_metric` records), become the StatsRecords W&B's monitor writes, with its keys (see
-system_metrics.py) and the sample's time, so they appear in the run's System panel. What W&B
-shows about the machine instead comes from the rank's manifest: the run
-starts when the rank's first journal session started, on the compute node's host, and the
-run's environment record (W&B's `wandb-metadata.json`: OS, Python, program, arguments, host,
-user, executable, git commit, SLURM variables) is the training process's. wandb-core computes
-`_runtime` and the run's runtime from its own clock; the SDK offers no way to set them.
-
-Rows and steps, as itwinai's WandBLogger makes them: it ignores `step` and calls
-`wandb.log({identifier: item}, commit=True)`, one history row per call, so nothing is ever
-refused. Here too W&B's own `_step` counts rows in journal order (continuing from what the run
-holds), so every record is kept whatever steps the training used (batch metrics at the global
-step and epoch metrics at `step=epoch` included). The journal's step travels with each row as
-the metric `itwinai/step`, declared with `define_metric(key, step_metric="itwinai/step")` for
-every metric logged with a step (the convention of the Lightning and Hugging Face W&B
-loggers), so W&B charts use the training step as x axis. Consecutive records join one row
-while they add new keys at the same journal step (a record without step joins any row), which
-keeps the rows of a training loop as few as its steps; a row is written at the end of every
-exported batch.
-
-Kinds, as `wandb.log({identifier: item})` shows them: metric -> history value (a complex one
-by its real part); text -> the string, or, for an object the journal keeps as its JSON
-(meta['logged_as']: a metric that is not a number...), the JSON value; dict -> nested keys
-(`identifier.key`); torch -> the object as wandb converts it (a
-tensor becomes a list, or a histogram above 32 values; a state_dict nested keys), when it loads
-with `torch.load(weights_only=True)`, and in any case a W&B artifact of the `torch.save` file.
-Where itwinai's calls fail or lose the picture, the export shows it: image (PIL, numpy, torch)
--> wandb.Image (wandb.log makes a numpy array a histogram of its pixels and refuses PIL
-images); matplotlib figure -> wandb.Image of its PNG (wandb.log needs plotly to convert it, and
-fails without); plotly figure -> wandb.Plotly; histogram (from `watch`) -> wandb.Histogram; param
-(`save_hyperparameters` and `kind="param"`) -> config; watch -> a wandb.Graph in the summary
-(`graph_<name>`, when `log_graph`); dataset -> summary `datasets/<name>`; artifact, model,
-best_model -> W&B artifacts referring to the journal's blob files in place (policy "immutable":
-blobs are content-addressed and never change, so nothing is copied).
-"""
+"""The W&B exporter, and the sink that writes one journal rank as one W&B run (see the
+package docstring for identity, exactly once, rows and kinds)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import struct
-import time
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
+from itwinai_sync import compat
 from itwinai_sync.api import (
     LOCK_DIR,
     Exporter,
@@ -91,281 +25,29 @@ from itwinai_sync.api import (
     meta_of,
 )
 
-from . import system_metrics
+from .. import system_metrics
+from .logfile import committed_state, settle_unfinished, stats_timestamps, wait_for_exit_record
+from .machine import environment_record, text_or_none
+from .rows import (
+    ARRAY_TYPES,
+    ARTIFACT_KINDS,
+    CURSOR_KEY,
+    NOTHING,
+    PLOTLY,
+    ROW_KINDS,
+    STEP_KEY,
+    STEPPED_KINDS,
+    TAIL_KEY,
+    artifact_name,
+    chartable,
+    graph,
+    history_key,
+    row_step,
+    wandb_run_id,
+)
 
-#: History key holding the highest journal seq a row covers (a leading '_' keeps it out of the
-#: W&B charts, like _step and _timestamp; wandb 0.31 accepts and stores it).
-CURSOR_KEY = "_itwinai_seq"
-#: Summary key for the cursor over trailing records that are not history rows, written after
-#: them. Not CURSOR_KEY itself: wandb-core writes the summary it derives from a history row
-#: *before* that row in the transaction log, so a summary `_itwinai_seq` can be on disk while
-#: its row is not (a kill in between); explicit summary writes are in order.
-TAIL_KEY = "_itwinai_seq_tail"
-#: History key carrying the journal's step, the x axis of the charts of metrics logged with one.
-STEP_KEY = "itwinai/step"
-#: Kinds that become values of a history row (torch as well, when its object loads safely).
-ROW_KINDS = frozenset({"metric", "histogram", "image", "figure", "text", "dict"})
-#: Kinds whose values are charted against the journal step.
-STEPPED_KINDS = frozenset({"metric", "dict"})
-#: What an empty journal name is stored as.
-EMPTY_KEY = "itwinai_empty_name"
-#: Types whose JSON list `wandb.log` would have taken as an array (a list, or a histogram above
-#: 32 values): the list is handed to it as a numpy array.
-ARRAY_TYPES = frozenset({"numpy.ndarray", "torch.Tensor", "torch.nn.parameter.Parameter"})
-#: Returned by `_history_item` when a record shows nothing in the history (None is a value).
-NOTHING = object()
-ARTIFACT_KINDS = frozenset({"torch", "artifact", "model", "best_model"})
-PLOTLY = "application/vnd.plotly.v1+json"
 _BAD_PROJECT = re.compile(r"[/\\#?%:\s]")
-_BAD_ARTIFACT = re.compile(r"[^A-Za-z0-9_.\-]")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-
-
-def wandb_run_id(journal_id: str, rank: int) -> str:
-    """Deterministic W&B run id of a journal rank (W&B ids allow [a-z0-9])."""
-    return hashlib.sha1(f"{journal_id}\0{rank}".encode()).hexdigest()[:16]
-
-
-def history_key(name: str) -> str:
-    """The W&B history key of a journal name, deterministically. W&B hides keys starting with
-    '_' and owns _step, _timestamp, _runtime: such names get an 'itwinai' prefix (`_loss` ->
-    `itwinai_loss`); a name equal to the step key gets a trailing '_'; the empty name, whose
-    value `wandb.log` drops without a word (and `define_metric` refuses), is EMPTY_KEY."""
-    if name == STEP_KEY:
-        return name + "_"
-    if not name:
-        return EMPTY_KEY
-    return "itwinai" + name if name.startswith("_") else name
-
-
-def chartable(key: str) -> bool:
-    """Whether `define_metric` can give `key` the journal step as x axis: it refuses a '*'
-    but as the last character, where it makes a glob over other keys."""
-    return "*" not in key
-
-
-def row_step(step: int | None, meta: dict[str, Any]) -> int | float | None:
-    """The journal step a record is charted at (the row's STEP_KEY): its step, or, for a step
-    the journal's int64 column could not hold, the exact one from meta['step'] when it is a
-    number (1.5, 2**70: W&B's numbers are float64), or the number a string step spells ('12'
-    -> 12.0, as float() reads it); NaN for one that is neither (a list, 'abc', inf), so that
-    it is charted at no step rather than at a neighbour's."""
-    if step is not None or "step" not in meta:
-        return step
-    exact = meta["step"]
-    if isinstance(exact, str):
-        try:
-            exact = float(exact)
-        except ValueError:
-            return math.nan
-    if isinstance(exact, (int, float)) and not isinstance(exact, bool) and math.isfinite(exact):
-        return exact
-    return math.nan
-
-
-def artifact_name(name: str) -> str:
-    """W&B artifact names allow [A-Za-z0-9_.-], up to 128 characters."""
-    mapped = _BAD_ARTIFACT.sub("-", name).strip(".") or "artifact"
-    if len(mapped) > 128:
-        mapped = mapped[:119] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    return mapped
-
-
-# -- reading the committed cursor back from .wandb transaction logs -------------------------
-# wandb-core writes a LevelDB-style log: a 7-byte header (":W&B", 0xBEE1, version), then 32 KiB
-# blocks of chunks `crc32 | length | type | data` (IEEE CRC over type+data; FULL, FIRST, MIDDLE,
-# LAST). wandb 0.31 ships no Python reader, hence this one; it stops at the first torn or
-# corrupt chunk, as wandb-core's own reader does.
-
-_BLOCK = 32 * 1024
-_HEADER = struct.Struct("<IHB")
-
-
-def iter_wandb_records(data: bytes, base: int = 0) -> Iterator[bytes]:
-    """Payloads of the complete records of a `.wandb` file (nothing if it is not a W&B log).
-    `data` holds the file from offset `base` on: 0, or a block boundary (then a record
-    continued from an earlier block is skipped)."""
-    if base == 0 and (len(data) < 7 or data[:4] != b":W&B"):
-        return
-    pos, size, parts = (7 if base == 0 else 0), len(data), None
-    skipping = base > 0
-    while True:
-        left = _BLOCK - (base + pos) % _BLOCK
-        if left < 7:
-            pos += left
-            continue
-        if pos + 7 > size:
-            return
-        crc, length, kind = _HEADER.unpack_from(data, pos)
-        end = pos + 7 + length
-        if (not crc and not length and not kind) or length > left - 7 or end > size:
-            return
-        if zlib.crc32(data[pos + 6:end]) != crc:
-            return
-        chunk, pos = data[pos + 7:end], end
-        if skipping and kind in (3, 4):
-            continue
-        skipping = False
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            parts = [chunk]
-        elif kind in (3, 4) and parts is not None:
-            parts.append(chunk)
-            if kind == 4:
-                yield b"".join(parts)
-                parts = None
-        else:
-            return
-
-
-def has_exit_record(path: Path) -> bool:
-    """Whether the run's exit record (written by `finish`, among the last records) is in the
-    file; only the last two blocks are read."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b":W&B":
-                return False
-            size = f.seek(0, os.SEEK_END)
-            base = max(0, size - 2 * _BLOCK)
-            base -= base % _BLOCK
-            f.seek(base)
-            data = f.read()
-    except OSError:
-        return False
-    for payload in iter_wandb_records(data, base):
-        if len(payload) < 4096:
-            rec = Record()
-            rec.ParseFromString(payload)
-            if rec.WhichOneof("record_type") == "exit":
-                return True
-    return False
-
-
-def wait_for_exit_record(path: Path, timeout: float = 60.0) -> bool:
-    """Whether wandb-core wrote the run's exit record to `path` within `timeout` seconds.
-
-    `Run.finish()` returns before wandb-core has flushed the transaction log (measured with
-    wandb 0.31: the file can still be at its 7-byte header right after finish). A sync that
-    read its cursor from a half-written file would export the tail twice, so close() waits."""
-    deadline = time.monotonic() + timeout
-    while not has_exit_record(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-#: How long the transaction log of a killed export must have been left unchanged before its
-#: cursor is trusted. wandb-core runs in its own session and outlives a SIGKILLed export by
-#: about 2 s (it watches the parent pid), flushing what it buffered as it exits: reading the
-#: cursor before that would export those rows a second time. Longer than the default flush
-#: interval (15 s), so even a wandb-core that kept running has flushed within it.
-QUIET_SECONDS = 20.0
-
-
-def settle_unfinished(root: Path, wb_id: str, timeout: float = 120.0) -> float:
-    """Wait until no earlier export may still be writing this run's newest transaction log:
-    nothing to wait for when it has its exit record (a finished export), else until it has
-    been unchanged for QUIET_SECONDS. Returns the seconds waited."""
-    files = list(root.glob(f"*-{wb_id}*/run-{wb_id}.wandb"))
-    if not files:
-        return 0.0
-    newest = max(files, key=lambda p: p.stat().st_mtime)
-    if has_exit_record(newest):
-        return 0.0
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        quiet = time.time() - newest.stat().st_mtime
-        if quiet >= QUIET_SECONDS:
-            break
-        time.sleep(min(QUIET_SECONDS - quiet, 1.0))
-    return time.monotonic() - started
-
-
-def _item_key(item: Any) -> str:
-    if item.key:
-        return item.key
-    return item.nested_key[0] if len(item.nested_key) == 1 else ""
-
-
-def _history_value(item: Any) -> Any:
-    """A history item's value in either encoding wandb-core uses (typed oneof or JSON)."""
-    which = item.WhichOneof("value")
-    if which in ("integer", "number"):
-        return getattr(item, which)
-    if which == "json":
-        return json.loads(item.json)
-    return json.loads(item.value_json) if item.value_json else None
-
-
-def committed_state(root: Path, wb_id: str, project: str) -> tuple[int, int]:
-    """(cursor, last step) of W&B run `wb_id` of `project` from its transaction logs below
-    `root`: the highest `_itwinai_seq` and `_step` of history records and `_itwinai_seq_tail`
-    of summary records complete on disk, over every offline (and online) run directory of
-    that id. (0, -1) when there is none.
-
-    Only records that carry the cursor key are decoded (plus each file's run record, for the
-    project), which keeps re-reading a long run's logs cheap."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    cursor, last_step = 0, -1
-    key = CURSOR_KEY.encode()
-    for path in sorted(root.glob(f"*-{wb_id}*/run-{wb_id}.wandb")):
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        project_seen = False
-        for payload in iter_wandb_records(data):
-            if project_seen and key not in payload:
-                continue
-            rec = Record()
-            rec.ParseFromString(payload)
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                if rec.run.project != project:
-                    break  # the same id in another project: another W&B run
-                project_seen = True
-            elif not project_seen:
-                continue
-            elif kind == "history":
-                for item in rec.history.item:
-                    if _item_key(item) == CURSOR_KEY:
-                        cursor = max(cursor, int(_history_value(item)))
-                        last_step = max(last_step, rec.history.step.num)
-            elif kind == "summary":
-                for item in rec.summary.update:
-                    if _item_key(item) == TAIL_KEY:
-                        cursor = max(cursor, int(json.loads(item.value_json)))
-    return cursor, last_step
-
-
-def stats_timestamps(root: Path, wb_id: str, project: str) -> set[int]:
-    """Timestamps (ns) of the StatsRecords in W&B run `wb_id` of `project`'s transaction logs
-    below `root`: the system-metrics samples the run holds (one per sample time)."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    found: set[int] = set()
-    for path in sorted(root.glob(f"*-{wb_id}*/run-{wb_id}.wandb")):
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        for payload in iter_wandb_records(data):
-            rec = Record()
-            rec.ParseFromString(payload)
-            kind = rec.WhichOneof("record_type")
-            if kind == "run" and rec.run.project != project:
-                break  # the same id in another project: another W&B run
-            if kind == "stats":
-                found.add(rec.stats.timestamp.ToNanoseconds())
-    return found
-
-
-# -- the exporter ----------------------------------------------------------------------------
 
 
 class WandbExporter(Exporter):
@@ -387,6 +69,8 @@ class WandbExporter(Exporter):
                       "kept (W&B's _step counts rows, the journal's step is the 'itwinai/step' "
                       "metric)")
         self.root = savedir / "wandb"
+        if why := compat.untested("wandb"):
+            notes.add(f"wandb: {why}")
         self._saved_env: dict[str, str | None] = {}
         #: Sinks of ranks still being written, kept open between passes of `--watch` (one W&B
         #: run directory per rank and sync process, not one per pass); ended in close().
@@ -506,18 +190,18 @@ class WandbSink(RankSink):
         settings = wandb.Settings(
             silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
             x_disable_machine_info=True, disable_git=True, save_code=False,
-            x_save_requirements=False, host=_text(manifest.get("host")),
-            git_commit=_text(manifest.get("git_commit")))
+            x_save_requirements=False, host=text_or_none(self.rank.host),
+            git_commit=text_or_none(manifest.get("git_commit")))
         journal = {"experiment": self.run.experiment, "run_id": self.run.run_id,
                    "journal_id": self.run.journal_id, "rank": self.rank.rank,
                    "world_size": manifest.get("world_size"), "host": manifest.get("host")}
-        start = session_start(manifest)
+        start = self.rank.started
         if self.exp.mode == "offline" and not self.exp.mode_chosen:
             self.notes.add(f"wandb: offline runs written to {self.exp.root} (the default; "
                            f"upload them with `wandb sync {self.exp.root}/offline-run-*`, or "
                            "sync with --mode online)")
         try:
-            with _run_clock(start):
+            with compat.wandb_run_clock(start):
                 self.wb = wandb.init(
                     project=self.project, entity=self.exp.entity, id=self.wb_id,
                     name=f"{info.get('run_name') or self.run.run_id}-rank{self.rank.rank}",
@@ -543,19 +227,16 @@ class WandbSink(RankSink):
         if start is not None and abs(self.wb.start_time - start) > 1e-3:
             self.notes.add("wandb: this wandb version did not take the journal's start time; "
                            "the runs start when they were exported")
-        interface = getattr(self.wb, "_interface", None)
-        if interface is None or not hasattr(interface, "publish_environment"):
+        if not compat.wandb_publish_environment(self.wb, environment_record(self.rank, start)):
             self.notes.add("wandb: this wandb version cannot take the training's environment "
                            "(program, host, Python, OS, git); the runs have none")
-            return
-        interface.publish_environment(environment_record(self.rank.manifest, start))
 
     def cursor(self) -> int:
-        """What the run holds, or, for a sink kept open from an earlier `--watch` pass, what it
-        has taken in."""
+        """What the run holds: read from its transaction logs when the sink was opened (and,
+        online, from the resumed run's summary), then advanced by every batch committed."""
         if self.exp.mode == "online" and not self.read_only:
             self._start()
-        return self.handled
+        return self.committed
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -588,8 +269,10 @@ class WandbSink(RankSink):
                 if kind == "torch":
                     self._add_to_row(kind, name, shown, t, self._torch_value(name, blob))
             self.handled = seq
-        self._flush_row()  # the batch's cursor goes with its last row
         self.handled = max(self.handled, cursor)
+        # The batch's cursor goes with its last row, or, when records after that row (or the
+        # whole batch) are not rows, in the summary after them.
+        self._commit_tail()
 
     def _add_to_row(self, kind: str, name: str, step: int | float | None, t: float,
                     item: Any) -> None:
@@ -751,15 +434,13 @@ class WandbSink(RankSink):
         nanos = round(t * 1e9)
         if not items or nanos in self._stats_written():
             return
-        interface = getattr(self._start(), "_interface", None)
-        if interface is None or not hasattr(interface, "_publish"):
-            self._unshown("system-metrics sample (this wandb version cannot take them)")
-            return
         stats = pb.StatsRecord(stats_type=pb.StatsRecord.StatsType.SYSTEM)
         stats.timestamp.FromNanoseconds(nanos)
         for key, value in items.items():
             stats.item.add(key=key, value_json=json.dumps(value))
-        interface._publish(pb.Record(stats=stats))
+        if not compat.wandb_publish_record(self._start(), pb.Record(stats=stats)):
+            self._unshown("system-metrics sample (this wandb version cannot take them)")
+            return
         self.stats_times.add(nanos)
 
     def _stats_written(self) -> set[int]:
@@ -783,7 +464,7 @@ class WandbSink(RankSink):
         elif kind == "watch":
             if meta.get("log_graph", True):
                 topo = json.loads(text if text is not None else self.blobs.read(blob))
-                self._start().summary[f"graph_{name}"] = _graph(topo)
+                self._start().summary[f"graph_{name}"] = graph(topo)
         elif kind in ARTIFACT_KINDS:
             self._artifact(seq, kind, name, step, blob, meta)
 
@@ -849,122 +530,15 @@ class WandbSink(RankSink):
 
     def _commit_tail(self) -> None:
         """Write what is left (a row, pending config) and the cursor over trailing records
-        that are not history rows (a summary key, written after them)."""
+        that are not history rows (a summary key, written after them). A batch with nothing
+        for W&B advances the cursor too (the engine hands one only to a run that exists, so
+        this never starts a W&B run for records it does not take)."""
         self._flush_row()
-        if self.handled > self.committed and self.wb is not None:
-            # Only when something was written: a sync that merely skipped records (other
-            # kinds or destinations) reads them again next time rather than start a W&B run.
-            self.wb.summary[TAIL_KEY] = self.handled
+        if self.handled > self.committed:
+            self._start().summary[TAIL_KEY] = self.handled
             self.committed = self.handled
 
     def _report(self) -> None:
         for what, n in self.unshown.items():
             self.notes.add(f"wandb: {n} {what} of {self.run.key} rank {self.rank.rank} not "
                            "shown in the history")
-
-
-def session_start(manifest: dict[str, Any]) -> float | None:
-    """When the rank's first journal session started (the W&B run's start)."""
-    sessions = manifest.get("sessions") or []
-    start = sessions[0].get("start") if sessions else None
-    return float(start) if isinstance(start, (int, float)) else None
-
-
-def _text(value: Any) -> str | None:
-    return str(value) if value else None
-
-
-@contextmanager
-def _run_clock(start: float | None) -> Iterator[None]:
-    """While `wandb.init` runs, the clock W&B stamps the run's start with reads `start`.
-    wandb offers no setting for it (`x_start_time` is overwritten by `init`); the run takes
-    `time.time()` of its module when it is created. Only that module's view is changed, and
-    only for the call (W&B runs are started one at a time here)."""
-    if start is None:
-        yield
-        return
-    import types
-
-    import wandb.sdk.wandb_run as run_module
-
-    real = run_module.time
-
-    class Clock(types.ModuleType):
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-    clock = Clock("time")
-    clock.time = lambda: start  # type: ignore[attr-defined]
-    run_module.time = clock  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        run_module.time = real
-
-
-def environment_record(manifest: dict[str, Any], start: float | None) -> Any:
-    """W&B's environment record (its `wandb-metadata.json`) of the training process, from the
-    manifest: what W&B's own client would have recorded on the compute node, as far as the
-    journal knows it (no hardware inventory)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    env = pb.EnvironmentRecord()
-    sessions = manifest.get("sessions") or [{}]
-    first = sessions[0]
-    versions = manifest.get("versions") or {}
-    if manifest.get("os"):
-        env.os = str(manifest["os"])
-    if versions.get("python"):
-        impl = manifest.get("python_implementation")
-        env.python = f"{impl} {versions['python']}" if impl else str(versions["python"])
-    argv = [str(a) for a in first.get("argv") or []]
-    cwd = first.get("cwd")
-    if argv:
-        program = argv[0]
-        if cwd and not os.path.isabs(program):
-            program = os.path.normpath(os.path.join(cwd, program))
-        env.program = program
-        env.args.extend(argv[1:])
-        relative = os.path.relpath(program, cwd) if cwd else os.path.basename(program)
-        env.code_path = env.code_path_local = (
-            os.path.basename(program) if relative.startswith("..") else relative)
-    if cwd:
-        env.root = str(cwd)
-    for field_name, value in (("host", first.get("host") or manifest.get("host")),
-                              ("username", manifest.get("user")),
-                              ("executable", manifest.get("executable"))):
-        if value:
-            setattr(env, field_name, str(value))
-    if manifest.get("git_commit"):
-        env.git.commit = str(manifest["git_commit"])
-    for key, value in (manifest.get("job") or {}).items():
-        if key.startswith("SLURM_"):
-            env.slurm[key[len("SLURM_"):].lower()] = str(value)
-    if start is not None:
-        env.started_at.FromMicroseconds(int(start * 1e6))
-    return env
-
-
-def _graph(topo: dict[str, Any]) -> Any:
-    """The watched module's topology as the wandb.Graph that wandb.watch would log."""
-    import wandb
-    from wandb.sdk.data_types.graph import Node
-
-    graph = wandb.Graph(format="torch")
-    for i, m in enumerate(topo.get("modules", [])):
-        params = list(m.get("parameters", {}).items())
-        graph.add_node(Node(id=i, name=m.get("name") or topo.get("name"),
-                            class_name=m.get("class"), parameters=params,
-                            num_parameters=[_numel(s) for _, s in params]))
-    return graph
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-__all__ = ["WandbExporter", "WandbSink", "committed_state", "iter_wandb_records",
-           "wandb_run_id", "history_key", "artifact_name"]
