@@ -81,7 +81,10 @@ def _vertices(d: str) -> list[list[tuple[float, float]]]:
     return pieces
 
 
-def test_plot_html_is_self_contained_and_holds_every_series(savedir, tmp_path):
+def test_plot_html_is_self_contained_and_holds_every_series(savedir, tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.hashsalt", "fixed")  # as a matplotlibrc may
     out = tmp_path / "report.html"
     r = invoke("plot", savedir, "-o", out, "--smooth", "0.5")
     assert r.exit_code == 0, r.output
@@ -92,6 +95,9 @@ def test_plot_html_is_self_contained_and_holds_every_series(savedir, tmp_path):
     # matplotlib's SVG refers to its own clip paths and markers; nothing outside the page.
     refs = re.findall(r'href="([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
     assert refs and all(ref.startswith("#") for ref in refs), refs
+    # Each chart's clip paths and markers are its own: every id referred to is defined once in
+    # the page, so one inline SVG never borrows another's.
+    assert all(page.count(f'id="{ref[1:]}"') == 1 for ref in set(refs))
     m = Journal(savedir).metrics()
     expected = {}
     for exp, run, rank, name in zip(*(m[c].to_pylist()

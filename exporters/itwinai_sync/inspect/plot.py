@@ -161,15 +161,14 @@ def _figure(charts: dict[str, list[Series]], opts: PlotOptions, width: int, heig
     return fig
 
 
-def _save(fig: Any, fmt: str) -> bytes:
-    """The figure as `fmt` bytes. SVG text stays text (searchable, a fraction of the size of
-    glyph outlines) and carries no date, so that the same journal draws the same file."""
+def _save(fig: Any, fmt: str, **rc: Any) -> bytes:
+    """The figure as `fmt` bytes (with matplotlib settings `rc`). SVG text stays text:
+    searchable in the page, and a fraction of the size of glyph outlines."""
     import matplotlib
 
     buf = io.BytesIO()
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(buf, format=fmt, dpi=DPI,
-                    metadata={"Date": None} if fmt == "svg" else None)
+    with matplotlib.rc_context({"svg.fonttype": "none", **rc}):
+        fig.savefig(buf, format=fmt, dpi=DPI)
     return buf.getvalue()
 
 
@@ -198,7 +197,9 @@ def render_html(charts: dict[str, list[Series]], opts: PlotOptions, title: str) 
     for name, series in charts.items():
         body.append(f'<section data-metric="{e(name)}"><h2>{e(name)}</h2>')
         chart = _figure({name: series}, opts, opts.width, height, style)
-        svg = _save(chart, "svg").decode()
+        # Random ids for clip paths and markers (a fixed `svg.hashsalt` of the user's
+        # matplotlibrc would give two charts of one page the same ids, one clipping the other).
+        svg = _save(chart, "svg", **{"svg.hashsalt": None}).decode()
         body.append(svg[svg.index("<svg"):])  # without the XML declaration and doctype
         body.append("<table><tr><th>series</th><th>points</th><th>last</th><th>step</th>"
                     "<th>min</th><th>max</th></tr>")
