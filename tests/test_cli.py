@@ -175,7 +175,7 @@ def test_ls_imports_no_sync_engine_exporter_or_view(tmp_path):
                           check=True)
     assert "a  finished  1 rank(s)  20 records  -> mlflow" in proc.stdout
     loaded = set(proc.stdout.split("\n")[-2].split())
-    for module in ("itwinai_sync.engine", "itwinai_sync.views", "itwinai_sync.targets.mlflow",
+    for module in ("itwinai_sync.engine", "itwinai_sync.inspect", "itwinai_sync.targets.mlflow",
                    "itwinai_sync.targets.wandb", "itwinai_sync.targets.tensorboard",
                    "itwinai_sync.targets.prov4ml",
                    "pyarrow.compute", "filelock", "mlflow", "wandb", "torch"):

@@ -1,26 +1,20 @@
-"""Looking at runs without a tracker: plot, show, tail, export."""
+"""Looking at runs without a tracker: plot, show, export (`itwinai_sync.inspect`; tail is in
+test_follow.py)."""
 
 from __future__ import annotations
 
 import math
-import os
-import queue
 import re
-import signal
-import subprocess
 import sys
-import threading
-import time
 
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import child_env
 
 from itwinai_journal import Journal
 from itwinai_journal.loggers import MLFlowLogger, TensorBoardLogger
-from itwinai_sync import views
 from itwinai_sync.cli import main
+from itwinai_sync.inspect import export, selection, series, summaries
 
 LOSS = [1.0, 0.5, math.nan, 0.25, math.inf, 0.125, 0.1, 0.05]
 
@@ -76,14 +70,34 @@ def test_plot_png_decodes_at_the_expected_size(savedir, tmp_path):
         assert im.size == (1200, 720)  # one chart per row, 360 px each
 
 
-def test_plot_html_is_self_contained_and_holds_every_series(savedir, tmp_path):
+def _vertices(d: str) -> list[list[tuple[float, float]]]:
+    """The pieces of an SVG path of moves and lines (as matplotlib writes a line): a new piece
+    at each move."""
+    pieces: list[list[tuple[float, float]]] = []
+    for cmd, x, y in re.findall(r"([ML]) (-?[\d.]+) (-?[\d.]+)", d):
+        if cmd == "M":
+            pieces.append([])
+        pieces[-1].append((float(x), float(y)))
+    return pieces
+
+
+def test_plot_html_is_self_contained_and_holds_every_series(savedir, tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "svg.hashsalt", "fixed")  # as a matplotlibrc may
     out = tmp_path / "report.html"
     r = invoke("plot", savedir, "-o", out, "--smooth", "0.5")
     assert r.exit_code == 0, r.output
     page = out.read_text()
     low = page.lower()
-    for needle in ("<script", "src=", "href=", "@import", "url("):
+    for needle in ("<script", "src=", "@import", "<?xml", "<!doctype svg"):
         assert needle not in low, needle
+    # matplotlib's SVG refers to its own clip paths and markers; nothing outside the page.
+    refs = re.findall(r'href="([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert refs and all(ref.startswith("#") for ref in refs), refs
+    # Each chart's clip paths and markers are its own: every id referred to is defined once in
+    # the page, so one inline SVG never borrows another's.
+    assert all(page.count(f'id="{ref[1:]}"') == 1 for ref in set(refs))
     m = Journal(savedir).metrics()
     expected = {}
     for exp, run, rank, name in zip(*(m[c].to_pylist()
@@ -91,15 +105,39 @@ def test_plot_html_is_self_contained_and_holds_every_series(savedir, tmp_path):
         key = f"{exp}/{run}/{rank}/{name}"
         expected[key] = expected.get(key, 0) + 1
     assert len(expected) == 6
+    sections = dict(re.findall(r'<section data-metric="([^"]*)">(.*?)</section>', page, re.S))
+    assert sorted(sections) == ["acc", "loss"]
     for key, count in expected.items():
         exp, run, rank, name = key.split("/")
-        assert f'data-series="{key}" data-points="{count}"' in page, key
-        assert f"{exp}/{run} rank {rank} · {name}</td><td>{count} points" in page, key
-    assert page.count('data-metric="') == 2
-    # A NaN and an inf break the line: [1, .5], [.25] (a dot), [.125, .1, .05]; drawn twice,
-    # raw (faint) and smoothed.
-    group = re.search(r'data-series="exp/a/0/loss".*?</g>', page).group(0)
-    assert group.count("<polyline") == 4 and group.count("<circle") == 2
+        body = sections[name]
+        assert f"{exp}/{run} rank {rank} · {name}</td><td>{count} points" in body, key
+        (svg,) = re.findall(r"<svg.*?</svg>", body, re.S)  # matplotlib's chart, inline
+        assert f">{name}</text>" in svg  # its title, as text
+        assert f">{run} rank {rank} ({count})</text>" in svg, key  # its legend entry
+    # The data drawn: exp/a rank 0's loss, in the colour of its row of the table. A NaN and an
+    # inf break the line: [1, .5], [.25], [.125, .1, .05]; drawn twice, raw (faint) and
+    # smoothed, and once more as the legend's sample.
+    loss = sections["loss"]
+    colour = re.search(r'<tr data-series="exp/a/0/loss"><td><span class="sw" '
+                       r'style="background:(#[0-9a-f]{6})"', loss).group(1)
+    lines = re.findall(rf'<path d="([^"]*)"[^>]*style="fill: none; stroke: {colour}([^"]*)"',
+                       loss)
+    (raw,) = [_vertices(d) for d, style in lines if "stroke-opacity: 0.25" in style]
+    drawn = sorted((_vertices(d) for d, style in lines if "opacity" not in style), key=len)
+    legend, smoothed = drawn
+    assert [len(p) for p in raw] == [len(p) for p in smoothed] == [2, 1, 3]
+    assert len(legend) == 1 and len({y for _, y in legend[0]}) == 1  # a flat sample
+    steps, values = [0, 1, 3, 5, 6, 7], [1.0, 0.5, 0.25, 0.125, 0.1, 0.05]
+    xs, ys = zip(*(pt for piece in raw for pt in piece))
+    # Pixel coordinates are linear in step and value: each point where its record puts it.
+    assert [(x - xs[0]) / (xs[1] - xs[0]) for x in xs] == pytest.approx(steps, abs=1e-4)
+    assert [(y - ys[0]) / (ys[1] - ys[0]) for y in ys] == pytest.approx(
+        [(v - values[0]) / (values[1] - values[0]) for v in values], abs=1e-4)
+    ema = series.ema([1.0, 0.5, math.nan, 0.25, math.nan, 0.125, 0.1, 0.05], 0.5)
+    ema = [v for v in ema if not math.isnan(v)]
+    sy = [y for piece in smoothed for _, y in piece]
+    assert [(y - ys[0]) / (ys[1] - ys[0]) for y in sy] == pytest.approx(
+        [(v - values[0]) / (values[1] - values[0]) for v in ema], abs=1e-4)
 
 
 def test_plot_errors_are_one_line(savedir, tmp_path):
@@ -112,30 +150,36 @@ def test_plot_errors_are_one_line(savedir, tmp_path):
     assert invoke("plot", savedir, "--smooth", "1").exit_code == 2
 
 
+def test_plot_without_matplotlib_names_the_extra_to_install(savedir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    for name in ("x.html", "x.png"):
+        r = invoke("plot", savedir, "-o", tmp_path / name)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert "matplotlib is needed to plot: pip install 'itwinai-sync[plot]'" in r.output
+        assert not (tmp_path / name).exists()
+
+
 def test_metric_patterns_and_series(savedir):
     j = Journal(savedir)
-    t = views.metrics_table(j, [j.run("a")], ["lo*"])
-    series = views.series_of(t)
-    assert [(s.rank, s.name, len(s)) for s in series] == [(0, "loss", 8), (1, "loss", 8)]
-    assert series[1].value[:2] == [2.0, 1.5]
-    acc = views.series_of(views.metrics_table(j, [j.run("a")], ["acc"]))[0]
-    assert views.x_values(acc, "step") == [0.0, 1.0, 2.0, 3.0]  # no step: position
-    rel = views.x_values(acc, "relative", acc.time[0])
+    t = selection.metrics_table(j, [j.run("a")], ["lo*"])
+    found = series.series_of(t)
+    assert [(s.rank, s.name, len(s)) for s in found] == [(0, "loss", 8), (1, "loss", 8)]
+    assert found[1].value[:2] == [2.0, 1.5]
+    acc = series.series_of(selection.metrics_table(j, [j.run("a")], ["acc"]))[0]
+    assert series.x_values(acc, "step") == [0.0, 1.0, 2.0, 3.0]  # no step: position
+    rel = series.x_values(acc, "relative", acc.time[0])
     assert rel[0] == 0.0 and rel == sorted(rel)
 
 
-def test_ema_sparkline_ticks():
-    assert views.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased
-    sm = views.ema([0.0, 10.0, math.nan, 10.0], 0.5)
+def test_ema_and_sparkline():
+    assert series.ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased
+    sm = series.ema([0.0, 10.0, math.nan, 10.0], 0.5)
     assert sm[0] == 0.0 and math.isnan(sm[2]) and 0 < sm[1] < sm[3] < 10
-    assert views.ema([3.0, 1.0], 0.0) == [3.0, 1.0]
-    assert views.sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
-    assert views.sparkline([5.0, 5.0]) == "▄▄"
-    assert views.sparkline([1.0, math.nan, 3.0]) == "▁ █"
-    assert len(views.sparkline(list(map(float, range(1000))), width=24)) == 24
-    assert views.nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    xs, ys = views.decimate(list(range(10_000)), [float(i % 7) for i in range(10_000)], 100)
-    assert len(xs) <= 100 and max(ys) == 6 and min(ys) == 0
+    assert series.ema([3.0, 1.0], 0.0) == [3.0, 1.0]
+    assert summaries.sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
+    assert summaries.sparkline([5.0, 5.0]) == "▄▄"
+    assert summaries.sparkline([1.0, math.nan, 3.0]) == "▁ █"
+    assert len(summaries.sparkline(list(map(float, range(1000))), width=24)) == 24
 
 
 # -- show ------------------------------------------------------------------------------------
@@ -150,7 +194,7 @@ def test_show_prints_last_min_max_and_a_sparkline(savedir):
     assert "(step 7)" in rank0 and "min 0.05" in rank0 and "max inf" in rank0
     assert "8 pts" in rank0
     spark = rank0[-8:]
-    assert set(spark) <= set(views.SPARK_CHARS + " ")
+    assert set(spark) <= set(summaries.SPARK_CHARS + " ")
     assert spark[0] == "█" and spark[2] == spark[4] == " "  # NaN and inf: gaps
     assert spark[-1] == "▁"
     (rank1,) = [ln for ln in lines if ln.strip().startswith("loss = 1.05")]
@@ -177,7 +221,7 @@ def test_export_round_trips_to_journal_metrics(savedir, tmp_path, fmt):
     files = sorted(out.rglob(f"*.{fmt}"))
     assert [f.relative_to(out).as_posix() for f in files] == [
         f"exp/a.{fmt}", f"unnamed-experiment/b.{fmt}"]
-    back = pa.concat_tables([views.read_export(f) for f in files])
+    back = pa.concat_tables([export.read_export(f) for f in files])
     expected = Journal(savedir).metrics()
     assert back.schema == expected.schema
     pd.testing.assert_frame_equal(_sorted_frame(back), _sorted_frame(expected))
@@ -208,114 +252,3 @@ def test_tail_prints_the_last_n_records(savedir):
     rows = [json.loads(ln) for ln in r.output.splitlines()]
     assert len(rows) == 2 * 4 + 3 and {x["name"] for x in rows} == {"acc"}
     assert invoke("tail", savedir, "nope").exit_code == 1
-
-
-def test_tail_reads_each_record_once_while_segments_are_sealed(tmp_path):
-    savedir = tmp_path / "mllogs"
-    lg = TensorBoardLogger(savedir=savedir, log_freq="batch", run_id="live", flush_interval=0.1)
-    lg.create_logger_context()
-    lg._writer.seal_records = 7
-    tail = views.Tail(savedir)
-    seen = []
-    for i in range(60):
-        lg.log(float(i), "x", step=i)
-        if i % 5 == 0:
-            lg._writer.flush()
-            seen += tail.poll(last=3) if not seen else tail.poll()
-    lg.destroy_logger_context()
-    seen += tail.poll()
-    assert [p.step for p in seen] == list(range(60))
-    assert len({p.seq for p in seen}) == 60
-    assert len(list(savedir.rglob("*.parquet"))) >= 5  # it really followed sealing
-
-
-def _reader(stream, q):
-    for line in stream:
-        q.put(line)
-
-
-def test_tail_follow_prints_records_appended_after_it_started(tmp_path):
-    savedir = tmp_path / "mllogs"
-    lg = MLFlowLogger(savedir=savedir, experiment_name="exp", run_id="live",
-                      log_freq="batch", flush_interval=0.1)
-    lg.create_logger_context()
-    lg._writer.seal_records = 25  # segments seal while tail follows
-    for i in range(5):
-        lg.log(float(i), "before", step=i)
-    lg._writer.flush()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "itwinai_sync.cli", "tail", str(savedir), "-f", "--interval",
-         "0.2", "-n", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-        start_new_session=True)
-    q: queue.Queue = queue.Queue()
-    threading.Thread(target=_reader, args=(proc.stdout, q), daemon=True).start()
-    lines: list[str] = []
-
-    def read_until(pred, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while not pred():
-            try:
-                lines.append(q.get(timeout=max(0.01, deadline - time.monotonic())))
-            except queue.Empty:
-                err = proc.stderr.read() if proc.poll() is not None else ""
-                raise AssertionError(f"timed out; got {lines}; stderr: {err}") from None
-
-    try:
-        read_until(lambda: len(lines) >= 3)
-        assert all("before" in ln for ln in lines[:3])
-        assert "before = 4" in lines[2]
-        n = 100
-        for i in range(n):
-            lg.log(i * 0.5, "after", step=i)
-            if i % 10 == 0:
-                time.sleep(0.05)
-        read_until(lambda: sum("after" in ln for ln in lines) >= n)
-        time.sleep(0.6)  # a few more polls: nothing may come twice
-        while not q.empty():
-            lines.append(q.get())
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        lg.destroy_logger_context()
-    after = [ln for ln in lines if " after = " in ln]
-    seqs = [int(re.search(r"#(\d+)", ln).group(1)) for ln in after]
-    assert seqs == list(range(6, 6 + n))  # each once, in order
-    assert [int(re.search(r"step (\d+)", ln).group(1)) for ln in after] == list(range(n))
-    assert all("exp/live rank 0" in ln for ln in after)
-    assert len(lines) == 3 + n
-    assert len(list(savedir.rglob("*.parquet"))) >= 3
-
-
-def test_tail_against_a_live_writer_process_sees_every_record_once(tmp_path):
-    """Polling as fast as it can while another process appends and seals: no record missed,
-    none twice, whatever the moment each read lands on (JSONL growing, torn last line, JSONL
-    replaced by Parquet)."""
-    from conftest import spawn
-
-    savedir = tmp_path / "mllogs"
-    n = 20_000
-    writer = spawn(f"""
-        import time
-        from itwinai_journal.loggers import TensorBoardLogger
-        lg = TensorBoardLogger(savedir={str(savedir)!r}, log_freq="batch", run_id="live",
-                               flush_interval=0.05)
-        lg.create_logger_context()
-        lg._writer.seal_records = 900
-        for i in range({n}):
-            lg.log(float(i), "x", step=i)
-            if i % 500 == 0:
-                time.sleep(0.01)
-        lg.destroy_logger_context()
-    """)
-    tail = views.Tail(savedir)
-    seen = []
-    polls = 0
-    while writer.poll() is None:
-        seen += tail.poll()
-        polls += 1
-    assert writer.returncode == 0, writer.stderr.read()
-    seen += tail.poll()
-    assert polls > 5
-    assert [p.step for p in seen] == list(range(n))
-    assert [p.seq for p in seen] == list(range(1, n + 1))

@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itwinai_journal import Journal, RankInfo, RunInfo
-from itwinai_journal.format.segments import JournalCorruption, iter_tables, read_index
-from itwinai_journal.read.journal import names_run, runs_named
+from itwinai_journal.format.validate import JournalCorruption
+from itwinai_journal.read.journal import RecordsMissing, names_run, records_after, runs_named
 from itwinai_journal.read.liveness import writer_gone
 
 from .api import Exporter, ExportError, Notes, TargetChanged, load_exporter, own_options
@@ -318,30 +318,11 @@ class SyncEngine:
     def _records(self, rank: RankInfo, after: int) -> Iterator[pa.Table]:
         """The rank's records above `after`, in seq order, up to the first gap in the seqs
         (where SeqGap is raised once the records before it have been consumed)."""
-        index, problems = read_index(rank.path)
-        if problems:
-            raise JournalCorruption(f"{rank.path}: {problems[0]}")
-        # What must exist, known before the segments are listed (a writer renames a sealed
-        # segment into place before it indexes it), so that segments sealed while we read
-        # are not mistaken for missing ones.
-        known = max([_int(e.get("last_seq")) for e in index]
-                    + [s.last_seq or 0 for s in rank.sessions], default=0)
-        expected = after + 1
-        for table in iter_tables(rank.path / "segments", after, index):
-            seqs = table["seq"].to_numpy()
-            runs_on = seqs == expected + _arange(len(seqs))
-            if not runs_on.all():
-                cut = int(runs_on.argmin())
-                if cut:
-                    yield table.slice(0, cut)
-                if seqs[cut] < expected + cut:
-                    raise JournalCorruption(f"{rank.path}: seq goes back from "
-                                            f"{expected + cut - 1} to {seqs[cut]}")
-                raise _gap(rank, index, expected + cut - 1, int(seqs[cut]) - 1)
-            yield table
-            expected += len(seqs)
-        if expected <= known:
-            raise _gap(rank, index, expected - 1, known)
+        try:
+            yield from records_after(rank, after)
+        except RecordsMissing as e:
+            raise SeqGap(f"{e}; exported up to seq {e.last_ok}, the rest follows once they "
+                         "are restored") from None
 
     def _dry_run(self, exporter: Exporter, run: RunInfo, result: RunResult) -> None:
         result.status = "would-sync"
@@ -394,30 +375,6 @@ def rank_takes(rank: RankInfo, target: str) -> bool:
     if isinstance(group, list) and target in group:
         return False
     return collection.get("primary") is True
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _arange(n: int) -> Any:
-    import numpy as np
-
-    return np.arange(n, dtype=np.int64)
-
-
-def _gap(rank: RankInfo, index: list[dict[str, Any]], last_ok: int, missing_to: int) -> SeqGap:
-    """The error for records last_ok+1..missing_to missing, naming the indexed segments that
-    held them when the index knows them."""
-    first = last_ok + 1
-    held = [str(e.get("file") or e.get("segment")) for e in index
-            if isinstance(e.get("first_seq"), int) and isinstance(e.get("last_seq"), int)
-            and e["first_seq"] <= missing_to and e["last_seq"] >= first]
-    where = (f"segment {', '.join(held)} listed in the index is missing" if held
-             else "no segment holds them")
-    span = f"{first}" if first == missing_to else f"{first}..{missing_to}"
-    return SeqGap(f"records {span} are missing from {rank.path / 'segments'} ({where}); "
-                  f"exported up to seq {last_ok}, the rest follows once they are restored")
 
 
 def select(table: pa.Table, exporter: Exporter) -> tuple[pa.Table, Counter]:

@@ -1,5 +1,5 @@
 """Looking at journals without a tracker: `ls`, `show`, `plot`, `tail`, `export` (the
-views themselves are in `itwinai_sync.views`)."""
+views themselves are in `itwinai_sync.inspect`)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,8 @@ def show_cmd(savedir: Path, run_id: str) -> None:
     sparkline of the whole series, for each rank of one run."""
     import pyarrow.compute as pc
 
-    from ..views import metric_summary_lines, system_points
+    from ..inspect.selection import system_points
+    from ..inspect.summaries import metric_summary_lines
 
     journal = Journal(savedir)
     try:
@@ -172,7 +173,8 @@ def show_cmd(savedir: Path, run_id: str) -> None:
                    "Sampled system metrics are selected by 'system/...' ('system/*').")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("metrics.png"), show_default=True,
-              help="Image (.png, .svg, .pdf: matplotlib) or self-contained page (.html).")
+              help="Image (.png, .svg, .pdf) or self-contained page (.html), drawn "
+                   "by matplotlib.")
 @click.option("--smooth", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               show_default=True, metavar="ALPHA",
               help="EMA smoothing weight as TensorBoard's slider (0: raw, 0.9: smooth); the "
@@ -191,7 +193,7 @@ def plot_cmd(savedir: Path, run_ids: tuple[str, ...], metrics: tuple[str, ...], 
              columns: int | None) -> None:
     """Metric curves of RUNs (default: every run under SAVEDIR), one chart per metric, one
     line per run and rank. No tracker and no network needed."""
-    from ..views import PlotOptions, plot
+    from ..inspect.plot import PlotOptions, plot
 
     opts = PlotOptions(smooth=smooth, x=x_mode, width=width, height=height, columns=columns)
     with reported_errors():
@@ -217,7 +219,7 @@ def tail_cmd(savedir: Path, run_id: str | None, follow: bool, last: int, interva
     """Print the last metric records of RUN (default: every run under SAVEDIR); with -f keep
     printing new ones as the journal grows, each (run, rank, seq) exactly once, also while
     segments are sealed."""
-    from ..views import Tail
+    from ..inspect.tail import Tail
 
     tail = Tail(savedir, run_id, metrics)
 
@@ -251,7 +253,7 @@ def tail_cmd(savedir: Path, run_id: str | None, follow: bool, last: int, interva
 def export_cmd(savedir: Path, fmt: str, out_dir: Path, run_ids: tuple[str, ...]) -> None:
     """Write a tidy metrics table per run: experiment, run_id, rank, seq, time, name, step,
     batch_idx, value (as Journal(SAVEDIR).metrics())."""
-    from ..views import export_metrics
+    from ..inspect.export import export_metrics
 
     with reported_errors():
         written = export_metrics(Journal(savedir), out_dir, fmt, list(run_ids))

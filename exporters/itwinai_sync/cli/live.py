@@ -39,11 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from itwinai_journal import RankInfo
 from itwinai_journal.errors import UsageError
 from itwinai_journal.format.fsio import read_json, write_json_atomic
 from itwinai_journal.format.redaction import redact, scrub
-from itwinai_journal.format.segments import segment_files
+from itwinai_journal.read.follow import written_seq
 from itwinai_journal.read.liveness import pid_alive
 from itwinai_journal.writer.live import live_paths
 
@@ -96,31 +95,6 @@ def ask_for_parent_signal(parent: int) -> bool:
     except (OSError, AttributeError):
         return False
     return os.getppid() == parent  # after prctl: a parent gone before it is seen here
-
-
-#: The start of a record line in an active segment (see itwinai_journal.format.segments.encode_row).
-_SEQ = re.compile(rb'\{"seq":(\d+),')
-#: Bytes read from the end of an active segment to find its last record.
-_TAIL = 8192
-
-
-def written(rank: RankInfo) -> int:
-    """The highest seq a rank has written: its manifest and index know the sealed segments,
-    the last record line of its active segment (read from the file's end) the rest. A live
-    rank's manifest lags by up to a segment, which would make a run look up to date while a
-    whole outage's records wait."""
-    last = rank.last_seq
-    active = [f["jsonl"] for f in segment_files(rank.path / "segments").values() if "jsonl" in f]
-    if not active:
-        return last
-    try:
-        with open(active[-1], "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _TAIL))
-            seqs = _SEQ.findall(f.read())
-    except OSError:
-        return last
-    return max(last, int(seqs[-1])) if seqs else last
 
 
 @click.command("live")
@@ -253,7 +227,7 @@ class LiveSync:
         state.exported += sum(result.exported.values())
         items = [(run, t) for run, t in plan if t == result.target]
         try:
-            state.pending = total_pending(self.engine, items, written)
+            state.pending = total_pending(self.engine, items, written_seq)
         except Exception:  # noqa: BLE001 - an estimate for the status only
             pass
         if result.status in ("failed", "busy"):

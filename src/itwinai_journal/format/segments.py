@@ -109,17 +109,30 @@ def encode_row(row: Row) -> str:
 class JsonlRead:
     rows: list[Row]
     torn_tail: bool  # the last line was incomplete (a crash mid-append); it is ignored
+    #: Bytes of the data taken in: up to the end of the last complete line read (or skipped as
+    #: damaged), before a torn last line. A reader following the segment resumes there.
+    end: int = 0
 
 
 def read_jsonl(path: Path, strict: bool = True) -> JsonlRead:
     """Rows of an active segment. A torn last line is ignored; a bad line before it is
     corruption (raised when `strict`, skipped otherwise)."""
-    data = read_bytes(path)
+    return decode_jsonl(read_bytes(path), str(path), strict)
+
+
+def decode_jsonl(data: bytes, where: str, strict: bool = True) -> JsonlRead:
+    """Rows of the bytes of an active segment, or of a part of one that starts at a line (a
+    reader following a live segment decodes what was appended since its last read). The one
+    JSONL decoder of the reader, the verifier and the follower, so that they agree on what a
+    line holds and on what a torn one is: a last line without its newline, or a final line
+    that does not parse (e.g. a zero-filled page), is ignored; a bad line before it is
+    corruption (raised when `strict`, skipped otherwise). `where` names the data in errors."""
     lines = data.split(b"\n")
     torn = lines[-1] != b""  # no newline after the last line: torn mid-write
     complete = lines[:-1]
     rows: list[Row] = []
     get = dict.get
+    end = 0
     for i, line in enumerate(complete):
         try:
             d = json.loads(line)
@@ -133,8 +146,10 @@ def read_jsonl(path: Path, strict: bool = True) -> JsonlRead:
                 torn = True
                 break
             if strict:
-                raise JournalCorruption(f"{path}: line {i + 1} is not a valid record ({e})") from e
-    return JsonlRead(rows, torn)
+                raise JournalCorruption(f"{where}: line {i + 1} is not a valid record ({e})"
+                                        ) from e
+        end += len(line) + 1
+    return JsonlRead(rows, torn, end)
 
 
 def rows_to_table(rows: list[Row]) -> pa.Table:

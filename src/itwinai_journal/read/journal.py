@@ -467,6 +467,84 @@ class Journal:
         return t.select(["experiment", "run_id", "rank", *METRIC_COLUMNS])
 
 
+class RecordsMissing(JournalCorruption):
+    """Records of a rank are missing from the journal (a segment deleted or not copied):
+    `records_after` stops before them. `last_ok` is the last seq read before the gap,
+    `missing_to` the last seq missing."""
+
+    def __init__(self, message: str, last_ok: int, missing_to: int):
+        super().__init__(message)
+        self.last_ok = last_ok
+        self.missing_to = missing_to
+
+
+def records_after(rank: RankInfo, after: int = 0) -> Iterator[pa.Table]:
+    """The rank's records with seq above `after`, in seq order, one table per segment (memory
+    stays bounded by a segment), sealed segments checked against the sha256 their index entry
+    recorded. The seqs are contiguous: at the first gap the records before it are yielded and
+    RecordsMissing is raised, naming the indexed segments that held the missing ones; a seq
+    going back is JournalCorruption. This is how a sync reads a rank: it must never move its
+    cursor past a record it has not seen.
+
+    A rank still being written is read as far as its index and manifest knew when the first
+    table was asked for: a segment sealed while it is read is for the next call, not a gap."""
+    index, problems = segments.read_index(rank.path)
+    if problems:
+        raise JournalCorruption(f"{rank.path}: {problems[0]}")
+    # What must exist, known before the segments are listed (a writer renames a sealed
+    # segment into place before it indexes it), so that segments sealed while we read
+    # are not mistaken for missing ones.
+    known = max([_int(e.get("last_seq")) for e in index]
+                + [s.last_seq or 0 for s in rank.sessions], default=0)
+    expected = after + 1
+    for table in segments.iter_tables(rank.path / "segments", after, index):
+        n = table.num_rows
+        cut = _continuing(table["seq"], expected)
+        if cut < n:
+            if cut:
+                yield table.slice(0, cut)
+            seq = table["seq"][cut].as_py()
+            if seq < expected + cut:
+                raise JournalCorruption(f"{rank.path}: seq goes back from "
+                                        f"{expected + cut - 1} to {seq}")
+            raise _missing(rank, index, expected + cut - 1, seq - 1)
+        yield table
+        expected += n
+    if expected <= known:
+        raise _missing(rank, index, expected - 1, known)
+
+
+def _missing(rank: RankInfo, index: list[dict[str, Any]], last_ok: int, missing_to: int
+             ) -> RecordsMissing:
+    """The error for records last_ok+1..missing_to missing, naming the indexed segments that
+    held them when the index knows them."""
+    first = last_ok + 1
+    held = [str(e.get("file") or e.get("segment")) for e in index
+            if isinstance(e.get("first_seq"), int) and isinstance(e.get("last_seq"), int)
+            and e["first_seq"] <= missing_to and e["last_seq"] >= first]
+    where = (f"segment {', '.join(held)} listed in the index is missing" if held
+             else "no segment holds them")
+    span = f"{first}" if first == missing_to else f"{first}..{missing_to}"
+    return RecordsMissing(f"records {span} are missing from {rank.path / 'segments'} ({where})",
+                          last_ok, missing_to)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _continuing(seqs: pa.ChunkedArray, expected: int) -> int:
+    """How many of `seqs` go on `expected`, `expected + 1`, ... without a break: all of them
+    in the common, clean case, checked in one vectorised pass."""
+    import pyarrow.compute as pc
+
+    n = len(seqs)
+    if n and seqs[0].as_py() == expected and (
+            n == 1 or pc.all(pc.equal(pc.pairwise_diff(seqs.combine_chunks()), 1)).as_py()):
+        return n
+    return next((i for i, s in enumerate(seqs.to_pylist()) if s != expected + i), n)
+
+
 def _rank_tables(run: RunInfo, r: RankInfo, kinds: list[str] | None) -> Iterator[pa.Table]:
     """The rank's segments as labelled tables, only records of `kinds` when given."""
     import pyarrow.compute as pc  # not at module level: listing runs does not need it
