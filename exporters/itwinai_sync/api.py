@@ -25,7 +25,7 @@ import secrets
 import shutil
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -118,6 +118,11 @@ class RankSink(ABC):
         self.notes = notes
         #: The rank's payloads, as the reader hands them.
         self.blobs = rank.blobs
+        #: The records of this rank with seq in (after, upto] that this target takes, in seq
+        #: order, as the engine selects them: for a sink that rebuilds what it wrote earlier
+        #: (MLflow's mapping of journal names to keys) without reading the journal itself.
+        #: Set by the engine when it opens the sink.
+        self.taken: Callable[[int, int], Iterator[pa.Table]] = _not_from_the_engine
 
     @abstractmethod
     def cursor(self) -> int:
@@ -131,6 +136,10 @@ class RankSink(ABC):
 
     def close(self) -> None:
         """Release target resources for this rank."""
+
+
+def _not_from_the_engine(after: int, upto: int) -> Iterator[pa.Table]:
+    raise RuntimeError("RankSink.taken is set by the sync engine, which opened no such sink")
 
 
 class Exporter(ABC):

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,7 @@ class SyncEngine:
                         rank: RankInfo, result: RunResult) -> None:
         sink = exporter.open(run, rank, create=True)
         assert sink is not None
+        sink.taken = partial(self._taken, exporter, rank)
         try:
             cursor = sink.cursor()
             # A target run is created by the first batch that holds a record for it: until
@@ -323,6 +325,19 @@ class SyncEngine:
         except RecordsMissing as e:
             raise SeqGap(f"{e}; exported up to seq {e.last_ok}, the rest follows once they "
                          "are restored") from None
+
+    @staticmethod
+    def _taken(exporter: Exporter, rank: RankInfo, after: int, upto: int) -> Iterator[pa.Table]:
+        """`RankSink.taken`: what the target took of the rank in (after, upto]. Records lost
+        from the journal since they were exported are not there to be seen again: the tables
+        end before them."""
+        try:
+            for table in records_after(rank, after):
+                if table.num_rows and table["seq"][0].as_py() > upto:
+                    return
+                yield select(table.filter(pc.less_equal(table["seq"], upto)), exporter)[0]
+        except RecordsMissing:
+            return
 
     def _dry_run(self, exporter: Exporter, run: RunInfo, result: RunResult) -> None:
         result.status = "would-sync"

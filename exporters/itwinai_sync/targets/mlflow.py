@@ -42,7 +42,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, nullcontext
@@ -54,7 +54,6 @@ import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.format.fsio import fsync_dir
-from itwinai_journal.format.segments import read_segment, segment_files
 from itwinai_journal.read.liveness import pid_alive
 from itwinai_sync import compat
 from itwinai_sync.api import (
@@ -694,31 +693,17 @@ class KeyMaps:
         self.keys[(ns, name)] = key
         return key
 
-    def prime(self, upto: int) -> None:
-        """Take in the names of the rank's records with seq in (primed, upto] that go to
-        MLflow (kind and route, as the engine selects them), in seq order. Only the columns
-        needed are read: a few milliseconds per sealed segment."""
+    def prime(self, upto: int, taken: Callable[[int, int], Iterator[pa.Table]]) -> None:
+        """Take in the names of the rank's records with seq in (primed, upto] that went to
+        MLflow (`RankSink.taken`: as the engine selected them), in seq order."""
         if upto <= self.primed:
             return
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        from itwinai_sync.engine import select
 
         kinds = pa.array(sorted(self.NAMESPACE), pa.string())
-        seg_dir = self.rank.path / "segments"
-        for number, files in segment_files(seg_dir).items():
-            if "parquet" in files:
-                table = pq.read_table(files["parquet"], columns=["seq", "kind", "name", "meta"])
-            else:
-                table, _ = read_segment(seg_dir, number)
-            if not table.num_rows or table["seq"][0].as_py() > upto:
-                break
-            table = table.filter(pc.and_(pc.and_(pc.greater(table["seq"], self.primed),
-                                                 pc.less_equal(table["seq"], upto)),
-                                         pc.is_in(table["kind"], kinds)))
-            keep, _ = select(table, self.exporter)
-            for kind, name in zip(keep["kind"].to_pylist(), keep["name"].to_pylist()):
+        for table in taken(self.primed, upto):
+            table = table.filter(pc.is_in(table["kind"], kinds))
+            for kind, name in zip(table["kind"].to_pylist(), table["name"].to_pylist()):
                 self.key(kind, name, quiet=True)
         self.primed = upto
 
@@ -763,7 +748,7 @@ class MlflowRankSink(RankSink):
         if key is not None:  # seen before, in journal order
             return key
         with self.names.lock:
-            self.names.prime(self._written)
+            self.names.prime(self._written, self.taken)
             return self.names.key(kind, name)
 
     def close(self) -> None:

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from itwinai_journal.format.schema import SYSTEM_METRIC_KIND as KIND
-from itwinai_journal.format.segments import read_parquet, segment_files
 
 from . import libraries
 from .gpu import nvml_devices, nvml_ready
@@ -383,7 +382,7 @@ class _Sampler:
         (a thread delayed by a busy loop never samples faster than asked)."""
         target.due = reading.monotonic + target.interval
         if target.step is None:
-            target.step = earlier_samples(target.writer)
+            target.step = target.writer.earlier_records(KIND)
             target.baseline = {k: reading.fields[k] for k in COUNTERS if k in reading.fields}
             target.previous_cpu = reading.cpu
             return
@@ -404,29 +403,6 @@ class _Sampler:
         target.writer.append((reading.time, KIND, NAME, target.step, None, None,
                               json.dumps(fields), None, meta, None))
         target.step += 1
-
-
-def earlier_samples(writer: Any) -> int:
-    """How many samples earlier sessions of the writer's rank journaled: the first step of this
-    session. Earlier sessions' records are all in sealed segments (the writer sealed what the
-    last session left when it opened the rank); only their kind and seq columns are read."""
-    sessions = writer.manifest.get("sessions") or [{}]
-    first_seq = sessions[-1].get("first_seq") or 1
-    if first_seq <= 1:
-        return 0
-    import pyarrow.compute as pc
-
-    count = 0
-    for files in segment_files(writer.seg_dir).values():
-        if "parquet" not in files:
-            continue
-        try:
-            t = read_parquet(files["parquet"], columns=["seq", "kind"])
-        except Exception:  # noqa: BLE001 - a damaged segment is verify's business, not ours
-            continue
-        mask = pc.and_(pc.equal(t["kind"], KIND), pc.less(t["seq"], first_seq))
-        count += pc.sum(mask.cast("int64")).as_py() or 0
-    return count
 
 
 _sampler = _Sampler()

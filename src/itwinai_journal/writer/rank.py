@@ -261,6 +261,29 @@ class RankWriter:
         elif os.getpid() == self._pid:
             self._wake.put(None)
 
+    def earlier_records(self, kind: str) -> int:
+        """How many records of `kind` earlier sessions of this rank journaled (the system-
+        metrics sampler continues its steps from there). Earlier sessions' records are all in
+        sealed segments (this writer sealed what the last session left when it opened the
+        rank); only their kind and seq columns are read."""
+        sessions = self.manifest.get("sessions") or [{}]
+        first_seq = sessions[-1].get("first_seq") or 1
+        if first_seq <= 1:
+            return 0
+        import pyarrow.compute as pc
+
+        count = 0
+        for files in segments.segment_files(self.seg_dir).values():
+            if "parquet" not in files:
+                continue
+            try:
+                t = segments.read_parquet(files["parquet"], columns=["seq", "kind"])
+            except Exception:  # noqa: BLE001 - a damaged segment is verify's business, not ours
+                continue
+            mask = pc.and_(pc.equal(t["kind"], kind), pc.less(t["seq"], first_seq))
+            count += pc.sum(mask.cast("int64")).as_py() or 0
+        return count
+
     def close(self, status: str = "finished") -> None:
         """Flush, seal the active segment and record the session's end (the flusher does it;
         this waits for it). Idempotent."""
