@@ -455,8 +455,10 @@ class Place:
         self._parent_terminated = False
         self._others: bool | None = None
         #: The rank runs of this journal by rank, from one search when the first sink opens
-        #: (one request per run rather than per rank); each rank takes its own out once.
+        #: (one request per run rather than per rank), and the ranks that took theirs out of
+        #: it: a rank opened again (a Place kept for reading cursors) searches again.
         self._rank_runs: dict[str, list[Any]] | None = None
+        self._taken: set[int] = set()
 
     def experiment_id(self, create: bool) -> str | None:
         if self._exp_id is None:
@@ -515,10 +517,11 @@ class Place:
     def find_rank(self, rank: RankInfo, link: bool) -> Any:
         """The rank's MLflow run if it exists; with `link`, attached to the parent when the
         run has several ranks (it may have been synced alone before, with `--ranks 0`)."""
-        if self._rank_runs is None:
-            self._rank_runs = {}
+        if self._rank_runs is None or rank.rank in self._taken:
+            self._rank_runs, self._taken = {}, set()
             for r in self._search(self._ids("rank", None)):
                 self._rank_runs.setdefault(r.data.tags.get(TAG_RANK, ""), []).append(r)
+        self._taken.add(rank.rank)
         found = self._rank_runs.pop(str(rank.rank), [])
         target = self._claim(self._ids("rank", rank.rank), None, found=found)
         if target is not None and link and self.nested:
