@@ -80,7 +80,16 @@ def test_ranks_in_parallel_each_point_once_cursor_per_batch(pg_server, tmp_path,
         return real(self, run_id, metrics, params, tags)
 
     monkeypatch.setattr(BatchWriter, "__call__", counted)
+    searches = []
+    search_runs = MlflowClient.search_runs
+
+    def counted_search(self, *args, **kwargs):
+        searches.append(kwargs.get("filter_string"))
+        return search_runs(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_runs", counted_search)
     out = sync_ok(savedir, "--to", "mlflow", "--tracking-uri", pg_server.uri, "--workers", "4")
+    first_searches = list(searches)
     total = sum(last_seqs(savedir, run_id).values())
     assert f"exported {total} records" in out, out
     client = MlflowClient(pg_server.uri)
@@ -92,8 +101,15 @@ def test_ranks_in_parallel_each_point_once_cursor_per_batch(pg_server, tmp_path,
     # no cursor
     assert Counter((bool(params), tagged) for _, params, tagged in requests) == {
         (True, True): 16, (False, False): 16}, requests
+    # No search for runs in an experiment that does not exist yet; each new rank's run is
+    # searched for once, to claim it; the parent twice (none found; claimed), and other
+    # journals of the run key once.
+    assert len(first_searches) == 8 + 2 + 1, first_searches
+    searches.clear()
     code, out = cli(savedir, "--to", "mlflow", "--tracking-uri", pg_server.uri)
+    resync_searches = list(searches)
     assert code == 0 and "up-to-date" in out and "exported 0 records" in out, out
+    assert len(resync_searches) == 2, resync_searches  # the parent; the 8 ranks' runs at once
     assert check_mlflow_exact(client, savedir, experiment, run_id) == figures
     rows = pg_server.pg.psql("select count(*) from metrics m join runs r on m.run_uuid = "
                              "r.run_uuid where r.lifecycle_stage = 'active' and r.run_uuid in "

@@ -437,9 +437,10 @@ class Place:
 
     One Place serves all ranks of the run during one sync of it, in as many threads: what they
     share is looked up once (the experiment, the parent run, whether other journals have the
-    same run key) rather than searched again per rank, which on a server with a thousand ranks
-    was most of the requests that were not log_batch. The ranks' own runs are still found and
-    claimed one by one, under `claim_lock`, so that threads never create a parent each."""
+    same run key, and the runs the ranks already have, found by one search) rather than
+    searched again per rank, which on a server with a thousand ranks was most of the requests
+    that were not log_batch. A rank's new run is still claimed on its own (created, then
+    searched for), under `claim_lock`, so that threads never create a parent each."""
 
     def __init__(self, exporter: MlflowExporter, client: Any, uri: str, run: RunInfo):
         self.exporter = exporter
