@@ -23,7 +23,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -545,6 +547,31 @@ def _sync_workers(savedir: Path, uri: str, experiment: str, workers: int) -> flo
     return total / seconds
 
 
+@contextmanager
+def _client_cost(out: dict[str, Any], label: str, points: int) -> Iterator[None]:
+    """Into `out`: this process's CPU time per point during the block (the client's: the
+    server and PostgreSQL are other processes) and the HTTP requests it sent, per MLflow
+    endpoint. Unlike rates, neither swings with what else loads the machine. Counting adds a
+    function call to each request (a microsecond, against 100 ms and more per request)."""
+    import mlflow.utils.rest_utils as rest
+
+    sent: Counter = Counter()
+    real = rest.http_request
+
+    def counted(host_creds: Any, endpoint: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        sent[endpoint.rsplit("/mlflow/", 1)[-1]] += 1
+        return real(host_creds, endpoint, method, *args, **kwargs)
+
+    rest.http_request = counted
+    cpu = time.process_time()
+    try:
+        yield
+    finally:
+        rest.http_request = real
+    out[f"{label}_client_cpu_us_per_point"] = (time.process_time() - cpu) / points * 1e6
+    out[f"{label}_requests"] = dict(sent)
+
+
 def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
     """A run of `ranks` ranks x `points` points exported to an `mlflow server` backed by
     PostgreSQL (both on loopback, started here), with --workers 1 and --workers 4, each right
@@ -570,10 +597,12 @@ def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
     # root, and cannot enter `tmp`, which is private).
     with PostgresServer() as pg, PostgresMlflowServer(pg.uri, tmp / "pg-mlflow",
                                                       workers=4) as server:
-        out["raw_1_stream_points_per_s"] = _raw_streams(server.uri, "raw-1", per_rank, 1)
+        with _client_cost(out, "raw_1", ranks * points):
+            out["raw_1_stream_points_per_s"] = _raw_streams(server.uri, "raw-1", per_rank, 1)
         out["raw_1_tagged_points_per_s"] = _raw_streams(server.uri, "raw-1-tag", per_rank, 1,
                                                         cursor_tag=True)
-        out["workers_1_points_per_s"] = _sync_workers(savedir, server.uri, "sync-1", 1)
+        with _client_cost(out, "workers_1", ranks * points):
+            out["workers_1_points_per_s"] = _sync_workers(savedir, server.uri, "sync-1", 1)
         out["raw_4_streams_points_per_s"] = _raw_streams(server.uri, "raw-4", per_rank, 4)
         out["workers_4_points_per_s"] = _sync_workers(savedir, server.uri, "sync-4", 4)
     out["ratio_workers_1"] = out["workers_1_points_per_s"] / out["raw_1_stream_points_per_s"]
@@ -793,6 +822,11 @@ def main() -> None:
                   f"  ({pg['raw_4_over_1']:.2f}x of 1 stream: this machine's ceiling)")
             print(f"  itwinai-sync --workers 4:      {pg['workers_4_points_per_s']:8,.0f}"
                   f"  ({pg['ratio_workers_4']:.2f}x of 4 streams)")
+            for label, what in (("raw_1", "raw, 1 stream"), ("workers_1", "--workers 1")):
+                sent = pg[f"{label}_requests"]
+                kinds = ", ".join(f"{k} {v / ranks:.2f}" for k, v in sorted(sent.items()))
+                print(f"  {what + ':':30} client CPU {pg[f'{label}_client_cpu_us_per_point']:.0f}"
+                      f" µs/point; requests per rank {sum(sent.values()) / ranks:.2f} ({kinds})")
 
         if "tensorboard" in sections:
             tbx = bench_tensorboard_export(points, tmp_path)

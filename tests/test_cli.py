@@ -315,8 +315,8 @@ def test_every_error_of_the_project_has_one_root_and_keeps_its_builtin_base():
         load_exporter,
     )
     from itwinai_sync.engine import SeqGap
-    from itwinai_sync.targets.prov4ml import NotAModule
     from itwinai_sync.inspect import ViewError
+    from itwinai_sync.targets.prov4ml.models import NotAModule
 
     for error in (JournalWriteError, JournalCorruption, NotAPlainMetric, ExportError, SeqGap,
                   TargetChanged, TargetUnavailable, UnknownTarget, OptionError, NotAModule,

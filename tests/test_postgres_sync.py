@@ -6,7 +6,9 @@ after syncs killed at random moments."""
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -33,7 +35,7 @@ from test_fault_injection import (
 )
 
 from itwinai_journal import Journal
-from itwinai_sync.targets.mlflow import TAG_CURSOR, MlflowExporter, _sql_store
+from itwinai_sync.targets.mlflow import TAG_CURSOR, BatchWriter, _sql_store
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("psycopg2")
@@ -70,23 +72,24 @@ def test_ranks_in_parallel_each_point_once_cursor_per_batch(pg_server, tmp_path,
     # one segment a rank (the default segment holds 50 000 records): one batch for the sink
     write_journal(savedir, experiment, run_id, steps=3500, ranks=range(8), seal=20_000)
     requests: list[tuple[int, int, bool]] = []
-    real = MlflowExporter.client
+    real = BatchWriter.__call__
 
-    def counting_client(self, uri):
-        client = real(self, uri)
-        if not getattr(client, "_counted", False):
-            log_batch = client.log_batch
+    def counted(self, run_id, metrics, params, tags):
+        assert self.rest  # the request body is built by the sync, not by MlflowClient
+        requests.append((len(metrics), len(params), any(t.key == TAG_CURSOR for t in tags)))
+        return real(self, run_id, metrics, params, tags)
 
-            def counted(run_id, metrics=(), params=(), tags=(), **kw):
-                requests.append((len(metrics), len(params),
-                                 any(t.key == TAG_CURSOR for t in tags)))
-                return log_batch(run_id, metrics=metrics, params=params, tags=tags, **kw)
+    monkeypatch.setattr(BatchWriter, "__call__", counted)
+    searches = []
+    search_runs = MlflowClient.search_runs
 
-            client.log_batch, client._counted = counted, True
-        return client
+    def counted_search(self, *args, **kwargs):
+        searches.append(kwargs.get("filter_string"))
+        return search_runs(self, *args, **kwargs)
 
-    monkeypatch.setattr(MlflowExporter, "client", counting_client)
+    monkeypatch.setattr(MlflowClient, "search_runs", counted_search)
     out = sync_ok(savedir, "--to", "mlflow", "--tracking-uri", pg_server.uri, "--workers", "4")
+    first_searches = list(searches)
     total = sum(last_seqs(savedir, run_id).values())
     assert f"exported {total} records" in out, out
     client = MlflowClient(pg_server.uri)
@@ -98,8 +101,15 @@ def test_ranks_in_parallel_each_point_once_cursor_per_batch(pg_server, tmp_path,
     # no cursor
     assert Counter((bool(params), tagged) for _, params, tagged in requests) == {
         (True, True): 16, (False, False): 16}, requests
+    # No search for runs in an experiment that does not exist yet; each new rank's run is
+    # searched for once, to claim it; the parent twice (none found; claimed), and other
+    # journals of the run key once.
+    assert len(first_searches) == 8 + 2 + 1, first_searches
+    searches.clear()
     code, out = cli(savedir, "--to", "mlflow", "--tracking-uri", pg_server.uri)
+    resync_searches = list(searches)
     assert code == 0 and "up-to-date" in out and "exported 0 records" in out, out
+    assert len(resync_searches) == 2, resync_searches  # the parent; the 8 ranks' runs at once
     assert check_mlflow_exact(client, savedir, experiment, run_id) == figures
     rows = pg_server.pg.psql("select count(*) from metrics m join runs r on m.run_uuid = "
                              "r.run_uuid where r.lifecycle_stage = 'active' and r.run_uuid in "
@@ -138,17 +148,17 @@ def test_parallel_ranks_killed_then_exact(pg_server, tmp_path, procs):  # noqa: 
 
 
 CRASH_AMONG_UNTAGGED = """
-from mlflow import MlflowClient
-real_log_batch = MlflowClient.log_batch
+from itwinai_sync.targets.mlflow import BatchWriter
+real_log_batch = BatchWriter.__call__
 untagged = [0]
-def log_batch(self, run_id, metrics=(), params=(), tags=(), **kw):
-    done = real_log_batch(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
+def log_batch(self, run_id, metrics, params, tags):
+    done = real_log_batch(self, run_id, metrics, params, tags)
     if metrics and not tags:
         untagged[0] += 1
         if untagged[0] == 5:
             os._exit(9)  # points stored past the cursor the store holds
     return done
-MlflowClient.log_batch = log_batch
+BatchWriter.__call__ = log_batch
 """
 
 
@@ -179,3 +189,42 @@ def test_crash_among_requests_without_cursor_then_exact(pg_server, tmp_path, pro
     figures = check_mlflow_exact(client, savedir, experiment, run_id)
     report("crash among requests without the cursor (PostgreSQL)",
            resent_points=stored - covered, **figures)
+
+
+def test_request_bodies_store_what_mlflow_client_stores(pg_server):
+    """The sync builds its log_batch requests to a server itself (BatchWriter) rather than
+    through MlflowClient.log_batch: the same points, params and tags sent both ways into two
+    runs of the server must be stored identically, down to the awkward doubles (NaN, infinities,
+    -0.0, the largest and the smallest), int64 steps at both ends and non-ASCII names."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from itwinai_sync.targets.mlflow import BatchWriter
+
+    client = MlflowClient(pg_server.uri)
+    experiment_id = client.create_experiment("pg-bodies")
+    values = [0.5, -0.0, math.nan, math.inf, -math.inf, sys.float_info.max,
+              -sys.float_info.max, 5e-324, 1 / 3, 1e-300, 12345678901234567.0]
+    steps = [0, 1, -5, 2**63 - 1, -(2**63), 7, 8, 9, 10, 11, 12]
+    points = [(key, v, 1_700_000_000_000 + i, s) for key in ("loss", "välid/äcc 1")
+              for i, (v, s) in enumerate(zip(values, steps))]
+    params = [Param("lr", "0.001"), Param("name", "naïve ✓"), Param("empty", "")]
+    tags = [RunTag("itwinai.cursor", "42"), RunTag("note", "ünïcode")]
+    ours = client.create_run(experiment_id).info.run_id
+    theirs = client.create_run(experiment_id).info.run_id
+    writer = BatchWriter(client)
+    assert writer.rest
+    writer(ours, points, params, tags)
+    client.log_batch(theirs, metrics=[Metric(*p) for p in points], params=params, tags=tags)
+
+    def stored(run_id: str) -> tuple:
+        run = client.get_run(run_id)
+        history = {key: sorted((m.timestamp, m.step, repr(m.value))
+                               for m in client.get_metric_history(run_id, key))
+                   for key in ("loss", "välid/äcc 1")}
+        own_tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        return history, run.data.params, own_tags, run.data.metrics
+
+    assert stored(ours) == stored(theirs)
+    history = stored(ours)[0]["loss"]
+    assert len(history) == len(values)
+    assert {v for _, _, v in history} >= {"nan", "5e-324", repr(sys.float_info.max)}

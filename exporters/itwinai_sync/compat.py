@@ -4,8 +4,8 @@ tested against.
 The exporters drive MLflow, W&B, TensorBoard and yprov4ml through their public API wherever
 one exists. Where none does (W&B's transaction-log format, which wandb-core ships no Python
 reader for; the clock W&B stamps a run's start with; yprov4ml's module globals; MLflow's saved
-tracking URI and its schema creation), the code is here, so that an upgrade of a tracker is
-checked in one module. The tested ranges are the requirements of the extras in
+tracking URI, its schema creation, the REST store a log_batch body is sent through), the code
+is here, so that an upgrade of a tracker is checked in one module. The tested ranges are the requirements of the extras in
 `pyproject.toml` (yprov4ml's, installed without its dependencies, in
 `requirements-prov4ml-nodeps.txt`); `untested()` tells an exporter when the installed version
 is outside them, and tests/test_tracker_compat.py checks that the installed versions are inside.
@@ -243,3 +243,20 @@ def mlflow_create_sqlite_schema(db_uri: str, artifact_uri: str) -> None:
 
     store = SqlAlchemyStore(db_uri, artifact_uri)
     store.engine.dispose()
+
+
+def mlflow_store(client: Any) -> tuple[Any, bool]:
+    """The tracking store behind an `MlflowClient` (REST, SQL or file), and whether it is the
+    REST store of a tracking server: log_batch bodies for a server are built by the exporter
+    (see targets/mlflow.py, BatchWriter) and sent with `mlflow_rest_call`."""
+    from mlflow.store.tracking.rest_store import RestStore
+
+    store = client._tracking_client.store
+    return store, isinstance(store, RestStore)
+
+
+def mlflow_rest_call(store: Any, message: Any, body: str) -> None:
+    """One request of the MLflow service method `message` (a protobuf class, e.g. LogBatch)
+    with a JSON `body`, through a REST store: MLflow's own endpoint, credentials, retries and
+    error mapping."""
+    store._call_endpoint(message, body)

@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -434,9 +435,10 @@ class Place:
 
     One Place serves all ranks of the run during one sync of it, in as many threads: what they
     share is looked up once (the experiment, the parent run, whether other journals have the
-    same run key) rather than searched again per rank, which on a server with a thousand ranks
-    was most of the requests that were not log_batch. The ranks' own runs are still found and
-    claimed one by one, under `claim_lock`, so that threads never create a parent each."""
+    same run key, and the runs the ranks already have, found by one search) rather than
+    searched again per rank, which on a server with a thousand ranks was most of the requests
+    that were not log_batch. A rank's new run is still claimed on its own (created, then
+    searched for), under `claim_lock`, so that threads never create a parent each."""
 
     def __init__(self, exporter: MlflowExporter, client: Any, uri: str, run: RunInfo):
         self.exporter = exporter
@@ -451,6 +453,11 @@ class Place:
         self._parent: Any = None
         self._parent_terminated = False
         self._others: bool | None = None
+        #: The rank runs of this journal by rank, from one search when the first sink opens
+        #: (one request per run rather than per rank), and the ranks that took theirs out of
+        #: it: a rank opened again (a Place kept for reading cursors) searches again.
+        self._rank_runs: dict[str, list[Any]] | None = None
+        self._taken: set[int] = set()
 
     def experiment_id(self, create: bool) -> str | None:
         if self._exp_id is None:
@@ -473,11 +480,13 @@ class Place:
             if not token:
                 return found
 
-    def _claim(self, tags: dict[str, str], create: Any, searched: bool = False) -> Any:
+    def _claim(self, tags: dict[str, str], create: Any, searched: bool = False,
+               found: list[Any] | None = None) -> Any:
         """The run with `tags`, created by `create()` when there is none (`searched`: a search
-        just found none, it is not repeated). Concurrent syncs converge on the earliest created
-        run; the others are deleted (see the module docstring)."""
-        runs = [] if searched else self._search(tags)
+        just found none, it is not repeated; `found`: what a search just found). Concurrent
+        syncs converge on the earliest created run; the others are deleted (see the module
+        docstring)."""
+        runs = found if found is not None else [] if searched else self._search(tags)
         if not runs and create is not None:
             create()
             runs = self._search(tags)
@@ -507,7 +516,13 @@ class Place:
     def find_rank(self, rank: RankInfo, link: bool) -> Any:
         """The rank's MLflow run if it exists; with `link`, attached to the parent when the
         run has several ranks (it may have been synced alone before, with `--ranks 0`)."""
-        target = self._claim(self._ids("rank", rank.rank), None)
+        if self._rank_runs is None or rank.rank in self._taken:
+            self._rank_runs, self._taken = {}, set()
+            for r in self._search(self._ids("rank", None)):
+                self._rank_runs.setdefault(r.data.tags.get(TAG_RANK, ""), []).append(r)
+        self._taken.add(rank.rank)
+        found = self._rank_runs.pop(str(rank.rank), [])
+        target = self._claim(self._ids("rank", rank.rank), None, found=found)
         if target is not None and link and self.nested:
             self._link(target, rank)
         return target
@@ -573,6 +588,7 @@ class Place:
         with self.claim_lock:
             self._parent = None
             self._parent_terminated = False
+            self._rank_runs = None
 
     def _link(self, target: Any, rank: RankInfo, parent: Any = None) -> None:
         """Nest the rank's run under the parent, named worker_<rank>."""
@@ -708,6 +724,53 @@ class KeyMaps:
         self.primed = upto
 
 
+class BatchWriter:
+    """One log_batch request, of metric points given as (key, value, timestamp in ms, step).
+
+    `MlflowClient.log_batch` takes a Metric entity per point and copies each one (asking the
+    fluent API for the active model of each), and for a tracking server turns them into
+    protobuf messages and then indented JSON: 12-15 ms of this process's CPU per 1000 points,
+    a tenth of a loopback request to a PostgreSQL-backed server, on the cores the server and
+    its database need as well. For a server the body MLflow sends (the LogBatch message as
+    JSON, int64 fields as numbers, non-finite doubles as "NaN"/"Infinity") is built here
+    straight from the tuples, with a fifth to a third of that CPU, and sent through the REST
+    store of the client (its endpoint, credentials, retries and error mapping). Another store
+    (sqlite, PostgreSQL directly) gets the Metric entities its log_batch needs, without the
+    copy. Requests stay within MLflow's limits (the caller sees to it), so nothing is split.
+    Unlike MlflowClient.log_batch it links no point to a model the fluent API has active in
+    this process: the points are the journal's, not this process's."""
+
+    def __init__(self, client: Any):
+        self.store, self.rest = compat.mlflow_store(client)
+
+    def __call__(self, run_id: str, metrics: list[tuple[str, float, int, int]],
+                 params: list[Any], tags: list[Any]) -> None:
+        if not self.rest:
+            from mlflow.entities import Metric
+
+            self.store.log_batch(run_id, metrics=[Metric(*m) for m in metrics], params=params,
+                                 tags=tags)
+            return
+        from mlflow.protos.service_pb2 import LogBatch
+
+        body: dict[str, Any] = {"run_id": run_id, "metrics": [
+            {"key": k, "value": v if -_MAX_DOUBLE <= v <= _MAX_DOUBLE else _json_double(v),
+             "timestamp": t, "step": s} for k, v, t, s in metrics]}
+        if params:
+            body["params"] = [{"key": p.key, "value": p.value} for p in params]
+        if tags:
+            body["tags"] = [{"key": t.key, "value": t.value} for t in tags]
+        compat.mlflow_rest_call(self.store, LogBatch, json.dumps(body, allow_nan=False))
+
+
+_MAX_DOUBLE = sys.float_info.max
+
+
+def _json_double(value: float) -> str:
+    """A double JSON cannot hold as protobuf's JSON mapping spells it."""
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
 class MlflowRankSink(RankSink):
     def __init__(self, run: RunInfo, rank: RankInfo, notes: Notes, place: Place, target: Any):
         super().__init__(run, rank, notes)
@@ -724,9 +787,10 @@ class MlflowRankSink(RankSink):
         self.dedupes = place.exporter.dedupes(place.uri)
         self._params = dict(target.data.params) if target is not None else {}
         self.names = place.exporter.keymaps(place.uri, run, rank)
-        from mlflow.entities import Metric, Param, RunTag
+        self._log_batch = BatchWriter(self.client)
+        from mlflow.entities import Param, RunTag
 
-        self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
+        self._Param, self._RunTag = Param, RunTag
 
     def cursor(self) -> int:
         return self._cursor
@@ -759,7 +823,9 @@ class MlflowRankSink(RankSink):
         from mlflow.exceptions import MlflowException
 
         try:
-            _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank))
+            # The rank's run as found or created by this sync: one request fewer per rank.
+            _terminate(self.client, self.target, self.rank.status, _end_ms(self.rank),
+                       self.target.info)
             self.place.terminate_parent()
         except MlflowException:
             if not self._retired():
@@ -785,8 +851,8 @@ class MlflowRankSink(RankSink):
                 step = cols["step"][i]
                 if cols["meta"][i] is not None:
                     step = self._metric_form(step, cols["meta"][i])
-                metrics.append(self._Metric(key, _finite(cols["value"][i]),
-                                            int(round(cols["time"][i] * 1000)), step or 0))
+                metrics.append((key, _finite(cols["value"][i]),
+                                int(round(cols["time"][i] * 1000)), step or 0))
                 size += 64 + len(key)
             elif kind == system_metrics.KIND:
                 points = system_metrics.mlflow_metrics(system_metrics.sample(cols["text"][i]))
@@ -794,7 +860,7 @@ class MlflowRankSink(RankSink):
                     self._commit(metrics, params, last_seq)
                     metrics, params, size = [], {}, 0
                 ms, step = int(round(cols["time"][i] * 1000)), cols["step"][i] or 0
-                metrics.extend(self._Metric(k, v, ms, step) for k, v in points.items())
+                metrics.extend((k, v, ms, step) for k, v in points.items())
                 size += 96 * len(points)
             elif kind == "param":
                 param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i],
@@ -833,8 +899,7 @@ class MlflowRankSink(RankSink):
         tags = [self._RunTag(TAG_CURSOR, str(cursor))] if tagged else []
         try:
             with self.write_lock:
-                idempotent(self.client.log_batch, self.run_id, metrics=metrics,
-                           params=list(params.values()), tags=tags)
+                idempotent(self._log_batch, self.run_id, metrics, list(params.values()), tags)
         except MlflowException as e:
             if self._retired():
                 self.place.forget()
@@ -1056,11 +1121,16 @@ def _end_ms(rank: RankInfo) -> int | None:
     return int(end * 1000) if end else None
 
 
-def _terminate(client: Any, target: Any, status: str, end_ms: int | None) -> None:
+def _terminate(client: Any, target: Any, status: str, end_ms: int | None,
+               current: Any = None) -> None:
+    """Set the run's status and end time unless it has them. `current`: the run's info as
+    this sync last knew it (it created or found the run, and only syncs of this journal,
+    which never set a run back to RUNNING, change it), else read from the store."""
     wanted = _MLFLOW_STATUS.get(status)
     if wanted is None or end_ms is None:
         return  # still running: leave the MLflow run RUNNING
-    current = client.get_run(target.info.run_id).info
+    if current is None:
+        current = client.get_run(target.info.run_id).info
     if current.status != wanted or current.end_time != end_ms:
         # set_terminated prints "View run ... at" for a server URI: two lines per rank through
         # the progress bar; the summary says where the runs are.
