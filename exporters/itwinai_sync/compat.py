@@ -5,10 +5,11 @@ The exporters drive MLflow, W&B, TensorBoard and yprov4ml through their public A
 one exists. Where none does (W&B's transaction-log format, which wandb-core ships no Python
 reader for; the clock W&B stamps a run's start with; yprov4ml's module globals; MLflow's saved
 tracking URI, its schema creation, the REST store a log_batch body is sent through), the code
-is here, so that an upgrade of a tracker is checked in one module. The tested ranges are the requirements of the extras in
-`pyproject.toml` (yprov4ml's, installed without its dependencies, in
-`requirements-prov4ml-nodeps.txt`); `untested()` tells an exporter when the installed version
-is outside them, and tests/test_tracker_compat.py checks that the installed versions are inside.
+is here, so that an upgrade of a tracker is checked in one module. The tested ranges are the
+requirements of the extras in `pyproject.toml` (yprov4ml's, installed without its dependencies,
+in `requirements-prov4ml-nodeps.txt`); `untested()` tells an exporter when the installed
+version is outside them, and tests/test_tracker_compat.py checks that the installed versions
+are inside.
 """
 
 from __future__ import annotations
