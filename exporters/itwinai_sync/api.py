@@ -38,6 +38,7 @@ from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.errors import ItwinaiSyncError, UsageError
 from itwinai_journal.format.blobs import BlobStore
 from itwinai_journal.format.fsio import fsync_dir, read_json, write_atomic
+from itwinai_journal.format.names import experiment_dirname
 
 ENTRY_POINT_GROUP = "itwinai_sync.exporters"
 #: Directory, inside a target directory, of the per-journal sync locks.
@@ -197,6 +198,41 @@ class Exporter(ABC):
 
     def close(self) -> None:
         """Release resources held for the whole sync."""
+
+
+class DirectoryExporter(Exporter):
+    """A target that is a directory tree of its own (TensorBoard's logdir, Prov4ML's
+    provenance directory): each journal run in `<root>/<experiment>/<run_id>`, claimed for its
+    journal (`claim_journal_dir`), and the sync locks in `<root>/.itwinai-sync-locks`, so that
+    every sync writing there excludes the others whichever copy of the savedir it reads."""
+
+    #: The directory tree, set by the subclass's constructor.
+    root: Path
+
+    def target_key(self, run: RunInfo) -> str:
+        return f"{self.name}:{self.root}"
+
+    def lock_dir(self, run: RunInfo) -> Path:
+        return self.root / LOCK_DIR
+
+    def experiment_dir(self, run: RunInfo) -> Path:
+        return self.root / experiment_dirname(run.experiment)
+
+    def journal_dir(self, run: RunInfo) -> Path | None:
+        """The run's directory claimed for this journal, None when there is none yet."""
+        return find_journal_dir(self.experiment_dir(run), run.run_id, run)
+
+    def claim_run_dir(self, run: RunInfo) -> Path:
+        """The run's directory, claimed for this journal now if it is not yet."""
+        return claim_journal_dir(self.experiment_dir(run), run.run_id, run, self.notes,
+                                 self.name)
+
+    def run_dir(self, run: RunInfo) -> Path:
+        """The journal's directory, or where it will be when it has none yet."""
+        return self.journal_dir(run) or self.experiment_dir(run) / run.run_id
+
+    def describe(self, run: RunInfo) -> str:
+        return str(self.run_dir(run))
 
 
 def find_journal_dir(parent: Path, name: str, run: RunInfo) -> Path | None:

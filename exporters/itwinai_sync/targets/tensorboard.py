@@ -74,17 +74,13 @@ import pyarrow.compute as pc
 
 from itwinai_journal import RankInfo, RunInfo
 from itwinai_journal.format.fsio import fsync_dir, write_atomic
-from itwinai_journal.format.names import experiment_dirname
 from itwinai_sync import compat
 from itwinai_sync.api import (
-    LOCK_DIR,
-    Exporter,
+    DirectoryExporter,
     ExportError,
     Notes,
     RankSink,
     TargetOption,
-    claim_journal_dir,
-    find_journal_dir,
     int64_step,
     meta_of,
     param_str,
@@ -183,7 +179,7 @@ def hparam_value(text: str | None, meta: str | None = None) -> float | str | Non
 # -- the exporter ------------------------------------------------------------------------------
 
 
-class TensorBoardExporter(Exporter):
+class TensorBoardExporter(DirectoryExporter):
     name = "tensorboard"
     kinds = frozenset({"metric", "image", "figure", "text", "param", "histogram",
                        system_metrics.KIND})
@@ -194,30 +190,15 @@ class TensorBoardExporter(Exporter):
         if why := compat.untested("tensorboard"):
             notes.add(f"tensorboard: {why}")
         logdir = options.get("logdir") or savedir / "tensorboard"
-        self.logdir = Path(logdir).expanduser().resolve()
+        self.root = Path(logdir).expanduser().resolve()
 
     cli_options = (
         TargetOption("--logdir", type="dir",
                      help="TensorBoard log directory (default: SAVEDIR/tensorboard)."),
     )
 
-    def target_key(self, run: RunInfo) -> str:
-        return f"tensorboard:{self.logdir}"
-
-    def lock_dir(self, run: RunInfo) -> Path:
-        return self.logdir / LOCK_DIR
-
-    def run_dir(self, run: RunInfo) -> Path:
-        """The journal's directory, or where it will be when it has none yet."""
-        parent = self.logdir / experiment_dirname(run.experiment)
-        return find_journal_dir(parent, run.run_id, run) or parent / run.run_id
-
-    def describe(self, run: RunInfo) -> str:
-        return str(self.run_dir(run))
-
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
-        found = find_journal_dir(self.logdir / experiment_dirname(run.experiment), run.run_id,
-                                 run)
+        found = self.journal_dir(run)
         path = found / f"rank-{rank.rank:05d}" if found is not None else None
         if not create and (path is None or not path.is_dir()):
             return None
@@ -248,10 +229,7 @@ class TensorBoardSink(RankSink):
     def _claim(self) -> Path:
         """The rank's directory, the run's claimed for this journal on the first write."""
         if self.path is None:
-            parent = self.exporter.logdir / experiment_dirname(self.run.experiment)
-            run_dir = claim_journal_dir(parent, self.run.run_id, self.run, self.notes,
-                                        "tensorboard")
-            self.path = run_dir / f"rank-{self.rank.rank:05d}"
+            self.path = self.exporter.claim_run_dir(self.run) / f"rank-{self.rank.rank:05d}"
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 

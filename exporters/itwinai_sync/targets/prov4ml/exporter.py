@@ -10,18 +10,14 @@ from typing import Any
 import pyarrow as pa
 
 from itwinai_journal import RankInfo, RunInfo
-from itwinai_journal.format.names import experiment_dirname
 from itwinai_sync import compat
 from itwinai_sync.api import (
-    LOCK_DIR,
-    Exporter,
+    DirectoryExporter,
     ExportError,
     Notes,
     RankSink,
     TargetOption,
     TargetUnavailable,
-    claim_journal_dir,
-    find_journal_dir,
 )
 
 from .. import system_metrics
@@ -34,7 +30,7 @@ DEFAULTS = {"prov_user_namespace": "www.example.org", "save_after_n_logs": 100,
             "create_graph": True, "create_svg": True}
 
 
-class Prov4mlExporter(Exporter):
+class Prov4mlExporter(DirectoryExporter):
     name = "prov4ml"
     kinds = frozenset({"metric", "param", "flops_pb", "flops_pe", "system", "carbon",
                        "execution_time", "model", "best_model", "torch", "artifact",
@@ -68,21 +64,6 @@ class Prov4mlExporter(Exporter):
                      help="Prov4ML provenance directory (default: SAVEDIR/prov)."),
     )
 
-    def target_key(self, run: RunInfo) -> str:
-        return f"prov4ml:{self.root}"
-
-    def lock_dir(self, run: RunInfo) -> Path:
-        return self.root / LOCK_DIR
-
-    def run_dir(self, run: RunInfo) -> Path:
-        """The journal's directory (claimed for it as TensorBoard's run directories are), or
-        where it will be when it has none yet."""
-        parent = self.root / experiment_dirname(run.experiment)
-        return find_journal_dir(parent, run.run_id, run) or parent / run.run_id
-
-    def describe(self, run: RunInfo) -> str:
-        return str(self.run_dir(run))
-
     def settings(self, run: RunInfo, rank: RankInfo) -> Settings:
         declared = ((rank.manifest.get("destinations") or {}).get(self.name)
                     or run.destinations().get(self.name) or {})
@@ -104,8 +85,7 @@ class Prov4mlExporter(Exporter):
                         create_svg=bool(option("create_svg")))
 
     def open(self, run: RunInfo, rank: RankInfo, create: bool) -> RankSink | None:
-        found = find_journal_dir(self.root / experiment_dirname(run.experiment), run.run_id,
-                                 run)
+        found = self.journal_dir(run)
         path = found / layout.rank_dir_name(rank.rank) if found is not None else None
         if not create and (path is None or layout.committed_documents(path) is None):
             return None
@@ -161,10 +141,8 @@ class Prov4mlSink(RankSink):
             # target, and a later one only once the documents hold records.
             records = pa.concat_tables([*held, *self._batches], promote_options="default")
             if self.path is None:
-                parent = self.exporter.root / experiment_dirname(self.run.experiment)
-                run_dir = claim_journal_dir(parent, self.run.run_id, self.run, self.notes,
-                                            "prov4ml")
-                self.path = run_dir / layout.rank_dir_name(self.rank.rank)
+                self.path = self.exporter.claim_run_dir(self.run) / layout.rank_dir_name(
+                    self.rank.rank)
             build_rank(Job(self.run, self.rank, self.path,
                            self.exporter.settings(self.run, self.rank), self.notes, records,
                            cursor))
