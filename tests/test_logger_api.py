@@ -809,3 +809,14 @@ def test_secret_env_value_in_tracking_uri_is_redacted(tmp_path, monkeypatch):
         with logger.start_logging():
             logger.log(1.0, "x")
     assert "supersecret123" not in _journal_text(tmp_path)
+
+
+@pytest.mark.parametrize("cls", [ConsoleLogger, MLFlowLogger, WandBLogger, TensorBoardLogger,
+                                 Prov4MLLogger])
+@pytest.mark.parametrize("keyword", ["experiment_id", "strcit"])
+def test_a_keyword_the_signature_does_not_take_is_refused_naming_the_class(tmp_path, cls, keyword):
+    """As itwinai 0.4.2 (checked side by side): `experiment_id=` (which only the journal base
+    takes) and a misspelt option are a TypeError naming the logger's own __init__."""
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\.__init__\(\) got an unexpected "
+                                        rf"keyword argument '{keyword}'$"):
+        cls(str(tmp_path), **{keyword: "x"})

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .base import LogFreq, Logger, check_initialized, py_logger
-from .journal import JournalOptions, _JournalLogger
+from .journal import JournalOptions, _JournalLogger, journal_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -35,7 +35,7 @@ class ConsoleLogger(_JournalLogger):
                  log_on_workers: int | list[int] = 0,
                  **options: Unpack[JournalOptions]) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         **options)
+                         **journal_options("ConsoleLogger", options))
 
     @check_initialized
     def destroy_logger_context(self) -> None:

@@ -87,6 +87,17 @@ class JournalOptions(TypedDict, total=False):
     live_sync: live.LiveSetting
 
 
+def journal_options(owner: str, options: dict[str, Any]) -> JournalOptions:
+    """A backend's `**options`, checked: a keyword that is not one of `JournalOptions` is the
+    TypeError Python raises for a keyword a signature does not take, naming the backend
+    (`ConsoleLogger.__init__()`), as itwinai's loggers do; so `experiment_id=` or a misspelt
+    option never reaches the base, where it would be taken or named wrongly."""
+    for key in options:
+        if key not in JournalOptions.__annotations__:
+            raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {key!r}")
+    return options  # type: ignore[return-value]
+
+
 class _JournalLogger(Logger):
     """What every logger of this package shares: the journal of one rank of one run, opened by
     `create_logger_context` when itwinai would initialise its tracker, and the `log()` path.

@@ -17,7 +17,7 @@ from .base import (
     own_hooks,
     py_logger,
 )
-from .journal import JournalOptions, _JournalLogger
+from .journal import JournalOptions, _JournalLogger, journal_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -69,7 +69,7 @@ class MLFlowLogger(_JournalLogger):
                  log_freq: LogFreq = "epoch", log_on_workers: int | list[int] = 0,
                  **options: Unpack[JournalOptions]) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         experiment_id=experiment_name, **options)
+                         experiment_id=experiment_name, **journal_options("MLFlowLogger", options))
         self.run_description = run_description
         self.run_name = run_name
         self.experiment_name = experiment_name

@@ -14,6 +14,7 @@ from .journal import (
     JournalOptions,
     _JournalLogger,
     context_name,
+    journal_options,
 )
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class Prov4MLLogger(_JournalLogger):
                  **options: Unpack[JournalOptions]) -> None:
         super().__init__(savedir=provenance_save_dir, log_freq=log_freq,
                          log_on_workers=log_on_workers, experiment_id=experiment_name,
-                         **options)
+                         **journal_options("Prov4MLLogger", options))
         self.prov_user_namespace = prov_user_namespace
         self.experiment_name = experiment_name
         self.provenance_save_dir = str(provenance_save_dir)

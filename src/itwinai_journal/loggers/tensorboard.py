@@ -9,7 +9,7 @@ from itwinai_journal.capture.media import numpy_image_layout
 from itwinai_journal.capture.origin import is_torch_module, module_of
 
 from .base import LogFreq
-from .journal import JournalOptions, _JournalLogger
+from .journal import JournalOptions, _JournalLogger, journal_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -40,7 +40,7 @@ class TensorBoardLogger(_JournalLogger):
                  log_on_workers: int | list[int] = 0,
                  **options: Unpack[JournalOptions]) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         **options)
+                         **journal_options("TensorBoardLogger", options))
         if framework.lower() not in ("tensorflow", "pytorch"):
             raise ValueError(
                 "Accepted values for TensorBoardLogger framework are 'tensorflow' and "

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from itwinai_journal.capture.origin import module_of
 
 from .base import BASE_EXP_NAME, LogFreq
-from .journal import JournalOptions, _JournalLogger
+from .journal import JournalOptions, _JournalLogger, journal_options
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -37,7 +37,7 @@ class WandBLogger(_JournalLogger):
                  offline_mode: bool = False,
                  **options: Unpack[JournalOptions]) -> None:
         super().__init__(savedir=savedir, log_freq=log_freq, log_on_workers=log_on_workers,
-                         experiment_id=project_name, **options)
+                         experiment_id=project_name, **journal_options("WandBLogger", options))
         self.project_name = project_name
         self.offline_mode = offline_mode
 
