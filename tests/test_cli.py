@@ -340,3 +340,51 @@ def test_library_code_does_not_import_click():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_options_not_given_per_target_are_refused(tmp_path):
+    """The engine takes each target's options under its name; the flat form of earlier
+    versions (`options={"tracking_uri": ...}`) would otherwise be dropped in silence."""
+    from itwinai_sync.api import OptionError
+    from itwinai_sync.engine import SyncRequest
+
+    with pytest.raises(OptionError, match="per target.*tracking_uri at the top level"):
+        SyncRequest(savedir=tmp_path, targets=["mlflow"], options={"tracking_uri": "x"})
+    assert SyncRequest(savedir=tmp_path, targets=["mlflow"],
+                       options={"mlflow": {"tracking_uri": "x"}}).options
+
+
+OLD_STYLE_PLUGIN = '''
+from itwinai_sync.testing import InMemoryExporter
+
+
+class OldStyleExporter(InMemoryExporter):
+    name = "oldstyle"
+
+    @classmethod
+    def cli_options(cls):  # the click-based form of earlier versions
+        return []
+'''
+
+
+def test_a_plugin_with_the_old_option_form_breaks_no_other_target(tmp_path, monkeypatch):
+    """A target still declaring click options through a classmethod is unusable, said in one
+    line when it is asked for; the other targets and `--help` work as before."""
+    root = tmp_path / "plugins"
+    dist = root / "oldstyle_target-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: oldstyle-target\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[itwinai_sync.exporters]\noldstyle = oldstyle_target:OldStyleExporter\n")
+    (root / "oldstyle_target.py").write_text(OLD_STYLE_PLUGIN)
+    monkeypatch.syspath_prepend(str(root))
+    savedir = tmp_path / "mllogs"
+    _journal(savedir, "a", experiment_name="exp")
+    assert invoke("sync", "--help").exit_code == 0
+    result = invoke(str(savedir), "--to", "tensorboard", "--logdir", str(tmp_path / "tb"))
+    assert result.exit_code == 0, result.output
+    result = invoke(str(savedir), "--to", "oldstyle")
+    assert result.exit_code == 1
+    assert "oldstyle exporter declares its options in a form this version does not read" in (
+        result.output)
+    monkeypatch.delitem(sys.modules, "oldstyle_target", raising=False)

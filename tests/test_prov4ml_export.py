@@ -308,6 +308,30 @@ def test_a_commit_builds_from_what_the_documents_hold_not_from_the_journal(tmp_p
     assert marker["cursor"] == index[-1]["last_seq"] > cursor
 
 
+def test_unreadable_records_beside_the_documents_are_one_error_and_a_rebuild(tmp_path):
+    """The records kept beside the documents damaged: the rank fails with one line saying what
+    to delete, and once it is deleted the next sync rebuilds every point from the journal."""
+    savedir = tmp_path / "mllogs"
+    write_run(savedir, ranks=(0,))
+    sync(savedir)
+    folder = document(savedir, 0).parent
+    prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,
+                         log_on_workers=-1, run_id=RUN)
+    with prov.start_logging(rank=0):
+        prov.log(0.5, "loss", step=9)
+    (folder / layout.HELD).write_bytes(b"not arrow")
+    result = CliRunner().invoke(main, [str(savedir), "--to", "prov4ml"])
+    assert result.exit_code == 1
+    assert f"{folder / layout.HELD} cannot be read" in result.output
+    assert "delete it, and the next sync rebuilds" in result.output
+    (folder / layout.HELD).unlink()
+    sync(savedir)
+    doc = json.loads(document(savedir, 0).read_text())
+    path = Path(doc["entity"]["loss//training"]["dcterms:identifier"])
+    expected = expected_metrics(savedir, 0)[("loss", "training", "None")]
+    assert sorted(read_csv(path)) == expected and (9, 0.5) in {r[:2] for r in expected}
+
+
 def test_live_rank_is_exported_up_to_its_last_record(tmp_path):
     savedir = tmp_path / "mllogs"
     prov = Prov4MLLogger(provenance_save_dir=str(savedir), experiment_name=EXP,

@@ -355,6 +355,14 @@ def load_exporter(name: str) -> type[Exporter]:
         raise TargetUnavailable(
             f"the {name} exporter needs its library: pip install 'itwinai-sync[{name}]' ({e})"
         ) from e
+    declared = cls.cli_options
+    if not (isinstance(declared, (tuple, list))
+            and all(isinstance(o, TargetOption) for o in declared)):
+        # A plugin written for the click-based interface of earlier versions (a classmethod
+        # returning click options): unusable, but it must not break the other targets.
+        raise TargetUnavailable(f"the {name} exporter declares its options in a form this "
+                                "version does not read: cli_options must be a tuple of "
+                                "itwinai_sync.api.TargetOption")
     return cls
 
 

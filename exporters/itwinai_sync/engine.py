@@ -40,7 +40,15 @@ from itwinai_journal.format.validate import JournalCorruption
 from itwinai_journal.read.journal import RecordsMissing, names_run, records_after, runs_named
 from itwinai_journal.read.liveness import writer_gone
 
-from .api import Exporter, ExportError, Notes, TargetChanged, load_exporter, own_options
+from .api import (
+    Exporter,
+    ExportError,
+    Notes,
+    OptionError,
+    TargetChanged,
+    load_exporter,
+    own_options,
+)
 from .ledger import Ledger
 
 #: Destination names loggers declare that are not export targets.
@@ -78,6 +86,12 @@ class SyncRequest:
     ranks: str = "all"  # all | 0
     dry_run: bool = False
     workers: int = 4
+
+    def __post_init__(self) -> None:
+        flat = sorted(k for k, v in self.options.items() if not isinstance(v, dict))
+        if flat:
+            raise OptionError(f"options are given per target ({{'mlflow': {{'tracking_uri': "
+                              f"...}}}}), not {', '.join(flat)} at the top level")
 
 
 Progress = Callable[[int], None]

@@ -60,7 +60,8 @@ class TargetsOption(click.Option):
               help="Sync every rank, or only rank 0.")
 @click.option("--dry-run", is_flag=True, help="Print what would be exported, per run and kind.")
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Runs synced in parallel.")
+              help="Runs, and ranks of one run, synced in parallel (MLflow: also the "
+                   "number of request streams).")
 @click.option("--watch", is_flag=True,
               help="Follow runs while they are written: sync again every --interval seconds "
                    "until every run has finished. Ctrl-C stops after the batch in progress.")

@@ -1117,7 +1117,7 @@ _MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KI
 
 
 def _end_ms(rank: RankInfo) -> int | None:
-    end = rank.sessions[-1].end if rank.sessions else None
+    end = rank.ended
     return int(end * 1000) if end else None
 
 

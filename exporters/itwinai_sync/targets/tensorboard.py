@@ -133,7 +133,10 @@ def masked_crc32c(data: bytes) -> int:
     table with numpy."""
     from crc32c import crc32c
 
-    crc = crc32c(data)
+    return _mask(crc32c(data))
+
+
+def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -150,17 +153,15 @@ def _header(length: int) -> bytes:
 
 def frame(records: list[bytes]) -> bytes:
     """TFRecord framing of serialized events: length, masked CRC of the length, data, masked
-    CRC of the data. Headers depend on the length only and are cached; the data CRCs are
-    masked inline (`masked_crc32c`'s arithmetic), this being the per-record loop of the
-    export."""
+    CRC of the data. Headers depend on the length only and are cached; crc32c is imported
+    once per frame, not per record (an import statement costs more than the CRC)."""
     from crc32c import crc32c
 
     footer = struct.Struct("<I").pack
     parts: list[bytes | None] = [None] * (3 * len(records))
     parts[0::3] = [_HEADERS.get(len(r)) or _header(len(r)) for r in records]
     parts[1::3] = records
-    parts[2::3] = [footer((((c := crc32c(r)) >> 15 | c << 17) + 0xA282EAD8) & 0xFFFFFFFF)
-                   for r in records]
+    parts[2::3] = [footer(_mask(crc32c(r))) for r in records]
     return b"".join(parts)  # type: ignore[arg-type]
 
 

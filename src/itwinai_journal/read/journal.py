@@ -295,7 +295,7 @@ def runs_named(runs: Iterable[RunInfo], names: Iterable[str] | None,
     names = set(names or ())
     if not names:
         return list(runs)
-    found = [r for r in runs if r.run_id in names or r.key in names]
+    found = [r for r in runs if any(names_run(name, r) for name in names)]
     if unique:
         for name in names:
             keys = sorted({r.key for r in found if names_run(name, r)})

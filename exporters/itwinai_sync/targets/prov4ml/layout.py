@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from itwinai_journal.format.fsio import fsync_dir, write_atomic
+from itwinai_sync.api import ExportError
 
 MARKER = ".itwinai-sync-cursor"
 HELD = ".itwinai-sync-records.arrow"
@@ -81,9 +82,15 @@ def write_commit(folder: Path, marker: dict, held: pa.Table) -> None:
 
 
 def read_held(folder: Path) -> pa.Table:
-    """The records a committed run folder's documents were built from."""
-    with pa.memory_map(str(folder / HELD)) as source:
-        return pa.ipc.open_file(source).read_all()
+    """The records a committed run folder's documents were built from. A file that cannot be
+    read is an ExportError for this rank that says how to rebuild it, not a pyarrow trace."""
+    try:
+        with pa.memory_map(str(folder / HELD)) as source:
+            return pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowException) as e:
+        raise ExportError(f"prov4ml: {folder / HELD} cannot be read ({e}); delete it, and "
+                          "the next sync rebuilds this rank's documents from the journal"
+                          ) from None
 
 
 def recover(path: Path) -> None:
