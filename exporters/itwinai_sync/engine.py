@@ -340,18 +340,20 @@ class SyncEngine:
             raise SeqGap(f"{e}; exported up to seq {e.last_ok}, the rest follows once they "
                          "are restored") from None
 
-    @staticmethod
-    def _taken(exporter: Exporter, rank: RankInfo, after: int, upto: int) -> Iterator[pa.Table]:
+    def _taken(self, exporter: Exporter, rank: RankInfo, after: int,
+               upto: int) -> Iterator[pa.Table]:
         """`RankSink.taken`: what the target took of the rank in (after, upto]. Records lost
         from the journal since they were exported are not there to be seen again: the tables
-        end before them."""
+        end before them, and a note says so."""
         try:
             for table in records_after(rank, after):
                 if table.num_rows and table["seq"][0].as_py() > upto:
                     return
                 yield select(table.filter(pc.less_equal(table["seq"], upto)), exporter)[0]
-        except RecordsMissing:
-            return
+        except RecordsMissing as e:
+            self.notes.add(f"{exporter.name}: {rank.path}: what was exported before is read "
+                           f"back only up to seq {e.last_ok} ({e}); names first seen after it "
+                           "are taken as new")
 
     def _dry_run(self, exporter: Exporter, run: RunInfo, result: RunResult) -> None:
         result.status = "would-sync"
