@@ -212,19 +212,26 @@ class ClashExporter(InMemoryExporter):
 '''
 
 
+def install_plugin(tmp_path, monkeypatch, name: str, cls: str, source: str) -> None:
+    """Target `name` installed as a package is: module `<name>_target` with class `cls`, and a
+    dist-info whose entry point registers it, on sys.path for this test."""
+    root = tmp_path / "plugins"
+    dist = root / f"{name}_target-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}-target\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[itwinai_sync.exporters]\n{name} = {name}_target:{cls}\n")
+    (root / f"{name}_target.py").write_text(source)
+    monkeypatch.syspath_prepend(str(root))
+
+
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
     """The JSON-lines example target and the `clash` target installed (found through their
     entry points, as installed packages are)."""
-    root = tmp_path / "plugins"
-    dist = root / "clash_target-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-target\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[itwinai_sync.exporters]\nclash = clash_target:ClashExporter\n")
-    (root / "clash_target.py").write_text(CLASH_PLUGIN)
     monkeypatch.syspath_prepend(str(JSONL_DIR))
-    monkeypatch.syspath_prepend(str(root))
+    install_plugin(tmp_path, monkeypatch, "clash", "ClashExporter", CLASH_PLUGIN)
     import clash_target
 
     clash_target.SEEN.clear()
@@ -370,14 +377,7 @@ class OldStyleExporter(InMemoryExporter):
 def test_a_plugin_with_the_old_option_form_breaks_no_other_target(tmp_path, monkeypatch):
     """A target still declaring click options through a classmethod is unusable, said in one
     line when it is asked for; the other targets and `--help` work as before."""
-    root = tmp_path / "plugins"
-    dist = root / "oldstyle_target-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: oldstyle-target\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[itwinai_sync.exporters]\noldstyle = oldstyle_target:OldStyleExporter\n")
-    (root / "oldstyle_target.py").write_text(OLD_STYLE_PLUGIN)
-    monkeypatch.syspath_prepend(str(root))
+    install_plugin(tmp_path, monkeypatch, "oldstyle", "OldStyleExporter", OLD_STYLE_PLUGIN)
     savedir = tmp_path / "mllogs"
     _journal(savedir, "a", experiment_name="exp")
     assert invoke("sync", "--help").exit_code == 0
