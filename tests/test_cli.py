@@ -290,6 +290,32 @@ def test_help_shows_each_meaning_of_a_shared_flag(plugins):
     assert "Not offered" not in out
 
 
+def test_installed_targets_are_found_in_one_scan_and_a_new_path_is_scanned_again(
+        tmp_path, monkeypatch):
+    """Scanning the installed distributions costs ~10 ms; a sync asks for every target's
+    options, and the engine for its exporters: one scan per sys.path serves them all."""
+    from importlib import metadata
+
+    scans = []
+    real = metadata.entry_points
+
+    def counted(**kw):
+        scans.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(metadata, "entry_points", counted)
+    monkeypatch.syspath_prepend(str(tmp_path / "nothing-here"))  # a path not scanned yet
+    savedir = tmp_path / "mllogs"
+    _journal(savedir, "a", experiment_name="exp")
+    result = invoke(str(savedir), "--to", "tensorboard", "--logdir", str(tmp_path / "tb"))
+    assert result.exit_code == 0, result.output
+    assert len(scans) == 1
+    monkeypatch.syspath_prepend(str(JSONL_DIR))  # a target installed since is found
+    result = invoke(str(savedir), "--to", "jsonl", "--dir", str(tmp_path / "lines"))
+    assert result.exit_code == 0, result.output
+    assert len(scans) == 2
+
+
 def test_the_engine_gives_each_exporter_only_its_own_options(tmp_path):
     from itwinai_sync.api import OptionError
     from itwinai_sync.engine import SyncEngine, SyncRequest

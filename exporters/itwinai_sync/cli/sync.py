@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 
 class SyncCommand(click.Command):
     """The sync command, which also takes every installed target's options (--tracking-uri,
-    --logdir, ...). Finding and loading the exporter plugins (without their trackers) takes a
-    tenth of a second, so it is done when this command is parsed or its help is shown (once
-    per invocation), not when the module is imported for `ls`."""
+    --logdir, ...). Finding and loading the exporter plugins (without their trackers) takes
+    tens of milliseconds the first time, so it is done when this command is parsed or its help
+    is shown, not when the module is imported for `ls`."""
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = super().get_params(ctx)
