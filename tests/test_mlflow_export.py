@@ -387,3 +387,52 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert exp.tracking_uri(runs["declared"]) == "sqlite:///declared.db"
     cli = MlflowExporter(savedir, {"tracking_uri": "sqlite:///cli.db"}, Notes())
     assert cli.tracking_uri(runs["declared"]) == "sqlite:///cli.db"
+
+
+def test_requests_are_full_and_the_cursor_rides_in_the_last(tmp_path, monkeypatch):
+    """Into a store that keeps each point once, requests of metrics alone hold MLflow's 1000
+    entities; the batch's last request carries the cursor, alone when the points filled the
+    ones before; a param's request carries it too, never over the limit (which the store
+    itself enforces). Every point arrives once."""
+    from mlflow import MlflowClient
+
+    from itwinai_sync.targets.mlflow import TAG_CURSOR, BatchWriter
+
+    savedir = tmp_path / "mllogs"
+    for run_id, before, after in (("full", 20_000, 0), ("param", 999, 2001)):
+        lg = MLFlowLogger(savedir=savedir, experiment_name="exp", log_freq="batch",
+                          run_id=run_id)
+        lg.create_logger_context()
+        for i in range(before + after):
+            if i == before and after:
+                lg.log(0.1, "lr", kind="param")
+            lg.log(float(i), "loss", step=i)
+        lg.destroy_logger_context()
+    requests: dict[str, list[tuple[int, int, bool]]] = {}
+    real = BatchWriter.__call__
+
+    def counted(self, run_id, metrics, params, tags):
+        assert not self.rest  # the embedded store: MLflow's own limits apply
+        requests.setdefault(run_id, []).append(
+            (len(metrics), len(params), [t.key for t in tags] == [TAG_CURSOR]))
+        return real(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(BatchWriter, "__call__", counted)
+    for run_id in ("full", "param"):
+        result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow", "--run", run_id])
+        assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{savedir / 'mlflow.db'}")
+    shapes = {}
+    for run in client.search_runs([client.get_experiment_by_name("exp").experiment_id]):
+        shapes[run.data.tags["itwinai.run"]] = requests[run.info.run_id]
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [
+            (i, float(i)) for i in range(20_000 if "full" in run.data.tags["itwinai.run"]
+                                         else 3000)]
+        assert run.data.tags[TAG_CURSOR] == str(Journal(savedir).run(
+            run.data.tags["itwinai.run"].split("/")[1]).ranks[0].last_seq)
+    assert shapes == {
+        "exp/full": [(1000, 0, False)] * 20 + [(0, 0, True)],
+        # 999 points fill no request; with the param's and its cursor they would be 1001
+        "exp/param": [(999, 0, False), (998, 1, True), (1000, 0, False), (3, 0, True)],
+    }

@@ -96,9 +96,9 @@ def test_ranks_in_parallel_each_point_once_cursor_per_batch(pg_server, tmp_path,
     figures = check_mlflow_exact(client, savedir, experiment, run_id)
     assert figures["records_checked"] == 8 * (3500 + 350)
     assert all(tagged for _, params, tagged in requests if params)
-    # a rank: 3 850 points and 4 params in 4 requests of up to 999 records; the first and the
-    # last hold params (the last the one logged at step 2999), the 2 between metrics alone and
-    # no cursor
+    # a rank: 3 850 points and 4 params in 4 requests of up to 1000 entities, the cursor one
+    # of them; the first and the last hold params (the last the one logged at step 2999), the
+    # 2 between metrics alone and no cursor
     assert Counter((bool(params), tagged) for _, params, tagged in requests) == {
         (True, True): 16, (False, False): 16}, requests
     # No search for runs in an experiment that does not exist yet; each new rank's run is

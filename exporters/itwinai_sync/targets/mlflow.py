@@ -856,7 +856,7 @@ class MlflowRankSink(RankSink):
                 size += 64 + len(key)
             elif kind == system_metrics.KIND:
                 points = system_metrics.mlflow_metrics(system_metrics.sample(cols["text"][i]))
-                if len(metrics) + len(params) + len(points) + 1 >= MAX_ENTITIES:
+                if len(metrics) + len(params) + len(points) >= self._room(params):
                     self._commit(metrics, params, last_seq)
                     metrics, params, size = [], {}, 0
                 ms, step = int(round(cols["time"][i] * 1000)), cols["step"][i] or 0
@@ -866,6 +866,10 @@ class MlflowRankSink(RankSink):
                 param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i],
                                     cols["meta"][i])
                 if param is not None:
+                    if not params and len(metrics) + 2 > MAX_ENTITIES:
+                        # a full request of metrics alone: the param's takes the cursor too
+                        self._commit(metrics, params, last_seq)
+                        metrics, size = [], 0
                     params[param.key] = param
                     size += len(param.key) + len(param.value)
             else:
@@ -874,11 +878,23 @@ class MlflowRankSink(RankSink):
                 self._side_effect(kind, {k: v[i] for k, v in cols.items()})
                 self._tag_next = True
             last_seq = seq
-            if (len(metrics) + len(params) + 1 >= MAX_ENTITIES or len(params) + 1 >= MAX_PARAMS
+            if (len(metrics) + len(params) >= self._room(params) or len(params) + 1 >= MAX_PARAMS
                     or size > MAX_REQUEST_BYTES * 0.8):
                 self._commit(metrics, params, last_seq)
                 metrics, params, size = [], {}, 0
         self._commit(metrics, params, cursor, final=True)
+
+    def _tagged(self, params: dict[str, Any], final: bool) -> bool:
+        """Whether a request carries the cursor (see `_commit`)."""
+        return final or bool(params) or self._tag_next or not self.dedupes
+
+    def _room(self, params: dict[str, Any]) -> int:
+        """The records a request that is not the batch's last may hold: MLflow's limit, less
+        the cursor tag when it carries one. A request is sent once it holds `_room` records,
+        so the batch's last one holds fewer and has a place for the tag: 20 000 points go in
+        20 full requests and one of the cursor alone, a commit fewer than 999 points a
+        request and the rest with the cursor would take."""
+        return MAX_ENTITIES - self._tagged(params, final=False)
 
     def _commit(self, metrics: list[Any], params: dict[str, Any], cursor: int,
                 final: bool = False) -> None:
@@ -891,7 +907,7 @@ class MlflowRankSink(RankSink):
         cursor tag costs the store a commit of its own per request (a sixth to a fifth of the
         time of a 1000-point request on PostgreSQL), so it is written about once per batch of
         `batch_records` rather than per 1000 points."""
-        tagged = final or bool(params) or self._tag_next or not self.dedupes
+        tagged = self._tagged(params, final)
         if not metrics and not params and (cursor == self._cursor or not tagged):
             return
         from mlflow.exceptions import MlflowException
