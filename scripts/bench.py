@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -577,7 +578,12 @@ def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
     PostgreSQL (both on loopback, started here), with --workers 1 and --workers 4, each right
     after the raw MlflowClient.log_batch streams it is compared with: one stream, and four
     in parallel (what this machine and server allow at most). A raw stream with a cursor tag
-    in each request (999 points and the tag) measures what the cursor itself costs here."""
+    in each request (999 points and the tag) measures what the cursor itself costs here.
+
+    Each of them starts from the same state: a new, empty database and an mlflow server of its
+    own, the previous database dropped and PostgreSQL checkpointed. In one database, each pass
+    would insert into the tables and indexes of all passes before it (a second raw stream
+    measured 5-12% below the first), which would favour whatever runs first."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from mlflow.entities import Metric
     from postgres_server import PostgresMlflowServer, PostgresServer
@@ -593,18 +599,38 @@ def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
                                           r["step"]))
     del table
     out: dict[str, Any] = {"ranks": ranks, "points_per_rank": points, "server_workers": 4}
+
+    @contextmanager
+    def fresh_server(pg: PostgresServer, name: str) -> Iterator[PostgresMlflowServer]:
+        pg.psql(f"create database {name}")
+        try:
+            with PostgresMlflowServer(f"{pg.uri.rsplit('/', 1)[0]}/{name}",
+                                      tmp / f"pg-mlflow-{name}", workers=4) as server:
+                # A server worker's first request connects to the database and sets up
+                # SQLAlchemy (0.2 s): a request on each of a few new connections, untimed.
+                for _ in range(4 * 4):
+                    urllib.request.urlopen(f"{server.uri}/api/2.0/mlflow/experiments/search"
+                                           "?max_results=1").read()
+                yield server
+        finally:
+            pg.psql(f"drop database {name}")
+            pg.psql("checkpoint")
+
     # The cluster in a directory of its own (PostgreSQL runs as another user when we are
     # root, and cannot enter `tmp`, which is private).
-    with PostgresServer() as pg, PostgresMlflowServer(pg.uri, tmp / "pg-mlflow",
-                                                      workers=4) as server:
-        with _client_cost(out, "raw_1", ranks * points):
+    with PostgresServer() as pg:
+        with fresh_server(pg, "raw1") as server, _client_cost(out, "raw_1", ranks * points):
             out["raw_1_stream_points_per_s"] = _raw_streams(server.uri, "raw-1", per_rank, 1)
-        out["raw_1_tagged_points_per_s"] = _raw_streams(server.uri, "raw-1-tag", per_rank, 1,
-                                                        cursor_tag=True)
-        with _client_cost(out, "workers_1", ranks * points):
+        with fresh_server(pg, "raw1tag") as server:
+            out["raw_1_tagged_points_per_s"] = _raw_streams(server.uri, "raw-1-tag", per_rank,
+                                                            1, cursor_tag=True)
+        with fresh_server(pg, "sync1") as server, _client_cost(out, "workers_1",
+                                                               ranks * points):
             out["workers_1_points_per_s"] = _sync_workers(savedir, server.uri, "sync-1", 1)
-        out["raw_4_streams_points_per_s"] = _raw_streams(server.uri, "raw-4", per_rank, 4)
-        out["workers_4_points_per_s"] = _sync_workers(savedir, server.uri, "sync-4", 4)
+        with fresh_server(pg, "raw4") as server:
+            out["raw_4_streams_points_per_s"] = _raw_streams(server.uri, "raw-4", per_rank, 4)
+        with fresh_server(pg, "sync4") as server:
+            out["workers_4_points_per_s"] = _sync_workers(savedir, server.uri, "sync-4", 4)
     out["ratio_workers_1"] = out["workers_1_points_per_s"] / out["raw_1_stream_points_per_s"]
     out["ratio_workers_4"] = out["workers_4_points_per_s"] / out["raw_4_streams_points_per_s"]
     out["raw_4_over_1"] = out["raw_4_streams_points_per_s"] / out["raw_1_stream_points_per_s"]

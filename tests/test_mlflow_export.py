@@ -436,3 +436,45 @@ def test_requests_are_full_and_the_cursor_rides_in_the_last(tmp_path, monkeypatc
         # 999 points fill no request; with the param's and its cursor they would be 1001
         "exp/param": [(999, 0, False), (998, 1, True), (1000, 0, False), (3, 0, True)],
     }
+
+
+def test_a_request_that_fails_in_flight_stops_the_rank_and_the_next_sync_completes_it(
+        tmp_path, monkeypatch):
+    """Requests without the cursor are sent while the next is built: one that fails is
+    reported, nothing after it is sent, the cursor stays where the store has it, and the next
+    sync sends the rest, each point once."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from itwinai_sync.targets.mlflow import TAG_CURSOR, BatchWriter
+
+    savedir = tmp_path / "mllogs"
+    lg = MLFlowLogger(savedir=savedir, experiment_name="exp", log_freq="batch", run_id="f")
+    lg.create_logger_context()
+    for i in range(5000):
+        lg.log(float(i), "loss", step=i)
+    lg.destroy_logger_context()
+    sent: list[int] = []
+    real = BatchWriter.__call__
+
+    def failing(self, run_id, metrics, params, tags):
+        sent.append(len(metrics))
+        if len(sent) == 3:
+            raise MlflowException("injected: the store refused this request")
+        return real(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(BatchWriter, "__call__", failing)
+    result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow"])
+    assert result.exit_code == 1 and "injected: the store refused this request" in result.output
+    assert sent == [1000, 1000, 1000]  # the fourth was built, and never sent
+    client = MlflowClient(f"sqlite:///{savedir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert TAG_CURSOR not in run.data.tags  # no request with the cursor went
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 2000
+    monkeypatch.setattr(BatchWriter, "__call__", real)
+    result = CliRunner().invoke(main, [str(savedir), "--to", "mlflow"])
+    assert result.exit_code == 0, result.output
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(i, float(i)) for i in range(5000)]
+    assert client.get_run(run.info.run_id).data.tags[TAG_CURSOR] == str(
+        Journal(savedir).run("f").ranks[0].last_seq)
