@@ -924,9 +924,9 @@ class MlflowRankSink(RankSink):
 
         A request without the cursor is sent by the sink's thread while this one reads and
         builds the next (one request at a time, in order): with one request stream, the
-        sync's own work then costs no time beside the server's. A request with the cursor
-        is waited for, so the cursor this sink reports is one the store holds; a sync killed
-        with a request in flight has sent points past the cursor, as above."""
+        sync's own work then overlaps the server's instead of adding to it. A request with
+        the cursor is waited for, so the cursor this sink reports is one the store holds; a
+        sync killed with a request in flight has sent points past the cursor, as above."""
         tagged = self._tagged(params, final)
         if not metrics and not params and (cursor == self._cursor or not tagged):
             return
