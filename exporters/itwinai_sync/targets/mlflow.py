@@ -880,10 +880,10 @@ class MlflowRankSink(RankSink):
                 param = self._param(cols["name"][i], cols["text"][i], cols["blob"][i],
                                     cols["meta"][i])
                 if param is not None:
-                    if not params and len(metrics) + 2 > MAX_ENTITIES:
-                        # a full request of metrics alone: the param's takes the cursor too
+                    if len(metrics) + len(params) + 1 > self._room({param.key: param}):
+                        # no place for the param beside the cursor its request takes
                         self._commit(metrics, params, last_seq)
-                        metrics, size = [], 0
+                        metrics, params, size = [], {}, 0
                     params[param.key] = param
                     size += len(param.key) + len(param.value)
             else:
