@@ -578,7 +578,10 @@ def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
     PostgreSQL (both on loopback, started here), with --workers 1 and --workers 4, each right
     after the raw MlflowClient.log_batch streams it is compared with: one stream, and four
     in parallel (what this machine and server allow at most). A raw stream with a cursor tag
-    in each request (999 points and the tag) measures what the cursor itself costs here.
+    in each request (999 points and the tag) measures what the cursor itself costs here, and
+    --workers 1 once more with ITWINAI_SYNC_QUICKACK=0 what acknowledging the server's
+    responses at once gains (targets/quickack.py: with several workers, as here and by
+    MLflow's default, uvicorn's responses otherwise wait ~40 ms for the client's ACK).
 
     Each of them starts from the same state: a new, empty database and an mlflow server of its
     own, the previous database dropped and PostgreSQL checkpointed. In one database, each pass
@@ -589,6 +592,8 @@ def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
     from postgres_server import PostgresMlflowServer, PostgresServer
 
     from itwinai_journal import Journal
+    from itwinai_sync.api import scoped_env
+    from itwinai_sync.targets import quickack
 
     savedir = tmp / "pg-ranks"
     _ranks_journal(savedir, ranks, points)
@@ -627,12 +632,17 @@ def bench_postgres_ranks(ranks: int, points: int, tmp: Path) -> dict[str, Any]:
         with fresh_server(pg, "sync1") as server, _client_cost(out, "workers_1",
                                                                ranks * points):
             out["workers_1_points_per_s"] = _sync_workers(savedir, server.uri, "sync-1", 1)
+        with fresh_server(pg, "sync1late") as server, scoped_env({quickack.ENV: "0"}):
+            out["workers_1_late_acks_points_per_s"] = _sync_workers(savedir, server.uri,
+                                                                    "sync-1-late-acks", 1)
         with fresh_server(pg, "raw4") as server:
             out["raw_4_streams_points_per_s"] = _raw_streams(server.uri, "raw-4", per_rank, 4)
         with fresh_server(pg, "sync4") as server:
             out["workers_4_points_per_s"] = _sync_workers(savedir, server.uri, "sync-4", 4)
     out["ratio_workers_1"] = out["workers_1_points_per_s"] / out["raw_1_stream_points_per_s"]
     out["ratio_workers_4"] = out["workers_4_points_per_s"] / out["raw_4_streams_points_per_s"]
+    out["ratio_workers_1_late_acks"] = (out["workers_1_late_acks_points_per_s"]
+                                        / out["raw_1_stream_points_per_s"])
     out["raw_4_over_1"] = out["raw_4_streams_points_per_s"] / out["raw_1_stream_points_per_s"]
     out["tagged_over_raw"] = (out["raw_1_tagged_points_per_s"]
                               / out["raw_1_stream_points_per_s"])
@@ -844,6 +854,9 @@ def main() -> None:
                   f"  ({pg['tagged_over_raw']:.2f}x of 1 stream: the cursor's own cost)")
             print(f"  itwinai-sync --workers 1:      {pg['workers_1_points_per_s']:8,.0f}"
                   f"  ({pg['ratio_workers_1']:.2f}x of 1 stream)")
+            print(f"    without quick acks:          {pg['workers_1_late_acks_points_per_s']:8,.0f}"
+                  f"  ({pg['ratio_workers_1_late_acks']:.2f}x of 1 stream; "
+                  "ITWINAI_SYNC_QUICKACK=0, responses read as MLflow's client reads them)")
             print(f"  raw log_batch, 4 streams:      {pg['raw_4_streams_points_per_s']:8,.0f}"
                   f"  ({pg['raw_4_over_1']:.2f}x of 1 stream: this machine's ceiling)")
             print(f"  itwinai-sync --workers 4:      {pg['workers_4_points_per_s']:8,.0f}"

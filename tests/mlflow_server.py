@@ -8,7 +8,7 @@ Usage::
 
 The server (MLflow 3.x, uvicorn) is started as::
 
-    mlflow server --host 127.0.0.1 --port P --workers 1
+    mlflow server --host 127.0.0.1 --port P --workers W (1 unless asked)
         --backend-store-uri sqlite:///<dir>/mlflow.db
         --serve-artifacts --artifacts-destination <dir>/artifacts
 
@@ -182,6 +182,7 @@ class MlflowServer:
         startup_timeout: float = 60.0,
         stop_timeout: float = 15.0,
         keep_workdir: bool = False,
+        workers: int = 1,
         extra_args: Sequence[str] = (),
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
@@ -195,6 +196,9 @@ class MlflowServer:
             startup_timeout: Seconds to wait for ``GET /health`` to answer ``200``.
             stop_timeout: Seconds to wait after SIGTERM before sending SIGKILL.
             keep_workdir: Keep an auto-created temporary ``workdir`` after exit.
+            workers: uvicorn worker processes. More than 1 is how MLflow serves by default
+                (4), and how uvicorn's supervisor serves: its connections lose TCP_NODELAY
+                (uvicorn issue #3149), unlike those of a single worker.
             extra_args: Further ``mlflow server`` options.
             extra_env: Extra environment variables for the server process.
         """
@@ -208,6 +212,7 @@ class MlflowServer:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.keep_workdir = keep_workdir
+        self.workers = workers
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(extra_env or {})
         self._requested_port = port
@@ -298,7 +303,7 @@ class MlflowServer:
             "--port",
             str(port),
             "--workers",
-            "1",
+            str(self.workers),
             "--backend-store-uri",
             self.backend_uri,
             "--serve-artifacts",

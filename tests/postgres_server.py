@@ -379,7 +379,7 @@ class PostgresServer:
 
 
 class PostgresMlflowServer(MlflowServer):
-    """``MlflowServer`` (tests/mlflow_server.py) on a PostgreSQL backend, with ``workers``.
+    """``MlflowServer`` (tests/mlflow_server.py) on a PostgreSQL backend.
 
     Everything else is MlflowServer's: own session, ``hermetic_mlflow_env()`` (telemetry off,
     ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, the caller's tracking variables removed),
@@ -391,17 +391,12 @@ class PostgresMlflowServer(MlflowServer):
     mlflow/cli/__init__.py:709), so workers never race on it.
     """
 
-    def __init__(self, backend_uri: str, workdir: str | os.PathLike[str] | None = None, *,
-                 workers: int = 1, **kwargs: Any) -> None:
+    def __init__(self, backend_uri: str, workdir: str | os.PathLike[str] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(workdir, **kwargs)
         self._backend_uri = backend_uri
-        self.workers = workers
 
     @property
     def backend_uri(self) -> str:
         return self._backend_uri
 
-    def command(self, port: int) -> list[str]:
-        argv = super().command(port)
-        argv[argv.index("--workers") + 1] = str(self.workers)
-        return argv

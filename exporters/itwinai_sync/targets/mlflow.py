@@ -71,7 +71,7 @@ from itwinai_sync.api import (
     scoped_env,
 )
 
-from . import system_metrics
+from . import quickack, system_metrics
 
 TAG_RUN = "itwinai.run"
 TAG_DIGEST = "itwinai.run_digest"
@@ -293,6 +293,8 @@ class MlflowExporter(Exporter):
         self._dedupes: dict[str, bool] = {}
         #: Name -> key maps of each (store, journal, rank), kept across `--watch` passes.
         self._keymaps: dict[tuple[str, str, int], KeyMaps] = {}
+        #: The servers whose responses are acknowledged at once during this sync (quickack).
+        self._quickacked: list[str] = []
         self._guard = threading.Lock()
 
     cli_options = (
@@ -361,6 +363,8 @@ class MlflowExporter(Exporter):
                 # noise in a sync summary; errors still surface as exceptions.
                 logging.getLogger("mlflow").setLevel(logging.WARNING)
                 logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+                if quickack.acknowledge_at_once(uri):
+                    self._quickacked.append(uri)
                 why = unreachable(uri)
                 if why is not None:
                     self._unreachable[uri] = (f"cannot reach the MLflow tracking server at "
@@ -372,6 +376,13 @@ class MlflowExporter(Exporter):
                 self._clients[uri] = MlflowClient(tracking_uri=uri)
                 self._sqlite_locks[uri] = threading.Lock()
             return self._clients[uri]
+
+    def close(self) -> None:
+        """The servers of this sync are read as any other again (see quickack)."""
+        with self._guard:
+            for uri in self._quickacked:
+                quickack.release(uri)
+            self._quickacked.clear()
 
     def dedupes(self, uri: str) -> bool:
         """Whether the store behind `uri` keeps a metric point once however often it is sent:
