@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -72,6 +73,22 @@ def spawn(code: str, **env: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(**env),
         start_new_session=True,
     )
+
+
+@pytest.fixture
+def quickacked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The peer port of each TCP_QUICKACK this process sets on a socket, in order (the
+    socket.socket class is Python's, so its setsockopt can be watched)."""
+    ports: list[int] = []
+    real = socket.socket.setsockopt
+
+    def setsockopt(self, level, option, *value):
+        if (level, option) == (socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", None)):
+            ports.append(self.getpeername()[1])
+        return real(self, level, option, *value)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+    return ports
 
 
 @pytest.fixture

@@ -391,7 +391,8 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux's")
-def test_responses_of_the_server_synced_to_are_acknowledged_at_once(tmp_path, monkeypatch):
+def test_responses_of_the_server_synced_to_are_acknowledged_at_once(tmp_path, monkeypatch,
+                                                                   quickacked):
     """A server of several uvicorn workers (MLflow's default) holds each response's body until
     its headers are acknowledged (uvicorn issue #3149): during a sync, every response read from
     it is preceded by TCP_QUICKACK, so the client acknowledges at once. Nothing else in the
@@ -399,14 +400,6 @@ def test_responses_of_the_server_synced_to_are_acknowledged_at_once(tmp_path, mo
     import requests
 
     from itwinai_sync.targets import quickack
-
-    quickacked: list[int] = []
-    real_setsockopt = socket.socket.setsockopt
-
-    def setsockopt(self, level, option, *value):
-        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_QUICKACK):
-            quickacked.append(self.getpeername()[1])
-        return real_setsockopt(self, level, option, *value)
 
     sent: list[int] = []
     real_send = requests.Session.send
@@ -419,7 +412,6 @@ def test_responses_of_the_server_synced_to_are_acknowledged_at_once(tmp_path, mo
     write_journal(savedir, n=2500, ranks=(0, 1), run_id="acks")
     with MlflowServer(tmp_path / "server", workers=2) as srv, \
             MlflowServer(tmp_path / "other") as other:
-        monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
         monkeypatch.setattr(requests.Session, "send", send)
         sync(savedir, "--tracking-uri", srv.uri)
         # the parent, two ranks' runs, their 6 params and 5 500 points, the cursors, statuses
@@ -430,35 +422,6 @@ def test_responses_of_the_server_synced_to_are_acknowledged_at_once(tmp_path, mo
         assert_histories_equal_journal(MlflowClient(srv.uri), savedir, run_id="acks")
         MlflowClient(other.uri).search_experiments()
         assert srv.port in sent and other.port in sent and quickacked == []
-
-
-def test_quick_acks_are_for_http_servers_while_a_sync_to_them_runs(monkeypatch):
-    """Which servers get quick acks: an http(s) one (however its host is spelt), for as long
-    as any sync to it runs; never a local store; none with ITWINAI_SYNC_QUICKACK=0."""
-    from itwinai_sync.targets import quickack
-
-    monkeypatch.setattr(quickack, "_servers", type(quickack._servers)())
-    assert not quickack.acknowledge_at_once("sqlite:///x/mlflow.db")
-    assert not quickack.acknowledge_at_once("file:///x/mlruns")
-    monkeypatch.setenv(quickack.ENV, "0")
-    assert not quickack.acknowledge_at_once("http://127.0.0.1:5000")
-    assert quickack._servers == {}
-    monkeypatch.delenv(quickack.ENV)
-    if quickack._QUICKACK is None:
-        assert not quickack.acknowledge_at_once("http://127.0.0.1:5000")
-        return
-    assert quickack.acknowledge_at_once("http://127.0.0.1:5000")
-    assert quickack.acknowledge_at_once("HTTP://LocalHost.:5000/prefix")
-    assert quickack.acknowledge_at_once("http://127.0.0.1:5000/")
-    assert quickack.acknowledge_at_once("https://[::1]")
-    assert quickack._servers == {("127.0.0.1", 5000): 2, ("localhost", 5000): 1,
-                                 ("::1", 443): 1}
-    for uri in ("http://127.0.0.1:5000", "http://localhost:5000", "https://[::1]:443"):
-        quickack.release(uri)
-    assert quickack._servers == {("127.0.0.1", 5000): 1}
-    quickack.release("http://127.0.0.1:5000")
-    quickack.release("http://127.0.0.1:5000")  # one more than taken: nothing to release
-    assert quickack._servers == {}
 
 
 def test_requests_are_full_and_the_cursor_rides_in_the_last(tmp_path, monkeypatch):

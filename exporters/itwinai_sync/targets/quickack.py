@@ -14,11 +14,12 @@ Setting TCP_QUICKACK on the socket after the request is sent, before its respons
 makes the kernel acknowledge the headers at once: the same requests then took 9-11 ms. It is
 set again for each response, because the kernel leaves quick-ack mode on its own.
 
-Only connections to a server a sync writes to are touched, and only while that sync runs
-(`acknowledge_at_once` / `release`), so that nothing else in the process changes. urllib3's
-connection classes (which requests, and so MLflow's client, use) get a subclass that does it;
-it is one setsockopt per response, and nothing at all on systems without TCP_QUICKACK or with
-ITWINAI_SYNC_QUICKACK=0 (which also lets a benchmark measure the sync without it)."""
+urllib3's connection pools (which requests, and so MLflow's client, use) get, once per
+process, connection classes that do it; but only a connection to a server a sync writes to,
+and only while that sync runs (`acknowledge_at_once` / `release`), does anything different:
+one setsockopt per response. Through a proxy the connection is the proxy's, and nothing
+changes. Nothing is done on systems without TCP_QUICKACK or with ITWINAI_SYNC_QUICKACK=0
+(which also lets a benchmark measure the sync without it)."""
 
 from __future__ import annotations
 
