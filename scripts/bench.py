@@ -288,30 +288,47 @@ def _sync(savedir: Path, options: dict[str, str]) -> float:
 
 
 def _export_rounds(points: int, rounds: int, tmp: Path, name: str,
-                   raw_uri: Callable[[int], str], options: dict[str, str]) -> dict[str, Any]:
+                   raw_uri: Callable[[int], str], options: dict[str, str],
+                   store_path: bool = False) -> dict[str, Any]:
     """Raw log_batch, raw log_batch with a cursor tag, and itwinai-sync, alternated `rounds`
     times over fresh journals of the same points: rates swing by ±20% from run to run on a
-    shared 2-core machine, so the ratios reported are medians of the rounds' ratios.
+    shared 2-core machine, so the ratios reported are medians of the rounds' ratios. With
+    `store_path`, each round also syncs a copy of the journal with ITWINAI_SYNC_SQLITE_ROWS=0:
+    every request through MLflow's own SqlAlchemyStore.log_batch (see targets/sqlite_rows.py).
 
     The tagged raw row is there because MLflow's SQL store commits a request's metrics and its
     tags in separate transactions: the cursor tag that makes a sync exactly-once costs one more
     database commit per request, whoever sends it."""
-    rates: dict[str, list[float]] = {"raw": [], "raw_tagged": [], "ours": []}
+    import shutil
+
+    from itwinai_sync.api import scoped_env
+    from itwinai_sync.targets import sqlite_rows
+
+    rates: dict[str, list[float]] = {"raw": [], "raw_tagged": [], "ours": [], "ours_store": []}
     for k in range(rounds):
         savedir = tmp / f"{name}-{k}"
         _journal(savedir, points, run_id=f"bench-{k}")
+        if store_path:
+            shutil.copytree(savedir, tmp / f"{name}-store-{k}")
         rates["raw"].append(_raw_log_batch(raw_uri(2 * k), savedir))
         rates["raw_tagged"].append(_raw_log_batch(raw_uri(2 * k + 1), savedir, cursor_tag=True))
         rates["ours"].append(_sync(savedir, options))
+        if store_path:
+            with scoped_env({sqlite_rows.ENV: "0"}):
+                rates["ours_store"].append(_sync(tmp / f"{name}-store-{k}", options))
 
-    def ratio(base: str) -> float:
-        return statistics.median(o / b for o, b in zip(rates["ours"], rates[base]))
+    def ratio(ours: str, base: str) -> float:
+        return statistics.median(o / b for o, b in zip(rates[ours], rates[base]))
 
-    return {"points": points, "rounds": rounds,
-            "raw_log_batch_points_per_s": rates["raw"],
-            "raw_log_batch_with_tag_points_per_s": rates["raw_tagged"],
-            "itwinai_sync_points_per_s": rates["ours"],
-            "ratio": ratio("raw"), "ratio_to_tagged": ratio("raw_tagged")}
+    out = {"points": points, "rounds": rounds,
+           "raw_log_batch_points_per_s": rates["raw"],
+           "raw_log_batch_with_tag_points_per_s": rates["raw_tagged"],
+           "itwinai_sync_points_per_s": rates["ours"],
+           "ratio": ratio("ours", "raw"), "ratio_to_tagged": ratio("ours", "raw_tagged")}
+    if store_path:
+        out.update({"store_path_points_per_s": rates["ours_store"],
+                    "store_path_ratio": ratio("ours_store", "raw")})
+    return out
 
 
 def bench_mlflow_export(points: int, tmp: Path, rounds: int = 3) -> dict[str, Any]:
@@ -323,7 +340,7 @@ def bench_mlflow_export(points: int, tmp: Path, rounds: int = 3) -> dict[str, An
         (tmp / f"raw-{k}").mkdir()
         return f"sqlite:///{tmp / f'raw-{k}' / 'mlflow.db'}"
 
-    out = _export_rounds(points, rounds, tmp, "export", raw_uri, {})
+    out = _export_rounds(points, rounds, tmp, "export", raw_uri, {}, store_path=True)
     t0 = time.perf_counter()
     engine = SyncEngine(SyncRequest(savedir=tmp / "export-0", targets=["mlflow"], options={}))
     engine.run()
@@ -340,6 +357,9 @@ def _print_export_rounds(title: str, r: dict[str, Any]) -> None:
     print(f"  raw MlflowClient.log_batch:          {rates('raw_log_batch_points_per_s')}")
     print(f"  raw log_batch, 999 points + a tag:   {rates('raw_log_batch_with_tag_points_per_s')}")
     print(f"  itwinai-sync --to mlflow:            {rates('itwinai_sync_points_per_s')}")
+    if "store_path_points_per_s" in r:
+        print(f"    every request via log_batch:       {rates('store_path_points_per_s')}  "
+              f"({r['store_path_ratio']:.2f}x of raw; ITWINAI_SYNC_SQLITE_ROWS=0)")
     print(f"  median ratio {r['ratio']:.2f}x of raw, {r['ratio_to_tagged']:.2f}x of raw with a "
           "tag (the whole CLI run, reading the journal included)")
 

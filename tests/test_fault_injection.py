@@ -786,15 +786,17 @@ SqlAlchemyStore._set_tags = set_tags
 
 def test_mlflow_sqlite_crash_between_metric_and_cursor_commits(tmp_path, procs):
     """MLflow's SQL store commits a log_batch's params, metrics and tags in separate
-    transactions, so with the embedded store a crash can leave a batch's metrics without the
-    cursor tag that covers them (exactly this is forced here). The re-sync sends them again;
-    the store must still end with each point once."""
+    transactions, so a crash can leave a batch's metrics without the cursor tag that covers
+    them (exactly this is forced here, with every request sent to MLflow's log_batch, as
+    ITWINAI_SYNC_SQLITE_ROWS=0 and any store but sqlite have it: targets/sqlite_rows.py
+    commits them together). The re-sync sends them again; the store must still end with each
+    point once."""
     savedir = tmp_path / "mllogs"
     experiment, run_id = "fi-commit-crash", "r"
     write_journal(savedir, experiment, run_id, 4000)
     proc = spawn(SYNC_CRASH_CHILD.format(patch=MLFLOW_COMMIT_CRASH,
                                          args=[str(savedir), "--to", "mlflow"]),
-                 MLFLOW_DISABLE_TELEMETRY="true")
+                 MLFLOW_DISABLE_TELEMETRY="true", ITWINAI_SYNC_SQLITE_ROWS="0")
     procs.append(proc)
     _, err = finish(proc, 300)
     assert proc.returncode == 9, err

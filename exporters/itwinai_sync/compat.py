@@ -4,7 +4,8 @@ tested against.
 The exporters drive MLflow, W&B, TensorBoard and yprov4ml through their public API wherever
 one exists. Where none does (W&B's transaction-log format, which wandb-core ships no Python
 reader for; the clock W&B stamps a run's start with; yprov4ml's module globals; MLflow's saved
-tracking URI, its schema creation, the REST store a log_batch body is sent through), the code
+tracking URI, its schema creation, the REST store a log_batch body is sent through, the tables
+and sessions of its sqlite store, its validation of names and tags), the code
 is here, so that an upgrade of a tracker is checked in one module. The tested ranges are the
 requirements of the extras in `pyproject.toml` (yprov4ml's, installed without its dependencies,
 in `requirements-prov4ml-nodeps.txt`); `untested()` tells an exporter when the installed
@@ -14,6 +15,7 @@ are inside.
 
 from __future__ import annotations
 
+import inspect
 import struct
 import threading
 import zlib
@@ -248,6 +250,63 @@ def mlflow_store(client: Any) -> tuple[Any, bool]:
 
     store = client._tracking_client.store
     return store, isinstance(store, RestStore)
+
+
+#: The columns of the tables targets/sqlite_rows.py writes, as every tested MLflow defines them.
+_MLFLOW_COLUMNS = {
+    "metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
+    "latest_metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
+    "tags": {"key", "value", "run_uuid"},
+}
+
+
+def mlflow_sqlite_tables(store: Any) -> SimpleNamespace | None:
+    """MLflow's own definitions of the tables a log_batch of metrics writes (`metrics`,
+    `latest_metrics`, `tags`; `runs` to check the run is active) and a factory of the store's
+    write sessions, for MLflow's SqlAlchemyStore on sqlite (targets/sqlite_rows.py); None for
+    any other store, or when a table's columns are not the ones that module writes."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    if type(store) is not SqlAlchemyStore or store.db_type != "sqlite":
+        return None
+    from mlflow.store.tracking.dbmodels import models
+
+    tables = {"metrics": models.SqlMetric.__table__, "latest": models.SqlLatestMetric.__table__,
+              "tags": models.SqlTag.__table__, "runs": models.SqlRun.__table__}
+    for name, columns in _MLFLOW_COLUMNS.items():
+        table = next(t for t in tables.values() if t.name == name)
+        if set(table.c.keys()) != columns:
+            return None
+    maker = store.ManagedSessionMaker
+    # MLflow 3 marks a write session as one (read_only=False); MLflow 2 has no such argument.
+    writes = "read_only" in inspect.signature(maker).parameters
+    return SimpleNamespace(session=(lambda: maker(read_only=False)) if writes else maker,
+                           **tables)
+
+
+def mlflow_accepts_metric_name(name: str) -> bool:
+    """Whether MLflow's validation takes `name` as a metric's name."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric_name
+
+    try:
+        _validate_metric_name(name)
+    except MlflowException:
+        return False
+    return True
+
+
+def mlflow_accepts_tag(key: str, value: str) -> bool:
+    """Whether MLflow's validation takes a run tag (a value too long for MLflow 3, which it
+    would truncate, is the caller's to check)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_tag
+
+    try:
+        _validate_tag(key, value)
+    except MlflowException:
+        return False
+    return True
 
 
 def mlflow_rest_call(store: Any, message: Any, body: str) -> None:

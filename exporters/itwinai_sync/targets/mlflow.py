@@ -3,7 +3,9 @@ online; a run with several ranks becomes a parent run with one nested child run 
 
 Exactly once: metrics and params go through `log_batch` with the rank's cursor as a tag of the
 same request (in a SQL store, which keeps a repeated metric point once, only the last request of
-each batch of metrics carries it: see `MlflowRankSink._commit`). Artifacts (text, dicts,
+each batch of metrics carries it: see `MlflowRankSink._commit`; into sqlite a request of
+metrics is written as the rows log_batch writes, its cursor in the same transaction: see
+sqlite_rows). Artifacts (text, dicts,
 figures, images, files, torch objects) are written to deterministic artifact paths, so
 repeating one after a crash overwrites it with the same bytes; the cursor tag is committed
 right after each. Models are looked up by name in the run before being logged again.
@@ -72,6 +74,7 @@ from itwinai_sync.api import (
 )
 
 from . import quickack, system_metrics
+from .sqlite_rows import SqliteRows
 
 TAG_RUN = "itwinai.run"
 TAG_DIGEST = "itwinai.run_digest"
@@ -745,17 +748,22 @@ class BatchWriter:
     its database need as well. For a server the body MLflow sends (the LogBatch message as
     JSON, int64 fields as numbers, non-finite doubles as "NaN"/"Infinity") is built here
     straight from the tuples, with a fifth to a third of that CPU, and sent through the REST
-    store of the client (its endpoint, credentials, retries and error mapping). Another store
-    (sqlite, PostgreSQL directly) gets the Metric entities its log_batch needs, without the
-    copy. Requests stay within MLflow's limits (the caller sees to it), so nothing is split.
+    store of the client (its endpoint, credentials, retries and error mapping). MLflow's sqlite
+    store gets a request of metrics as the rows its log_batch would write (see sqlite_rows);
+    another store (PostgreSQL directly), or a request sqlite_rows leaves to log_batch, gets the
+    Metric entities log_batch needs, without the copy. Requests stay within MLflow's limits
+    (the caller sees to it), so nothing is split.
     Unlike MlflowClient.log_batch it links no point to a model the fluent API has active in
     this process: the points are the journal's, not this process's."""
 
     def __init__(self, client: Any):
         self.store, self.rest = compat.mlflow_store(client)
+        self.rows = None if self.rest else SqliteRows.of(self.store)
 
     def __call__(self, run_id: str, metrics: list[tuple[str, float, int, int]],
                  params: list[Any], tags: list[Any]) -> None:
+        if self.rows is not None and not params and self.rows(run_id, metrics, tags):
+            return
         if not self.rest:
             from mlflow.entities import Metric
 
