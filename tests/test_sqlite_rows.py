@@ -27,6 +27,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH  # noqa: E402
 
 T0 = 1_700_000_000_000
 AWKWARD = [0.5, -0.0, 0.0, math.nan, math.inf, -math.inf, sys.float_info.max,
@@ -38,25 +39,28 @@ def requests() -> list[tuple[list[tuple[str, float, int, int]], list[RunTag]]]:
     """Requests of (points, tags) that exercise every rule the store applies: awkward doubles,
     int64 steps at both ends, timestamp 0, non-ASCII names, identical points in a request
     (NaN twice, 0.0 and -0.0), a NaN and a 0.0 at the same step and time (a tie for the latest
-    value, in one request and across two), the latest value moving forward, backward and
-    staying, a tag given twice, a tag replaced, and a request whose points the run already
-    holds."""
+    value, in one request and across two), values at one step and time (the greatest is the
+    latest), the latest value moving forward, backward and staying, a tag given twice, a tag
+    replaced, and points the run already holds (a NaN among them)."""
     first = [(key, v, T0 + i, s) for key in ("loss", "välid/äcc 1")
              for i, (v, s) in enumerate(zip(AWKWARD, STEPS))]
     dupes = [("dup", math.nan, T0, 4), ("dup", math.nan, T0, 4), ("dup", 0.0, T0, 4),
              ("dup", -0.0, T0, 4), ("dup", 2.0, 0, 4), ("dup", 2.0, 0, 4),
-             ("tie", math.nan, T0, 4), ("tie", 0.0, T0, 4), ("tie2", math.nan, T0, 4)]
+             ("tie", math.nan, T0, 4), ("tie", 0.0, T0, 4), ("tie2", math.nan, T0, 4),
+             ("v", 1.0, T0, 1), ("v", 3.0, T0, 1), ("v", 2.0, T0, 1)]
     later = [("loss", 9.0, T0 + 100, 5), ("loss", 1.0, T0 + 100, 2**63 - 1),
              ("loss", 0.0, T0 + 101, 2**63 - 1), ("new", -1.0, T0, -3), ("new", -2.0, T0, -3),
-             ("tie2", 0.0, T0, 4)]
-    older = [("loss", 8.0, T0, -1), ("new", -3.0, T0 - 1, -3), ("dup", math.nan, T0 + 1, 4)]
+             ("tie2", 0.0, T0, 4), ("v", 2.5, T0, 1)]
+    older = [("loss", 8.0, T0, -1), ("new", -3.0, T0 - 1, -3), ("dup", math.nan, T0 + 1, 4),
+             ("v", 4.0, T0, 1)]
     return [
         (first, [RunTag(TAG_CURSOR, "24")]),
         (dupes, [RunTag(TAG_CURSOR, "25"), RunTag("other", "ä"), RunTag(TAG_CURSOR, "30")]),
         (later, []),
         (older, [RunTag(TAG_CURSOR, "40")]),
         ([], [RunTag(TAG_CURSOR, "41")]),
-        (later[:3] + [("fresh", 1.0, T0, 0)], [RunTag(TAG_CURSOR, "42")]),  # resent in part
+        (later[:3] + dupes[:2] + [("fresh", 1.0, T0, 0)],  # resent in part
+         [RunTag(TAG_CURSOR, "41"), RunTag(TAG_CURSOR, "42")]),
     ]
 
 
@@ -97,52 +101,74 @@ def store_calls(monkeypatch):
 
 
 def test_the_rows_are_those_mlflow_log_batch_writes(tmp_path, store_calls):
+    """The same requests, one by one, through sqlite_rows and through MLflow's own log_batch:
+    after each, the two runs' rows are the same."""
     ours_db, ours_client, ours = new_run(tmp_path, "ours")
     theirs_db, theirs_client, theirs = new_run(tmp_path, "theirs")
     writer = BatchWriter(ours_client)
     assert writer.rows is not None
     for points, tags in requests():
         writer(ours, points, [], tags)
-    # Only the last request reached log_batch: its first three points were stored already.
-    assert store_calls == [(4, 0, 1)]
-    store_calls.clear()
-    for points, tags in requests():
+        assert store_calls == []  # all written as rows, also the points stored already
         theirs_client.log_batch(theirs, metrics=[Metric(*p) for p in points], tags=tags)
-    assert len(store_calls) == len(requests())
+        store_calls.clear()
+        assert dump(ours_db, ours) == dump(theirs_db, theirs), (points, tags)
 
-    ours_rows, theirs_rows = dump(ours_db, ours), dump(theirs_db, theirs)
-    assert ours_rows == theirs_rows
-    # The rules were exercised, not just agreed on: one row per stored identity.
-    dup = [r for r in ours_rows["metrics"] if r[0] == "dup"]
+    # The rules were exercised, not just agreed on.
+    rows = dump(ours_db, ours)
+    dup = [r for r in rows["metrics"] if r[0] == "dup"]
     assert dup == sorted([("dup", "0.0", T0, 4, 1), ("dup", "0.0", T0, 4, 0),
                           ("dup", "2.0", 0, 4, 0), ("dup", "0.0", T0 + 1, 4, 1)])
-    assert len(ours_rows["metrics"]) == 2 * len(AWKWARD) + 6 + 6 + 3 + 1
+    assert len(rows["metrics"]) == 2 * len(AWKWARD) + 9 + 7 + 4 + 1
+    assert ("loss", "0.0", T0 + 101, 2**63 - 1, 0) in rows["latest"]
+    assert ("new", "-1.0", T0, -3, 0) in rows["latest"]  # -2.0 and -3.0 are smaller
+    assert ("dup", "0.0", T0 + 1, 4, 1) in rows["latest"]
+    assert ("v", "4.0", T0, 1, 0) in rows["latest"]
     # A NaN is stored as 0: a 0.0 at its step and time ties with it, and the earlier stays.
-    assert {("tie", "0.0", T0, 4, 1), ("tie2", "0.0", T0, 4, 1)} <= set(ours_rows["latest"])
-    assert ("loss", "0.0", T0 + 101, 2**63 - 1, 0) in ours_rows["latest"]
-    assert ("new", "-1.0", T0, -3, 0) in ours_rows["latest"]  # -2.0 and -3.0 are smaller
-    assert ("dup", "0.0", T0 + 1, 4, 1) in ours_rows["latest"]
-    assert ours_rows["tags"] == [(TAG_CURSOR, "42"), ("other", "ä")]
+    assert {("tie", "0.0", T0, 4, 1), ("tie2", "0.0", T0, 4, 1)} <= set(rows["latest"])
+    assert rows["tags"] == [(TAG_CURSOR, "42"), ("other", "ä")]
     # And MLflow reads them back as it reads its own.
-    for key in ("loss", "välid/äcc 1", "dup", "new", "fresh", "tie", "tie2"):
+    for key in ("loss", "välid/äcc 1", "dup", "new", "fresh", "tie", "tie2", "v"):
         assert (sorted(repr((m.timestamp, m.step, m.value))
                        for m in ours_client.get_metric_history(ours, key))
                 == sorted(repr((m.timestamp, m.step, m.value))
                           for m in theirs_client.get_metric_history(theirs, key)))
 
 
+def test_a_request_of_many_names_binds_what_old_sqlite_binds(tmp_path, store_calls):
+    """999 names in one request, on a connection limited to 999 variables a statement (the
+    default of sqlite before 3.32): written as rows, as log_batch writes them."""
+    from sqlalchemy import event
+
+    _, client, run_id = new_run(tmp_path, "names")
+    writer = BatchWriter(client)
+
+    @event.listens_for(writer.store.engine, "connect")
+    def limit(connection, _):
+        connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    writer.store.engine.dispose()
+    writer(run_id, [(f"layer{i}/grad_norm", float(i), T0, 0) for i in range(999)], [],
+           [RunTag(TAG_CURSOR, "999")])
+    assert store_calls == []
+    assert client.get_run(run_id).data.metrics == {f"layer{i}/grad_norm": float(i)
+                                                   for i in range(999)}
+
+
 def test_what_it_does_not_take_goes_to_log_batch_untouched(tmp_path, store_calls, monkeypatch):
-    """Params, a name MLflow refuses, a negative timestamp, a value that is not a number, a
-    step outside int64, a tag MLflow would truncate and a run that is not active go to MLflow's
-    log_batch (which stores, or raises its own error),
-    with nothing written by sqlite_rows first."""
+    """Params, a name MLflow refuses (its characters, its length), a negative timestamp, a
+    value that is not a number, a step outside int64, a tag MLflow would truncate or treats
+    apart, and a run that is not active go to MLflow's log_batch (which stores, or raises its
+    own error), with nothing written by sqlite_rows first."""
     db, client, run_id = new_run(tmp_path, "store")
     writer = BatchWriter(client)
     writer(run_id, [("a", 1.0, T0, 0)], [Param("lr", "0.1")], [RunTag(TAG_CURSOR, "1")])
     assert store_calls == [(1, 1, 1)]
-    assert writer.rows(run_id, [("b", 1.0, T0, 0)], [RunTag("long", "x" * 5001)]) is False
-    for refused in ([("../up", 1.0, T0, 0)], [("a", 1.0, -1, 0)], [("a", True, T0, 0)],
-                    [("a", 1.0, T0, 2**63)], [("a", None, T0, 0)]):
+    for tag in (RunTag("long", "x" * (MAX_TAG_VAL_LENGTH + 1)), RunTag("mlflow.runName", "b"),
+                RunTag("none", None)):
+        assert writer.rows(run_id, [("b", 1.0, T0, 0)], [tag]) is False
+    for refused in ([("../up", 1.0, T0, 0)], [("x" * 251, 1.0, T0, 0)], [("a", 1.0, -1, 0)],
+                    [("a", True, T0, 0)], [("a", 1.0, T0, 2**63)], [("a", None, T0, 0)]):
         assert writer.rows(run_id, refused, []) is False
         with pytest.raises(MlflowException):
             writer(run_id, refused, [], [])
@@ -188,10 +214,10 @@ LONG_BATCHES = ("import sys; from itwinai_sync.targets.mlflow import MlflowExpor
                 "sys.exit(main())")
 
 
-def test_killed_mid_sync_then_rerun_is_exact(tmp_path, store_calls):
+def test_killed_mid_sync_then_rerun_is_exact(tmp_path, store_calls, monkeypatch):
     """SIGKILL while a rank's rows are written, past its cursor, then a full sync: every point
-    once. The rerun sends again what was stored past the cursor: those requests fail on the
-    primary key, are rolled back and go to log_batch, which keeps the points once."""
+    once. The rerun sends again, as rows, what was stored past the cursor, and the INSERT
+    leaves those points out."""
     savedir = tmp_path / "mllogs"
     write_journal(savedir, n=200_000)  # 220 000 points
     db = savedir / "mlflow.db"
@@ -214,7 +240,20 @@ def test_killed_mid_sync_then_rerun_is_exact(tmp_path, store_calls):
         (cursor,), = con.execute("SELECT value FROM tags WHERE key = ?", (TAG_CURSOR,))
     # The cursor covers the first request only (the one with the params, which carries it).
     assert 5000 <= killed_at < 200_000 and int(cursor) < 1010
+    as_rows = []
+    real = sqlite_rows.SqliteRows.__call__
+
+    def counted(self, run_id, metrics, tags):
+        written = real(self, run_id, metrics, tags)
+        as_rows.append(len(metrics) if written else 0)
+        return written
+
+    monkeypatch.setattr(sqlite_rows.SqliteRows, "__call__", counted)
     sync(savedir)
-    resent = sum(points for points, _, _ in store_calls)
-    assert killed_at - 1000 < resent <= killed_at + 1000  # the stored points, a request each
+    with sqlite3.connect(db) as con:
+        total = con.execute("SELECT count(*) FROM metrics").fetchone()[0]
+    assert total == 220_000
+    # Everything past the cursor (the first request) was sent again, as rows, and stored once.
+    assert store_calls == []
+    assert sum(as_rows) - (total - killed_at) > killed_at - 1000
     assert_histories_equal_journal(mlflow.MlflowClient(f"sqlite:///{db}"), savedir)

@@ -262,46 +262,49 @@ _MLFLOW_COLUMNS = {
 
 def mlflow_sqlite_tables(store: Any) -> SimpleNamespace | None:
     """MLflow's own definitions of the tables a log_batch of metrics writes (`metrics`,
-    `latest_metrics`, `tags`; `runs` to check the run is active) and a factory of the store's
-    write sessions, for MLflow's SqlAlchemyStore on sqlite (targets/sqlite_rows.py); None for
-    any other store, or when a table's columns are not the ones that module writes."""
+    `latest_metrics`, `tags`; `runs`, and its `active` stage, to check the run), and a factory
+    of the store's write sessions, for MLflow's SqlAlchemyStore on sqlite
+    (targets/sqlite_rows.py); None for any other store, or when a table's columns are not the
+    ones that module writes."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     if type(store) is not SqlAlchemyStore or store.db_type != "sqlite":
         return None
+    from mlflow.entities import LifecycleStage
     from mlflow.store.tracking.dbmodels import models
 
-    tables = {"metrics": models.SqlMetric.__table__, "latest": models.SqlLatestMetric.__table__,
-              "tags": models.SqlTag.__table__, "runs": models.SqlRun.__table__}
-    for name, columns in _MLFLOW_COLUMNS.items():
-        table = next(t for t in tables.values() if t.name == name)
-        if set(table.c.keys()) != columns:
-            return None
+    tables = {m.__tablename__: m.__table__ for m in (models.SqlMetric, models.SqlLatestMetric,
+                                                      models.SqlTag, models.SqlRun)}
+    if any(set(tables[name].c.keys()) != columns for name, columns in _MLFLOW_COLUMNS.items()):
+        return None
     maker = store.ManagedSessionMaker
     # MLflow 3 marks a write session as one (read_only=False); MLflow 2 has no such argument.
     writes = "read_only" in inspect.signature(maker).parameters
     return SimpleNamespace(session=(lambda: maker(read_only=False)) if writes else maker,
-                           **tables)
+                           active=LifecycleStage.ACTIVE, **tables)
 
 
 def mlflow_accepts_metric_name(name: str) -> bool:
-    """Whether MLflow's validation takes `name` as a metric's name."""
+    """Whether MLflow's validation of a metric takes `name` (its characters, its length)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_metric_name
+    from mlflow.utils.validation import _validate_metric
 
     try:
-        _validate_metric_name(name)
+        _validate_metric(name, 0.0, 0, 0)
     except MlflowException:
         return False
     return True
 
 
-def mlflow_accepts_tag(key: str, value: str) -> bool:
-    """Whether MLflow's validation takes a run tag (a value too long for MLflow 3, which it
-    would truncate, is the caller's to check)."""
+def mlflow_keeps_tag(key: str, value: str) -> bool:
+    """Whether MLflow's store sets a run tag as given: one its validation takes, with a value
+    it does not truncate, and not `mlflow.runName` (which renames the run instead)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_tag
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag
 
+    if key == MLFLOW_RUN_NAME or len(value) > MAX_TAG_VAL_LENGTH:
+        return False
     try:
         _validate_tag(key, value)
     except MlflowException:

@@ -5,10 +5,10 @@ Exactly once: metrics and params go through `log_batch` with the rank's cursor a
 same request (in a SQL store, which keeps a repeated metric point once, only the last request of
 each batch of metrics carries it: see `MlflowRankSink._commit`; into sqlite a request of
 metrics is written as the rows log_batch writes, its cursor in the same transaction: see
-sqlite_rows). Artifacts (text, dicts,
-figures, images, files, torch objects) are written to deterministic artifact paths, so
-repeating one after a crash overwrites it with the same bytes; the cursor tag is committed
-right after each. Models are looked up by name in the run before being logged again.
+sqlite_rows). Artifacts (text, dicts, figures, images, files, torch objects) are written to
+deterministic artifact paths, so repeating one after a crash overwrites it with the same bytes;
+the cursor tag is committed right after each. Models are looked up by name in the run before
+being logged again.
 
 Which MLflow runs a journal has: every run carries the journal's identity (`itwinai.journal`),
 its role (`parent` or `rank`) and rank, and is found by them, never by name. Find-or-create is a

@@ -8,46 +8,53 @@ is written here instead as the same rows in one transaction: the points with one
 executed for all of them, then `latest_metrics` and the tags as the store updates them. The
 tables are MLflow's own definitions and the session is the store's own (its PRAGMAs: foreign
 keys, busy timeout), so the database holds afterwards what `log_batch` would have left in it
-(tests/test_sqlite_rows.py compares the two, row by row), and it is MLflow's tooling that
-reads it. The cursor tag is committed in the same transaction as the points it covers, where
-the store commits them apart.
+(tests/test_sqlite_rows.py compares the two after every request, row by row), and it is
+MLflow's tooling that reads it. The cursor tag is committed in the same transaction as the
+points it covers, where the store commits them apart.
 
 What the store does per request and how it is done here:
 - A point is stored once per (run, name, timestamp, step, value): NaN as 0 with `is_nan`,
-  +-infinity as +-1.7976931348623157e308, the first of identical points in a request kept.
+  +-infinity as +-1.7976931348623157e308 (MLflow 3's `sanitize_metric_value`, which MLflow 2
+  does inline). A point the run holds already, or an identical one earlier in the request, is
+  left out by the INSERT (ON CONFLICT DO NOTHING), so a sync sending again what it stored past
+  its cursor stays on this path. (MLflow's store fails on the primary key and looks the
+  batch's points up; before MLflow 3.x's fix of that lookup, a stored NaN point was never
+  found, and a request repeating one failed every time.)
 - `latest_metrics` holds, per name, the point greatest by (step, timestamp, value) over
-  everything logged, the earlier kept on a tie.
+  everything logged, the earlier kept on a tie. Folding a stored point in again changes
+  nothing: the row is already at least as great, and a tie keeps it.
 - A tag's value is replaced, the last given in a request winning.
 
 Everything else goes to MLflow's own `log_batch` (False is returned and nothing is written):
-a request with params, a tag MLflow would truncate or treats apart, a name it refuses, a
-value that is not a number, a negative timestamp, a step outside int64, a run that is not
-active (log_batch raises MLflow's error), and a point the run already holds, which fails on
-the primary key and is rolled back (log_batch keeps what is stored and adds the rest, as it
-does for any repeated point). Only MLflow's `SqlAlchemyStore` on sqlite is written this way
-(compat.mlflow_sqlite_tables), where sqlite's database lock serialises writers from the first
-INSERT to the commit; `ITWINAI_SYNC_SQLITE_ROWS=0` sends every request to `log_batch`.
+a request with params, a tag MLflow truncates or treats apart (`mlflow.runName` renames the
+run), a name it refuses, a value that is not a number, a negative timestamp, a step outside
+int64, and a run that is not active or does not exist (log_batch raises MLflow's error). The
+caller keeps a request within MLflow's limits (1000 entities), as log_batch requires. Only
+MLflow's `SqlAlchemyStore` on sqlite is written this way (compat.mlflow_sqlite_tables), where
+sqlite's database lock serialises writers from a transaction's first write to its commit;
+`ITWINAI_SYNC_SQLITE_ROWS=0` sends every request to `log_batch`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+from types import SimpleNamespace
 from typing import Any
 
 from itwinai_sync import compat
+from itwinai_sync.api import INT64_MAX, INT64_MIN
 
 #: Set to 0 to send every request to MLflow's `SqlAlchemyStore.log_batch`.
 ENV = "ITWINAI_SYNC_SQLITE_ROWS"
-#: What MLflow's SQL store stores for +-infinity (a double SQL can hold).
-_MAX_DOUBLE = 1.7976931348623157e308
-#: The longest tag value MLflow stores untruncated in every tested version.
-_MAX_TAG_VALUE = 5000
-_INT64 = (-(2**63), 2**63 - 1)
+#: Names per `IN (...)` of a query, as MLflow's store chunks them: sqlite before 3.32 binds at
+#: most 999 variables a statement.
+_KEYS_PER_QUERY = 500
 
 
 class SqliteRows:
-    """Writes log_batch requests of metrics and tags into one run's MLflow sqlite store."""
+    """Writes log_batch requests of metrics and tags into MLflow's sqlite store."""
 
     @classmethod
     def of(cls, store: Any) -> SqliteRows | None:
@@ -57,7 +64,7 @@ class SqliteRows:
         tables = compat.mlflow_sqlite_tables(store)
         return cls(tables) if tables is not None else None
 
-    def __init__(self, tables: Any):
+    def __init__(self, tables: SimpleNamespace):
         self.t = tables
         #: Names MLflow's validation accepted (a run has a handful).
         self._names: set[str] = set()
@@ -66,7 +73,8 @@ class SqliteRows:
                  tags: list[Any]) -> bool:
         """Write the points (name, value, timestamp in ms, step) and tags of one request in
         one transaction; False, with nothing written, when MLflow's log_batch must take it."""
-        from sqlalchemy import insert, select
+        from sqlalchemy import select
+        from sqlalchemy.dialects.sqlite import insert
         from sqlalchemy.exc import IntegrityError
 
         if not (self._plain_tags(tags) and self._plain_points(metrics)):
@@ -76,15 +84,15 @@ class SqliteRows:
         with self.t.session() as session:
             try:
                 if rows:  # first: sqlite's write lock is held from here to the commit
-                    session.execute(insert(self.t.metrics), rows)
-                stage = session.execute(select(runs.c.lifecycle_stage)
-                                        .where(runs.c.run_uuid == run_id)).scalar()
-                if stage != "active":
-                    session.rollback()
-                    return False
+                    session.execute(insert(self.t.metrics).on_conflict_do_nothing(), rows)
                 self._latest(session, run_id, latest)
                 self._tags(session, run_id, {t.key: t.value for t in tags})
-            except IntegrityError:
+                # Last, so that it is read under the write lock a tags-only request takes too.
+                stage = session.execute(select(runs.c.lifecycle_stage)
+                                        .where(runs.c.run_uuid == run_id)).scalar()
+            except IntegrityError:  # no such run (a foreign key), or a concurrent writer
+                stage = None
+            if stage != self.t.active:
                 session.rollback()
                 return False
         return True
@@ -92,11 +100,11 @@ class SqliteRows:
     def _plain_points(self, metrics: list[tuple[str, float, int, int]]) -> bool:
         """Whether every point is one MLflow's validation accepts and sqlite can bind: a float
         or int64 value, a timestamp in [0, 2**63), an int64 step, a name MLflow takes."""
-        lo, hi = _INT64
         for key, value, timestamp, step in metrics:
             if (type(timestamp) is not int or type(step) is not int
-                    or not 0 <= timestamp <= hi or not lo <= step <= hi
-                    or not (type(value) is float or type(value) is int and lo <= value <= hi)):
+                    or not 0 <= timestamp <= INT64_MAX or not INT64_MIN <= step <= INT64_MAX
+                    or not (type(value) is float
+                            or type(value) is int and INT64_MIN <= value <= INT64_MAX)):
                 return False
             if key not in self._names:
                 if not compat.mlflow_accepts_metric_name(key):
@@ -106,20 +114,23 @@ class SqliteRows:
 
     @staticmethod
     def _plain_tags(tags: list[Any]) -> bool:
-        return all(len(t.value) <= _MAX_TAG_VALUE and compat.mlflow_accepts_tag(t.key, t.value)
-                   for t in tags)
+        return all(isinstance(t.key, str) and isinstance(t.value, str)
+                   and compat.mlflow_keeps_tag(t.key, t.value) for t in tags)
 
     def _latest(self, session: Any, run_id: str,
                 latest: dict[str, tuple[int, int, float, bool]]) -> None:
         """Fold the request's greatest point of each name into `latest_metrics`."""
         from sqlalchemy import insert, select
 
-        if not latest:
-            return
-        table = self.t.latest
-        stored = {row.key: (row.step, row.timestamp, row.value) for row in session.execute(
-            select(table.c.key, table.c.step, table.c.timestamp, table.c.value)
-            .where(table.c.run_uuid == run_id, table.c.key.in_(list(latest))))}
+        table = self.t.latest_metrics
+        keys = list(latest)
+        stored = {}
+        for i in range(0, len(keys), _KEYS_PER_QUERY):
+            stored.update({row.key: (row.step, row.timestamp, row.value) for row in
+                           session.execute(select(table.c.key, table.c.step, table.c.timestamp,
+                                                  table.c.value).where(
+                               table.c.run_uuid == run_id,
+                               table.c.key.in_(keys[i:i + _KEYS_PER_QUERY])))})
         new = []
         for key, (step, timestamp, value, is_nan) in latest.items():
             columns = {"step": step, "timestamp": timestamp, "value": value, "is_nan": is_nan}
@@ -132,39 +143,35 @@ class SqliteRows:
             session.execute(insert(table), new)
 
     def _tags(self, session: Any, run_id: str, tags: dict[str, str]) -> None:
-        from sqlalchemy import insert, select
+        """Replace the values of the run's tags that exist, insert the others."""
+        from sqlalchemy import insert
 
-        if not tags:
-            return
         table = self.t.tags
-        stored = set(session.execute(select(table.c.key).where(
-            table.c.run_uuid == run_id, table.c.key.in_(list(tags)))).scalars())
-        for key in stored:
-            session.execute(table.update().where(table.c.run_uuid == run_id, table.c.key == key)
-                            .values(value=tags[key]))
-        new = [{"run_uuid": run_id, "key": k, "value": v} for k, v in tags.items()
-               if k not in stored]
+        new = []
+        for key, value in tags.items():
+            changed = session.execute(table.update().where(
+                table.c.run_uuid == run_id, table.c.key == key).values(value=value))
+            if not changed.rowcount:
+                new.append({"run_uuid": run_id, "key": key, "value": value})
         if new:
             session.execute(insert(table), new)
 
 
 def _rows(run_id: str, metrics: list[tuple[str, float, int, int]]
           ) -> tuple[list[dict[str, Any]], dict[str, tuple[int, int, float, bool]]]:
-    """The `metrics` rows of a request (the first of identical points), and per name its
-    greatest point by (step, timestamp, value), the earlier kept on a tie."""
-    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    """The `metrics` rows of a request, and per name its greatest point by (step, timestamp,
+    value), the earlier kept on a tie."""
+    rows = []
     latest: dict[str, tuple[int, int, float, bool]] = {}
     for key, value, timestamp, step in metrics:
         is_nan = math.isnan(value)
         if is_nan:
             value = 0
         elif math.isinf(value):
-            value = _MAX_DOUBLE if value > 0 else -_MAX_DOUBLE
-        identity = (key, timestamp, step, value, is_nan)
-        if identity not in rows:
-            rows[identity] = {"run_uuid": run_id, "key": key, "value": value,
-                              "timestamp": timestamp, "step": step, "is_nan": is_nan}
+            value = sys.float_info.max if value > 0 else -sys.float_info.max
+        rows.append({"run_uuid": run_id, "key": key, "value": value, "timestamp": timestamp,
+                     "step": step, "is_nan": is_nan})
         best = latest.get(key)
         if best is None or (step, timestamp, value) > best[:3]:
             latest[key] = (step, timestamp, value, is_nan)
-    return list(rows.values()), latest
+    return rows, latest
