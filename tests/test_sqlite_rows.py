@@ -228,7 +228,8 @@ def test_killed_mid_sync_then_rerun_is_exact(tmp_path, store_calls, monkeypatch)
     while stored < 5000 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
         try:
-            with sqlite3.connect(db, timeout=0.1) as con:
+            # read-only: a connection must not create the file the sync is about to create
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
                 stored = con.execute("SELECT count(*) FROM metrics").fetchone()[0]
         except sqlite3.OperationalError:  # not created yet, or locked
             pass

@@ -114,6 +114,7 @@ class SqliteRows:
 
     @staticmethod
     def _plain_tags(tags: list[Any]) -> bool:
+        """Whether MLflow's store would set every tag as given (see compat.mlflow_keeps_tag)."""
         return all(isinstance(t.key, str) and isinstance(t.value, str)
                    and compat.mlflow_keeps_tag(t.key, t.value) for t in tags)
 
