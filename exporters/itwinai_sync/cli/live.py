@@ -28,10 +28,10 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import select
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,7 +135,12 @@ class LiveSync:
 
         self.engine = SyncEngine(SyncRequest(savedir=savedir, targets=targets or None,
                                              run_ids=[run], workers=1))
-        self.wake = threading.Event()
+        #: Woken by a signal through a pipe, never a lock: a handler runs in the main thread
+        #: between two bytecodes, where a threading.Event's own lock may be held by the loop's
+        #: wait or clear (a sidecar was found blocked for good on it, in its parent-death handler).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.states: dict[str, TargetState] = {}
         #: The parent must already run when the sidecar starts: a later process with its pid
         #: (reused after it ended) is not it.
@@ -150,7 +155,7 @@ class LiveSync:
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         # The handler first: the signal's default action would end the sidecar undrained.
-        signal.signal(PARENT_SIGNAL, lambda *_: self.wake.set())
+        signal.signal(PARENT_SIGNAL, lambda *_: self._wake())
         watched = ask_for_parent_signal(self.parent)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop)
@@ -189,14 +194,32 @@ class LiveSync:
                     delay = min(delay, max(0.1, drain_until - time.monotonic()))
                 if not ok:
                     self._say_behind(delay)
-                self.wake.wait(delay)
-                self.wake.clear()
+                self._sleep(delay)
         finally:
             self.engine.close()
 
     def _on_stop(self, signum: int, frame: Any) -> None:
-        self.engine.stop.set()
-        self.wake.set()
+        # An Event's set takes its lock: a second signal arriving inside the first's set would
+        # wait for it forever. The engine only reads the flag (without the lock).
+        if not self.engine.stop.is_set():
+            self.engine.stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the loop's sleep now (from a signal handler)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full: the loop is woken already
+            pass
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less when woken; then forget the wake-ups."""
+        select.select([self._wake_r], [], [], seconds)
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _pass(self) -> tuple[bool, bool]:
         """One sync pass: (whether every target took everything it was given, whether every
