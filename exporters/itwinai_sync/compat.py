@@ -284,32 +284,32 @@ def mlflow_sqlite_tables(store: Any) -> SimpleNamespace | None:
                            active=LifecycleStage.ACTIVE, **tables)
 
 
-def mlflow_accepts_metric_name(name: str) -> bool:
-    """Whether MLflow's validation of a metric takes `name` (its characters, its length)."""
+def _mlflow_accepts(validate: Any, *args: Any) -> bool:
+    """Whether one of MLflow's validation functions passes `args`."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_metric
 
     try:
-        _validate_metric(name, 0.0, 0, 0)
+        validate(*args)
     except MlflowException:
         return False
     return True
+
+
+def mlflow_accepts_metric_name(name: str) -> bool:
+    """Whether MLflow's validation of a metric takes `name` (its characters, its length)."""
+    from mlflow.utils.validation import _validate_metric
+
+    return _mlflow_accepts(_validate_metric, name, 0.0, 0, 0)
 
 
 def mlflow_keeps_tag(key: str, value: str) -> bool:
     """Whether MLflow's store sets a run tag as given: one its validation takes, with a value
     it does not truncate, and not `mlflow.runName` (which renames the run instead)."""
-    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH, _validate_tag
 
-    if key == MLFLOW_RUN_NAME or len(value) > MAX_TAG_VAL_LENGTH:
-        return False
-    try:
-        _validate_tag(key, value)
-    except MlflowException:
-        return False
-    return True
+    return (key != MLFLOW_RUN_NAME and len(value) <= MAX_TAG_VAL_LENGTH
+            and _mlflow_accepts(_validate_tag, key, value))
 
 
 def mlflow_rest_call(store: Any, message: Any, body: str) -> None:

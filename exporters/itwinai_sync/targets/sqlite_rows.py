@@ -124,14 +124,14 @@ class SqliteRows:
         from sqlalchemy import insert, select
 
         table = self.t.latest_metrics
+        query = select(table.c.key, table.c.step, table.c.timestamp, table.c.value)
         keys = list(latest)
         stored = {}
         for i in range(0, len(keys), _KEYS_PER_QUERY):
-            stored.update({row.key: (row.step, row.timestamp, row.value) for row in
-                           session.execute(select(table.c.key, table.c.step, table.c.timestamp,
-                                                  table.c.value).where(
-                               table.c.run_uuid == run_id,
-                               table.c.key.in_(keys[i:i + _KEYS_PER_QUERY])))})
+            chunk = keys[i:i + _KEYS_PER_QUERY]
+            for row in session.execute(query.where(table.c.run_uuid == run_id,
+                                                   table.c.key.in_(chunk))):
+                stored[row.key] = (row.step, row.timestamp, row.value)
         new = []
         for key, (step, timestamp, value, is_nan) in latest.items():
             columns = {"step": step, "timestamp": timestamp, "value": value, "is_nan": is_nan}
